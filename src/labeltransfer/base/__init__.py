@@ -1,0 +1,15 @@
+"""Model-level code shared by the four methods."""
+
+from ._annotation_mixin import AnnotationMixin
+from ._query import fingerprint, prepare_query
+from ._rejection import fit_temperature, per_type_thresholds
+from ._setup import register_anndata
+
+__all__ = [
+    "AnnotationMixin",
+    "fingerprint",
+    "fit_temperature",
+    "per_type_thresholds",
+    "prepare_query",
+    "register_anndata",
+]

@@ -1,0 +1,524 @@
+"""Prediction, rejection and write-back shared by every model of the package."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scipy.special import softmax
+from scvi import settings
+from scvi.model.base._save_load import _load_saved_files
+
+from labeltransfer._constants import OUTPUT_KEYS, REGISTRY_KEYS, UNASSIGNED
+
+from ._query import prepare_query
+from ._rejection import fit_temperature, per_type_thresholds
+from ._uns import h5ad_safe
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+logger = logging.getLogger(__name__)
+
+Rejection = str | float | None
+
+
+class AnnotationMixin:
+    """Predict, reject and write annotations for a trained model.
+
+    A model using this mixin has a module whose ``inference`` returns ``logits`` (cells x
+    reference types) and ``z`` (the embedding). After training, :meth:`_fit_rejection` fits a
+    temperature (if the model calibrates) and the per-type thresholds on the held-out
+    reference cells; they are saved with the model.
+    """
+
+    _default_key: str = "annotation"
+    _default_theta: float = 0.05
+
+    # ------------------------------------------------------------------ state
+    @property
+    def cell_types(self) -> list[str]:
+        """Reference cell types in registry order (the columns of ``predict(soft=True)``)."""
+        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+        mapping = list(state.categorical_mapping)
+        return [c for c in mapping if c != state.unlabeled_category]
+
+    @property
+    def labels_key(self) -> str:
+        """The ``obs`` column registered as reference labels."""
+        return self.adata_manager.registry["setup_args"]["labels_key"]
+
+    def _inference_kwargs(self, adata: AnnData) -> dict[str, Any]:
+        """Extra ``module.inference`` arguments for ``adata`` (JIND selects its alignment)."""
+        return {}
+
+    def _query_options(self) -> dict[str, Any]:
+        return {"input_type": self.module.input_type}
+
+    def _prepare(self, adata: AnnData | None, **harmonize_kwargs) -> tuple[AnnData, dict | None]:
+        if adata is None:
+            return self.adata, None
+        return prepare_query(self, adata, **self._query_options(), **harmonize_kwargs)
+
+    # ------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def _forward(
+        self,
+        adata: AnnData,
+        *,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        inference_kwargs: dict[str, Any] | None = None,
+        return_latent: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and embeddings of ``adata`` (already registered), batch by batch."""
+        self._check_if_trained(warn=False)
+        self.module.eval()
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        logits, latent = [], []
+        for tensors in loader:
+            outputs = self.module.inference(
+                **self.module._get_inference_input(tensors), **(inference_kwargs or {})
+            )
+            logits.append(outputs["logits"].float().cpu())
+            if return_latent:
+                latent.append(outputs["z"].float().cpu())
+        z = torch.cat(latent).numpy() if return_latent else None
+        return torch.cat(logits).numpy(), z
+
+    def _probabilities(self, logits: np.ndarray) -> np.ndarray:
+        temperature = getattr(self, "calibration_", {}).get("temperature", 1.0)
+        return softmax(logits / temperature, axis=1)
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        soft: bool = False,
+        batch_size: int | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predict reference cell types (the argmax, before any rejection).
+
+        Parameters
+        ----------
+        adata
+            Query AnnData (any gene order; missing genes are zero-filled) or ``None`` for the
+            AnnData the model was set up with.
+        indices
+            Cells of ``adata`` to use; all by default.
+        soft
+            Return the probability matrix instead of labels.
+        batch_size
+            Minibatch size for inference (``scvi.settings.batch_size`` by default).
+
+        Returns
+        -------
+        Labels (``np.ndarray`` of str) or, with ``soft=True``, a DataFrame cells x reference
+        types (registry order) whose rows sum to one (temperature-calibrated where the model
+        calibrates).
+        """
+        registered, _ = self._prepare(adata)
+        logits, _ = self._forward(
+            registered,
+            indices=indices,
+            batch_size=batch_size,
+            inference_kwargs=self._inference_kwargs(adata if adata is not None else self.adata),
+            return_latent=False,
+        )
+        probs = self._probabilities(logits)
+        names = registered.obs_names if indices is None else registered.obs_names[indices]
+        if soft:
+            return pd.DataFrame(probs, index=names, columns=self.cell_types)
+        return np.asarray(self.cell_types, dtype=object)[probs.argmax(axis=1)]
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Return the model's cell embedding (see the model's docstring for which layer).
+
+        Parameters
+        ----------
+        adata
+            Query AnnData or ``None`` for the AnnData the model was set up with.
+        indices
+            Cells of ``adata`` to use; all by default.
+        batch_size
+            Minibatch size for inference.
+
+        Returns
+        -------
+        Array of shape ``(n_cells, n_latent)``.
+        """
+        registered, _ = self._prepare(adata)
+        _, latent = self._forward(
+            registered,
+            indices=indices,
+            batch_size=batch_size,
+            inference_kwargs=self._inference_kwargs(adata if adata is not None else self.adata),
+        )
+        return latent
+
+    # ------------------------------------------------------------- rejection
+    def _fit_rejection(self, validation_indices: np.ndarray) -> None:
+        """Fit calibration and per-type thresholds on the held-out reference cells."""
+        codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        val = np.asarray(validation_indices, dtype=int)
+        if val.size == 0:
+            warnings.warn(
+                "No held-out reference cells: rejection thresholds cannot be learned and no "
+                "cell will be rejected by the 'per_type' rule. Train with train_size < 1.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+            self.calibration_ = {"temperature": 1.0}
+            self.validation_ = {"confidence": np.zeros(0), "prediction": np.zeros(0, int)}
+            self.rejection_ = {
+                "rule": "per_type",
+                "theta": self._default_theta,
+                "thresholds": np.zeros(len(self.cell_types)),
+            }
+            return
+        logits, _ = self._forward(self.adata, indices=val, return_latent=False)
+        truth = codes[val]
+        temperature = fit_temperature(logits, truth) if self.calibrate else 1.0
+        self.calibration_ = {"temperature": temperature}
+        probs = self._probabilities(logits)
+        prediction = probs.argmax(axis=1)
+        confidence = probs.max(axis=1)
+        self.validation_ = {
+            "confidence": confidence,
+            "prediction": prediction,
+            "truth": truth,
+            "accuracy": float((prediction == truth).mean()),
+        }
+        self.rejection_ = {
+            "rule": "per_type",
+            "theta": self._default_theta,
+            "thresholds": per_type_thresholds(
+                confidence, prediction, len(self.cell_types), theta=self._default_theta
+            ),
+        }
+
+    def rejection_thresholds(self, theta: float | None = None) -> pd.Series:
+        """Per-type thresholds for outlier fraction ``theta`` (the fitted ones by default).
+
+        Parameters
+        ----------
+        theta
+            Outlier fraction; thresholds are recomputed from the stored held-out confidences.
+
+        Returns
+        -------
+        Series indexed by reference type.
+        """
+        self._check_if_trained(warn=False)
+        if theta is None:
+            values = self.rejection_["thresholds"]
+        else:
+            values = per_type_thresholds(
+                self.validation_["confidence"],
+                self.validation_["prediction"],
+                len(self.cell_types),
+                theta=theta,
+            )
+        return pd.Series(values, index=self.cell_types, name="threshold")
+
+    def _reject(
+        self, confidence: np.ndarray, prediction: np.ndarray, rejection: Rejection
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        if rejection == "default":
+            rejection = self.rejection_["rule"]
+        if rejection is None or rejection == "none":
+            return np.zeros(confidence.size, dtype=bool), {"rule": "none"}
+        if rejection == "per_type":
+            thresholds = self.rejection_["thresholds"]
+            rule = {
+                "rule": "per_type",
+                "theta": self.rejection_["theta"],
+                "thresholds": dict(zip(self.cell_types, map(float, thresholds), strict=True)),
+            }
+            return confidence < thresholds[prediction], rule
+        if isinstance(rejection, int | float) and not isinstance(rejection, bool):
+            if not 0.0 <= rejection <= 1.0:
+                raise ValueError(
+                    f"A global rejection threshold must be in [0, 1], got {rejection}."
+                )
+            return confidence < rejection, {"rule": "global", "threshold": float(rejection)}
+        raise ValueError(
+            f"Unknown rejection rule {rejection!r}. Use 'per_type' (learned thresholds), "
+            "a float in [0, 1] (one global cut on the confidence), None (no rejection) or "
+            "'default' (the model's rule)."
+        )
+
+    # ------------------------------------------------------------- write-back
+    def annotate(
+        self,
+        adata: AnnData | None = None,
+        *,
+        key_added: str | None = None,
+        rejection: Rejection = "default",
+        copy: bool = False,
+        batch_size: int | None = None,
+        gene_symbols: str | None = None,
+        id_map: Any = None,
+    ) -> AnnData | None:
+        """Annotate cells and write the standard output fields.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData (any gene order; missing genes are zero-filled and reported), or
+            ``None`` for the AnnData the model was set up with.
+        key_added
+            Prefix of the written fields; the model's name by default (e.g. ``"jind"``).
+        rejection
+            ``"default"`` (the model's rule), ``"per_type"`` (thresholds learned on the
+            held-out reference), a float (global confidence cut) or ``None``.
+        copy
+            Write into a copy of ``adata`` and return it.
+        batch_size
+            Minibatch size for inference.
+        gene_symbols
+            Column of ``adata.var`` holding gene names matching the reference's.
+        id_map
+            Ensembl-to-symbol table (path or DataFrame) used when the query and the reference
+            name genes differently.
+
+        Returns
+        -------
+        ``None``, or the annotated copy if ``copy=True``. Sets the following fields:
+
+        ``obs[key]``
+            final call (categorical): a reference type or ``"Unassigned"`` when rejected.
+        ``obs[f"{key}_prediction"]``
+            argmax reference type, before rejection.
+        ``obs[f"{key}_confidence"]``
+            probability of the predicted type.
+        ``obs[f"{key}_rejected"]``
+            whether the rejection rule rejected the cell.
+        ``obsm[f"{key}_probabilities"]``
+            DataFrame cells x reference types (registry order).
+        ``obsm[f"X_{key}"]``
+            the model's embedding.
+        ``uns[key]``
+            method, package version, seed, rejection rule and thresholds, calibration,
+            gene-overlap report, input type and training summary.
+        """
+        key = key_added or self._default_key
+        if adata is not None and not isinstance(adata, AnnData):
+            raise TypeError(
+                f"Expected an AnnData, got {type(adata).__name__}. Read your data with "
+                "`anndata.read_h5ad` (or build an AnnData) first."
+            )
+        target = self.adata if adata is None else adata
+        if copy:
+            target = target.copy()
+        self._check_output_key(target, key)
+        registered, overlap = self._prepare(
+            target if adata is not None else None, gene_symbols=gene_symbols, id_map=id_map
+        )
+        logits, latent = self._forward(
+            registered, batch_size=batch_size, inference_kwargs=self._inference_kwargs(target)
+        )
+        probs = self._probabilities(logits)
+        prediction = probs.argmax(axis=1)
+        confidence = probs.max(axis=1)
+        rejected, rule = self._reject(confidence, prediction, rejection)
+
+        types = self.cell_types
+        calls = np.asarray(types, dtype=object)[prediction]
+        final = calls.copy()
+        final[rejected] = UNASSIGNED
+        target.obs[key] = pd.Categorical(
+            final, categories=list(dict.fromkeys([*types, UNASSIGNED]))
+        )
+        target.obs[key + OUTPUT_KEYS.PREDICTION] = pd.Categorical(calls, categories=types)
+        target.obs[key + OUTPUT_KEYS.CONFIDENCE] = confidence.astype(np.float32)
+        target.obs[key + OUTPUT_KEYS.REJECTED] = rejected
+        target.obsm[key + OUTPUT_KEYS.PROBABILITIES] = pd.DataFrame(
+            probs.astype(np.float32), index=target.obs_names, columns=types
+        )
+        target.obsm[OUTPUT_KEYS.EMBEDDING_PREFIX + key] = latent.astype(np.float32)
+        target.uns[key] = h5ad_safe(
+            {
+                "method": type(self).__name__,
+                "package_version": version("labeltransfer"),
+                "seed": self.training_summary_.get("seed"),
+                "classes": types,
+                "rejection": rule,
+                "calibration": self.calibration_,
+                "input_type": self.module.input_type,
+                "gene_overlap": overlap if overlap is not None else {"overlap": 1.0},
+                "n_cells": int(target.n_obs),
+                "n_rejected": int(rejected.sum()),
+                "training": self.training_summary_,
+                **self._extra_uns(target),
+            }
+        )
+        logger.info(
+            "Annotated %d cells with %s: %d rejected (%.1f%%).",
+            target.n_obs,
+            type(self).__name__,
+            rejected.sum(),
+            100 * rejected.mean(),
+        )
+        return target if copy else None
+
+    def _extra_uns(self, adata: AnnData) -> dict[str, Any]:
+        """Model-specific entries of ``uns[key]``."""
+        return {}
+
+    def _check_output_key(self, adata: AnnData, key: str) -> None:
+        protected = {self.labels_key, *(c for c in adata.obs.columns if c.startswith("_scvi"))}
+        written = [
+            key + s
+            for s in ("", OUTPUT_KEYS.PREDICTION, OUTPUT_KEYS.CONFIDENCE, OUTPUT_KEYS.REJECTED)
+        ]
+        clash = protected.intersection(written)
+        if key.startswith("_scvi") or clash:
+            raise ValueError(
+                f"key_added={key!r} would overwrite {sorted(clash) or key!r}, which the model "
+                "registered. Choose another key_added."
+            )
+        existing = [c for c in written if c in adata.obs.columns]
+        if existing:
+            warnings.warn(
+                f"Overwriting the previous annotation in {existing} (key_added={key!r}). Pass "
+                "another key_added to keep both.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+
+    # ------------------------------------------------------------- persistence
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model atomically (written to a temporary folder, then renamed).
+
+        Parameters
+        ----------
+        dir_path
+            Folder to create.
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace an existing folder.
+        save_anndata
+            Also save the registered AnnData.
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+        """
+        dir_path = os.path.abspath(dir_path)
+        if os.path.exists(dir_path) and not overwrite:
+            raise ValueError(
+                f"{dir_path} already exists. Pass overwrite=True or choose another folder."
+            )
+        self.package_version_ = version("labeltransfer")
+        parent = os.path.dirname(dir_path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
+        try:
+            super().save(
+                os.path.join(tmp, "model"),
+                prefix=prefix,
+                overwrite=True,
+                save_anndata=save_anndata,
+                **anndata_write_kwargs,
+            )
+            if os.path.exists(dir_path):
+                shutil.rmtree(dir_path)
+            os.replace(os.path.join(tmp, "model"), dir_path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        **kwargs,
+    ):
+        """Load a saved model, with or without its reference data.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData with exactly the model's genes to register, or ``None``: the model is
+            then restored without any data (from the saved AnnData if ``save_anndata=True``
+            was used) and maps queries passed to :meth:`annotate`/:meth:`predict`.
+        accelerator
+            Accelerator to load onto (``"auto"``, ``"cpu"``, ``"gpu"``).
+        device
+            Device index or ``"auto"``.
+        prefix
+            Prefix of the file names.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+
+        Returns
+        -------
+        The trained model.
+        """
+        attr_dict, var_names, _, saved = _load_saved_files(
+            dir_path, load_adata=adata is None, prefix=prefix, map_location="cpu"
+        )
+        saved_version = attr_dict.get("package_version_")
+        current = version("labeltransfer")
+        if saved_version is not None and saved_version != current:
+            warnings.warn(
+                f"This model was saved with labeltransfer {saved_version} and is loaded with "
+                f"{current}. Check the changelog; if loading fails, install {saved_version}.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+        if adata is None:
+            adata = saved if saved else _placeholder_adata(attr_dict["registry_"], var_names)
+        elif list(adata.var_names) != list(var_names):
+            raise ValueError(
+                "The AnnData passed to load() does not have the model's genes in the model's "
+                "order. Load without data (`Model.load(dir_path)`) and pass the query to "
+                "`annotate`/`predict`, which reindex and zero-fill genes."
+            )
+        return super().load(
+            dir_path, adata=adata, accelerator=accelerator, device=device, prefix=prefix, **kwargs
+        )
+
+
+def _placeholder_adata(registry: dict, var_names: np.ndarray) -> AnnData:
+    """One empty cell per reference type, so a saved model can be rebuilt without data."""
+    args = registry["setup_args"]
+    labels_state = registry["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
+    mapping = [str(c) for c in labels_state["categorical_mapping"]]
+    obs = pd.DataFrame(index=[f"placeholder_{i}" for i in range(len(mapping))])
+    obs[args["labels_key"]] = mapping
+    if args.get("batch_key") is not None:
+        batch_state = registry["field_registries"][REGISTRY_KEYS.BATCH_KEY]["state_registry"]
+        obs[args["batch_key"]] = str(batch_state["categorical_mapping"][0])
+    # dense zeros: scvi takes an all-zero *sparse* X for "minified" data and refuses it
+    matrix = np.zeros((len(mapping), len(var_names)), dtype=np.float32)
+    adata = AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=pd.Index(var_names).astype(str)))
+    if args.get("layer") is not None:
+        adata.layers[args["layer"]] = matrix
+    return adata

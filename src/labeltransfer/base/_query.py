@@ -1,0 +1,85 @@
+"""Bring a query AnnData into the feature space and registry of a trained model."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from anndata import AnnData
+
+from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer.data import check_input, harmonize_genes
+
+if TYPE_CHECKING:
+    from scvi.model.base import BaseModelClass
+
+
+def fingerprint(adata: AnnData) -> str:
+    """Identify an AnnData by its cell names and size (used to match a query to its alignment)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    digest.update(str(adata.n_obs).encode())
+    for name in adata.obs_names:
+        digest.update(name.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def prepare_query(
+    model: BaseModelClass,
+    adata: AnnData,
+    *,
+    input_type: str,
+    gene_symbols: str | None = None,
+    id_map: Any = None,
+) -> tuple[AnnData, dict | None]:
+    """Return an AnnData registered with ``model`` whose genes are the reference genes.
+
+    An AnnData already registered with the model is validated and returned as is. Any other
+    AnnData is checked (same expression type as the reference), reindexed to the reference
+    genes with zero-filling (overlap under 50% raises, under 90% warns) and wrapped in a light
+    AnnData that shares its matrix; the user's object is never modified.
+
+    Returns
+    -------
+    The registered AnnData and the gene-overlap report (``None`` for registered data).
+    """
+    if not isinstance(adata, AnnData):
+        raise TypeError(
+            f"Expected an AnnData, got {type(adata).__name__}. Read your data with "
+            "`anndata.read_h5ad` (or build an AnnData) first."
+        )
+    if model.get_anndata_manager(adata, required=False) is not None:
+        return model._validate_anndata(adata), None
+
+    setup_args = model.adata_manager.registry["setup_args"]
+    layer = setup_args.get("layer")
+    report = check_input(adata, layer=layer, name="query")
+    if report["input_type"] != input_type:
+        raise ValueError(
+            f"The query looks {report['input_type']!r} but the model was trained on "
+            f"{input_type!r} data. Give the query in the same form as the reference "
+            "(raw counts in both, or log-normalised data in both; use `layer=`-registered data)."
+        )
+    genes = model.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+    harmonized, overlap = harmonize_genes(
+        adata, list(genes), gene_symbols=gene_symbols, id_map=id_map, layer=layer, name="query"
+    )
+    obs = pd.DataFrame(index=adata.obs_names.copy())
+    batch_key = setup_args.get("batch_key")
+    if batch_key is not None:
+        obs[batch_key] = (
+            adata.obs[batch_key].astype(str).values if batch_key in adata.obs else "query"
+        )
+    light = AnnData(X=harmonized.X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    if layer is not None:
+        light.layers[layer] = harmonized.X
+    with warnings.catch_warnings():
+        # a query has no labels by design: scvi's "Missing labels key" warning is noise here
+        warnings.filterwarnings("ignore", message="Missing labels key")
+        manager = model.adata_manager.transfer_fields(
+            light, extend_categories=True, allow_missing_labels=True
+        )
+    model._register_manager_for_instance(manager)
+    return light, overlap

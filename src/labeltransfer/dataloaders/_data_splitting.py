@@ -1,0 +1,142 @@
+"""Split a reference (+ query) AnnData into training and validation minibatches."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from lightning.pytorch import LightningDataModule
+from scvi import settings
+from scvi.dataloaders import AnnDataLoader, DataSplitter
+
+from labeltransfer._constants import REGISTRY_KEYS
+
+from ._paired import PairedDataLoader
+
+if TYPE_CHECKING:
+    from scvi.data import AnnDataManager
+
+
+def labelled_mask(adata_manager: AnnDataManager) -> np.ndarray:
+    """Boolean mask of the cells that carry a reference label (not the unlabeled category)."""
+    codes = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+    mapping = adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+    unlabeled = adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).unlabeled_category
+    unlabeled_code = int(np.flatnonzero(mapping == unlabeled)[0])
+    return codes != unlabeled_code
+
+
+class RefQueryDataSplitter(DataSplitter):
+    """Labelled reference + unlabelled query minibatches for every training step.
+
+    The labelled cells are split per cell type into training and validation sets (the
+    validation set is
+    what early stopping, best-epoch selection, calibration and rejection thresholds use). The
+    unlabelled (query) cells all go into training. With ``use_query=True`` a training batch is a
+    tuple ``(reference_batch, query_batch)``; otherwise it is a reference batch only. Validation
+    batches are reference batches.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    train_size
+        Fraction of the labelled cells used for training; the rest is validation.
+    use_query
+        Pair every reference minibatch with a query minibatch.
+    shuffle_set_split
+        Shuffle before splitting (seeded by ``scvi.settings.seed``).
+    **kwargs
+        Passed to :class:`~scvi.dataloaders.AnnDataLoader` (``batch_size``, ``drop_last``, ...).
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        train_size: float = 0.9,
+        *,
+        use_query: bool = False,
+        shuffle_set_split: bool = True,
+        **kwargs,
+    ):
+        if not 0.0 < train_size <= 1.0:
+            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        self.use_query = use_query
+        mask = labelled_mask(adata_manager)
+        self.labelled_idx = np.flatnonzero(mask)
+        self.query_idx = np.flatnonzero(~mask)
+        if self.labelled_idx.size == 0:
+            raise ValueError(
+                "No labelled reference cell: every cell carries the unlabeled category. "
+                "Set the reference labels in the registered `labels_key` column."
+            )
+        if use_query and self.query_idx.size == 0:
+            raise ValueError(
+                "This training step needs unlabelled query cells, but every registered cell is "
+                "labelled. Concatenate reference and query with "
+                "`lt.data.concat_reference_query` (query cells get the unlabeled category)."
+            )
+        # DataSplitter.__init__ validates a split of *all* cells; ours splits labelled cells only
+        LightningDataModule.__init__(self)
+        self.adata_manager = adata_manager
+        self.train_size = float(train_size)
+        self.validation_size = 1.0 - self.train_size
+        self.shuffle_set_split = shuffle_set_split
+        self.load_sparse_tensor = False
+        self.pin_memory = kwargs.pop("pin_memory", False)
+        self.drop_last = kwargs.pop("drop_last", False)
+        self.external_indexing = None
+        self.data_loader_kwargs = kwargs
+        n_labelled = self.labelled_idx.size
+        self.n_val = int(np.floor(n_labelled * self.validation_size))
+        self.n_train = n_labelled - self.n_val + (self.query_idx.size if use_query else 0)
+
+    def setup(self, stage: str | None = None):
+        """Split the labelled cells per type (stratified); query cells are all training cells."""
+        rng = np.random.RandomState(seed=settings.seed)
+        codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()[
+            self.labelled_idx
+        ]
+        val_parts = []
+        for code in np.unique(codes):
+            members = self.labelled_idx[codes == code]
+            if self.shuffle_set_split:
+                members = rng.permutation(members)
+            val_parts.append(members[: int(np.floor(members.size * self.validation_size))])
+        self.val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.array([], int)
+        self.ref_train_idx = np.setdiff1d(self.labelled_idx, self.val_idx)
+        self.n_val = self.val_idx.size
+        query = self.query_idx if self.use_query else np.array([], dtype=int)
+        self.train_idx = np.concatenate([self.ref_train_idx, query])
+        self.n_train = self.train_idx.size
+        self.test_idx = np.array([], dtype=int)
+
+    def _loader(self, indices: np.ndarray, *, shuffle: bool, drop_last: bool) -> AnnDataLoader:
+        batch_size = self.data_loader_kwargs.get("batch_size") or settings.batch_size
+        # a last batch of one cell breaks batch norm: drop it when the set allows
+        drop = drop_last or (
+            shuffle and indices.size > batch_size and indices.size % batch_size == 1
+        )
+        return AnnDataLoader(
+            self.adata_manager,
+            indices=indices,
+            shuffle=shuffle,
+            drop_last=drop,
+            load_sparse_tensor=self.load_sparse_tensor,
+            pin_memory=self.pin_memory,
+            **self.data_loader_kwargs,
+        )
+
+    def train_dataloader(self):
+        """Return reference batches, paired with query batches when ``use_query``."""
+        ref = self._loader(self.ref_train_idx, shuffle=True, drop_last=self.drop_last)
+        if not self.use_query:
+            return ref
+        query = self._loader(self.query_idx, shuffle=True, drop_last=self.drop_last)
+        return PairedDataLoader(ref, query)
+
+    def val_dataloader(self):
+        """Return reference validation batches (``None`` without a validation set)."""
+        if self.val_idx.size == 0:
+            return None
+        return self._loader(self.val_idx, shuffle=False, drop_last=False)

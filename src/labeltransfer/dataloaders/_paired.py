@@ -1,0 +1,34 @@
+"""Iterate two data loaders side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import cycle
+from typing import Any
+
+
+class PairedDataLoader:
+    """Yield ``(batch_a, batch_b)`` pairs from two loaders.
+
+    One epoch is one pass over the longer loader; the shorter one is cycled, so every
+    reference cell and every query cell is seen at least once per epoch.
+
+    Parameters
+    ----------
+    loader_a
+        First loader (the labelled reference in this package).
+    loader_b
+        Second loader (the unlabelled query).
+    """
+
+    def __init__(self, loader_a: Iterable[Any], loader_b: Iterable[Any]):
+        self.loader_a = loader_a
+        self.loader_b = loader_b
+
+    def __len__(self) -> int:
+        return max(len(self.loader_a), len(self.loader_b))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if len(self.loader_a) >= len(self.loader_b):  # type: ignore[arg-type]
+            return zip(self.loader_a, cycle(self.loader_b), strict=False)
+        return zip(cycle(self.loader_a), self.loader_b, strict=False)

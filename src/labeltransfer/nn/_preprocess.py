@@ -1,0 +1,40 @@
+"""Per-minibatch input normalisation shared by all modules."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+InputType = Literal["counts", "lognorm"]
+
+
+def normalize_input(
+    x: torch.Tensor,
+    feature_idx: torch.Tensor,
+    input_type: InputType,
+    target_sum: float = 1e6,
+) -> torch.Tensor:
+    """Turn a dense minibatch into the log-normalised model input.
+
+    Parameters
+    ----------
+    x
+        Minibatch of cells x all registered genes.
+    feature_idx
+        Indices of the genes the model uses (e.g. the reference's highly variable genes).
+    input_type
+        ``"counts"``: ``log1p(x / library_size * target_sum)`` with the library size taken over
+        *all* registered genes, then the features are selected. ``"lognorm"``: the data are
+        already log-normalised and only the features are selected.
+    target_sum
+        Library size after scaling; ``1e6`` gives log(CPM + 1) as in the JIND and scNym papers.
+
+    Returns
+    -------
+    Tensor of shape ``(n_cells, len(feature_idx))``.
+    """
+    if input_type == "counts":
+        library = x.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return torch.log1p(x.index_select(1, feature_idx) / library * target_sum)
+    return x.index_select(1, feature_idx)

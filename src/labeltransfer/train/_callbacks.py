@@ -1,0 +1,71 @@
+"""Lightning callbacks shared by the models."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import lightning.pytorch as pl
+
+logger = logging.getLogger(__name__)
+
+
+class BestStateCallback(pl.Callback):
+    """Keep the module weights of the best validation epoch and restore them at the end.
+
+    JIND and JIND+ select "the model parameters corresponding to the highest validation
+    accuracy across all epochs"; the same rule serves every model of the package. The copy is
+    kept in memory (the modules are small), and it is restored when training ends normally or
+    is interrupted, so a model is never left at an arbitrary last epoch.
+
+    Parameters
+    ----------
+    monitor
+        Logged metric to track.
+    mode
+        ``"max"`` or ``"min"``.
+    """
+
+    def __init__(self, monitor: str = "validation_accuracy", mode: str = "max"):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
+        self.monitor = monitor
+        self.mode = mode
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict | None = None
+
+    def _improved(self, score: float) -> bool:
+        if self.best_score is None:
+            return True
+        return score > self.best_score if self.mode == "max" else score < self.best_score
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        """Snapshot the module when the monitored metric improves."""
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        score = float(value)
+        if self._improved(score):
+            self.best_score = score
+            self.best_epoch = trainer.current_epoch
+            self.best_state = copy.deepcopy(pl_module.module.state_dict())
+
+    def _restore(self, pl_module: pl.LightningModule) -> None:
+        if self.best_state is not None:
+            pl_module.module.load_state_dict(self.best_state)
+            logger.info(
+                "Restored the weights of epoch %s (%s = %.4f).",
+                self.best_epoch,
+                self.monitor,
+                self.best_score,
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        """Load the best weights back into the module."""
+        self._restore(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception):
+        """Leave an interrupted model at its best epoch so far."""
+        self._restore(pl_module)

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scvi
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--accelerator", default="cpu", help="accelerator for model tests")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    scvi.settings.seed = 0
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
+@pytest.fixture(scope="session")
+def accelerator(request) -> str:
+    return request.config.getoption("--accelerator")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"{SHARED_DATA} is missing: clone the project with ../shared beside it.")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_pair():
+    """Reference and shifted query of a small separable synthetic task."""
+    import labeltransfer as lt
+
+    return lt.data.synthetic(
+        n_reference=600, n_query=400, n_genes=300, n_types=4, batch_shift=0.3, seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_jind(synthetic_pair, tmp_path_factory):
+    """A JIND model trained once per session on the synthetic reference."""
+    import labeltransfer as lt
+
+    scvi.settings.seed = 0
+    ref = synthetic_pair[0].copy()
+    lt.JIND.setup_anndata(ref, labels_key="cell_type")
+    model = lt.JIND(ref, n_top_genes=200)
+    model.train(max_epochs=8, enable_progress_bar=False, accelerator="cpu")
+    return model
+
+
+@pytest.fixture(scope="session")
+def kang(shared_data) -> ad.AnnData:
+    adata = ad.read_h5ad(shared_data / "kang_ifnb_small.h5ad")
+    adata.obs_names_make_unique()
+    return adata
+
+
+def rng_subset(adata: ad.AnnData, fraction: float, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random(adata.n_obs) < fraction

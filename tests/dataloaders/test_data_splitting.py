@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import labeltransfer as lt
+from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter
+
+
+@pytest.fixture
+def concat_manager(synthetic_pair):
+    ref, query = synthetic_pair
+    adata = lt.data.concat_reference_query(ref, query, labels_key="cell_type")
+    lt.JIND.setup_anndata(adata, labels_key="cell_type")
+    model = lt.JIND(adata, n_top_genes=50)
+    return adata, model.adata_manager
+
+
+def test_splitter_yields_reference_query_pairs(concat_manager):
+    adata, manager = concat_manager
+    splitter = RefQueryDataSplitter(manager, train_size=0.8, use_query=True, batch_size=64)
+    splitter.setup()
+    is_ref = (adata.obs["lt_role"] == "reference").to_numpy()
+    assert set(splitter.val_idx) | set(splitter.ref_train_idx) == set(np.flatnonzero(is_ref))
+    assert not set(splitter.val_idx) & set(splitter.ref_train_idx)
+    np.testing.assert_array_equal(splitter.query_idx, np.flatnonzero(~is_ref))
+    loader = splitter.train_dataloader()
+    assert isinstance(loader, PairedDataLoader)
+    batches = list(loader)
+    assert len(batches) == len(loader) == max(
+        int(np.ceil(splitter.ref_train_idx.size / 64)), int(np.ceil(splitter.query_idx.size / 64))
+    )
+    unlabeled_code = len(lt.JIND(adata, n_top_genes=50).cell_types)
+    ref_batch, query_batch = batches[0]
+    assert (ref_batch["labels"] < unlabeled_code).all()
+    assert (query_batch["labels"] == unlabeled_code).all()
+    for batch in splitter.val_dataloader():
+        assert (batch["labels"] < unlabeled_code).all()
+
+
+def test_splitter_is_stratified_and_seeded(concat_manager):
+    adata, manager = concat_manager
+    a = RefQueryDataSplitter(manager, train_size=0.7)
+    a.setup()
+    b = RefQueryDataSplitter(manager, train_size=0.7)
+    b.setup()
+    np.testing.assert_array_equal(a.val_idx, b.val_idx)
+    labels = adata.obs["cell_type"].to_numpy()
+    for cell_type in np.unique(labels[a.labelled_idx]):
+        n_type = (labels[a.labelled_idx] == cell_type).sum()
+        assert (labels[a.val_idx] == cell_type).sum() == int(np.floor(0.3 * n_type))
+
+
+def test_splitter_errors(concat_manager, synthetic_pair):
+    _, manager = concat_manager
+    with pytest.raises(ValueError, match="train_size"):
+        RefQueryDataSplitter(manager, train_size=0.0)
+    ref = synthetic_pair[0].copy()
+    lt.JIND.setup_anndata(ref, labels_key="cell_type")
+    ref_manager = lt.JIND(ref, n_top_genes=50).adata_manager
+    with pytest.raises(ValueError, match="needs unlabelled query cells"):
+        RefQueryDataSplitter(ref_manager, use_query=True)
+
+
+def test_paired_loader_cycles_the_shorter():
+    pairs = list(PairedDataLoader([1, 2], ["a", "b", "c", "d", "e"]))
+    assert pairs == [(1, "a"), (2, "b"), (1, "c"), (2, "d"), (1, "e")]
+    assert len(PairedDataLoader([1, 2, 3], ["a"])) == 3
