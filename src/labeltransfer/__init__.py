@@ -1,0 +1,32 @@
+"""Cell-type label transfer from an annotated reference to a query.
+
+The models (:class:`JIND`) are imported on first access, so ``labeltransfer.data``,
+``labeltransfer.metrics`` and ``labeltransfer.pl`` load without torch and scvi-tools.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+from . import data, metrics, pl
+
+if TYPE_CHECKING:
+    from .jind import JIND
+
+__all__ = ["JIND", "data", "metrics", "pl"]
+
+__version__ = version("labeltransfer")
+
+_LAZY = {"JIND": ".jind"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'labeltransfer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

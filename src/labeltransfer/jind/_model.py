@@ -1,0 +1,525 @@
+"""JIND: train once on a reference, align each query asymmetrically, reject per cell type."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import settings
+from scvi.model._utils import use_distributed_sampler
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from scvi.utils import setup_anndata_dsp
+from scvi.utils._docstrings import devices_dsp
+from torch.utils.data import DataLoader, TensorDataset
+
+from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer.base import AnnotationMixin, fingerprint, register_anndata
+from labeltransfer.data import check_input, select_features
+from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter, labelled_mask
+from labeltransfer.nn import frozen
+from labeltransfer.train import AnnotationTrainingPlan, BestStateCallback, fit_stage
+
+from ._module import JINDModule
+from ._trainingplan import JINDAlignmentPlan
+
+if TYPE_CHECKING:
+    from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class JIND(AnnotationMixin, BaseModelClass):
+    """JIND: Joint Integration and Discrimination for cell-type annotation :cite:p:`Goyal22`.
+
+    A one-layer encoder and a classifier are trained on the labelled reference with a
+    class-weighted cross-entropy; per-cell-type rejection thresholds are learned on a held-out
+    30% of it. Each query is then aligned *asymmetrically*: a generator shifts and scales the
+    query's latent codes until a discriminator cannot tell them from the reference codes,
+    while the classifier stays frozen (:meth:`align`). :meth:`self_train` is JIND+.
+
+    Parameters
+    ----------
+    adata
+        Reference AnnData registered with :meth:`setup_anndata`.
+    n_top_genes
+        Number of highly variable genes (Seurat flavour, computed on the labelled cells) used
+        as input (JIND: 5000; all genes when fewer).
+    features
+        Explicit list of genes to use instead of the highly variable ones.
+    input_type
+        ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
+        log(CPM+1) per minibatch.
+    n_latent
+        Size of the latent code (JIND: 256).
+    n_hidden
+        Hidden units of the classifier (JIND: 256).
+    dropout_rate
+        Dropout of the encoder's hidden layer (JIND: 0.2).
+    class_weight_eps
+        ``epsilon`` of the class weights ``w_k = 2 / (K (epsilon + n_k))`` (JIND: 0.01).
+    theta
+        Outlier fraction of the per-type rejection thresholds (JIND: 0.05).
+    calibrate
+        Fit a temperature on the held-out reference so that confidences are calibrated
+        (not in the paper; it does not change any argmax). ``False`` gives the paper's raw
+        softmax.
+    n_reference_codes
+        Number of reference latent codes stored with the model so that :meth:`align` works
+        on a loaded model without the reference data.
+
+    Examples
+    --------
+    >>> import labeltransfer as lt
+    >>> lt.JIND.setup_anndata(ref, labels_key="cell_type")
+    >>> model = lt.JIND(ref)
+    >>> model.train()
+    >>> model.align(query)  # optional: adversarial alignment of this query
+    >>> model.annotate(query, key_added="jind")
+    >>> model.save("jind_reference/")
+
+    Notes
+    -----
+    See the JIND user guide page for the losses, defaults and limits.
+    """
+
+    _module_cls = JINDModule
+    _default_key = "jind"
+    _default_theta = 0.05
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_top_genes: int = 5000,
+        features: Sequence[str] | None = None,
+        input_type: Literal["auto", "counts", "lognorm"] = "auto",
+        n_latent: int = 256,
+        n_hidden: int = 256,
+        dropout_rate: float = 0.2,
+        class_weight_eps: float = 0.01,
+        theta: float = 0.05,
+        calibrate: bool = True,
+        n_reference_codes: int = 10_000,
+    ):
+        super().__init__(adata)
+        layer = self.adata_manager.registry["setup_args"].get("layer")
+        if input_type == "auto":
+            input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
+        labelled = labelled_mask(self.adata_manager)
+        genes = pd.Index(self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names)
+        if features is None:
+            idx = select_features(
+                self.adata,
+                n_top_genes=n_top_genes,
+                layer=layer,
+                input_type=input_type,
+                mask=labelled,
+            )
+            features = [str(g) for g in genes[idx]]
+        else:
+            features = [str(g) for g in features]
+            missing = [g for g in features if g not in genes]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} requested features are not genes of the AnnData (e.g. "
+                    f"{missing[:5]}). Pass names from adata.var_names."
+                )
+        feature_idx = genes.get_indexer(features)
+
+        n_labels = len(self.cell_types)
+        codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        fractions = np.bincount(codes[labelled], minlength=n_labels)[:n_labels] / max(
+            labelled.sum(), 1
+        )
+        class_weights = 2.0 / (n_labels * (class_weight_eps + fractions))
+
+        self.theta = theta
+        self._default_theta = theta
+        self.calibrate = calibrate
+        self.n_reference_codes = n_reference_codes
+        self.module = self._module_cls(
+            n_input=len(genes),
+            n_labels=n_labels,
+            feature_idx=feature_idx,
+            input_type=input_type,
+            class_weights=class_weights,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+        )
+        self._model_summary_string = (
+            f"JIND model: {n_labels} cell types, {len(features)} genes ({input_type} input), "
+            f"latent {n_latent}, theta {theta}"
+        )
+        self.alignments_: dict[str, dict[str, Any]] = {}
+        self.self_training_: dict[str, Any] | None = None
+        self.training_summary_: dict[str, Any] = {}
+        self._loaded_alignment: str | None = None
+        self.init_params_ = self._get_init_params(locals())
+
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        unlabeled_category: str = "Unknown",
+        batch_key: str | None = None,
+        layer: str | None = None,
+        **kwargs,
+    ):
+        """%(summary)s.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_labels_key)s
+        %(param_unlabeled_category)s
+        %(param_batch_key)s
+        %(param_layer)s
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        register_anndata(
+            cls,
+            adata,
+            labels_key=labels_key,
+            unlabeled_category=unlabeled_category,
+            batch_key=batch_key,
+            layer=layer,
+            setup_method_args=setup_method_args,
+            **kwargs,
+        )
+
+    @devices_dsp.dedent
+    def train(
+        self,
+        max_epochs: int = 30,
+        *,
+        train_size: float = 0.7,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train the encoder and classifier on the labelled reference cells.
+
+        The weights of the epoch with the best validation accuracy are kept (JIND), then a
+        temperature and the per-type rejection thresholds are fitted on the validation cells.
+
+        Parameters
+        ----------
+        max_epochs
+            Number of epochs (JIND: 30).
+        train_size
+            Fraction of the labelled cells used for training; the rest is the validation
+            split (JIND: 0.7).
+        batch_size
+            Minibatch size.
+        lr
+            Adam learning rate (JIND: 1e-3), halved when the training loss has not improved
+            for 5 epochs.
+        %(param_accelerator)s
+        %(param_devices)s
+        plan_kwargs
+            Passed to :class:`~labeltransfer.train.AnnotationTrainingPlan`.
+        datasplitter_kwargs
+            Passed to :class:`~labeltransfer.dataloaders.RefQueryDataSplitter`.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``, ``callbacks``).
+        """
+        splitter = RefQueryDataSplitter(
+            self.adata_manager,
+            train_size=train_size,
+            batch_size=batch_size,
+            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", "auto")),
+            **(datasplitter_kwargs or {}),
+        )
+        plan = AnnotationTrainingPlan(self.module, **self._classifier_plan_kwargs(lr, plan_kwargs))
+        best = BestStateCallback("validation_accuracy", mode="max")
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), best]
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        with frozen(self.module.generator, self.module.discriminator):
+            TrainRunner(
+                self,
+                training_plan=plan,
+                data_splitter=splitter,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                **trainer_kwargs,
+            )()
+        self.training_summary_ = {
+            "seed": settings.seed,
+            "max_epochs": max_epochs,
+            "best_epoch": best.best_epoch,
+            "best_validation_accuracy": best.best_score,
+            "n_train": int(splitter.ref_train_idx.size),
+            "n_validation": int(splitter.val_idx.size),
+            "batch_size": batch_size,
+        }
+        self._fit_rejection(splitter.val_idx)
+        self._store_reference_codes(np.flatnonzero(labelled_mask(self.adata_manager)))
+        self.alignments_ = {}
+        self.self_training_ = None
+
+    @staticmethod
+    def _classifier_plan_kwargs(lr: float, plan_kwargs: dict | None) -> dict[str, Any]:
+        return {
+            "optimizer": "Adam",
+            "lr": lr,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "reduce_lr_on_plateau": True,
+            "lr_factor": 0.5,
+            "lr_patience": 5,
+            "lr_scheduler_metric": "train_loss",
+            **(plan_kwargs or {}),
+        }
+
+    def _store_reference_codes(self, labelled: np.ndarray) -> None:
+        rng = np.random.RandomState(settings.seed)
+        if labelled.size > self.n_reference_codes:
+            labelled = np.sort(rng.choice(labelled, self.n_reference_codes, replace=False))
+        _, codes = self._forward(self.adata, indices=labelled)
+        self.reference_codes_ = codes.astype(np.float32)
+
+    # ------------------------------------------------------------------ alignment
+    def _inference_kwargs(self, adata: AnnData) -> dict[str, Any]:
+        if not self.alignments_:
+            return {}
+        key = fingerprint(adata)
+        for name, alignment in self.alignments_.items():
+            if alignment["fingerprint"] == key:
+                if self._loaded_alignment != name:
+                    self.module.generator.load_state_dict(alignment["generator"])
+                    self._loaded_alignment = name
+                return {"aligned": True}
+        logger.info(
+            "No alignment was learned for this AnnData; predicting without alignment. Call "
+            "model.align(adata) first to correct its batch effect."
+        )
+        return {}
+
+    def _extra_uns(self, adata: AnnData) -> dict[str, Any]:
+        aligned = self._inference_kwargs(adata).get("aligned", False)
+        extra: dict[str, Any] = {"aligned": aligned}
+        if aligned:
+            extra["alignment"] = self._loaded_alignment
+        if self.self_training_ is not None:
+            extra["self_training"] = self.self_training_
+        return extra
+
+    @devices_dsp.dedent
+    def align(
+        self,
+        adata: AnnData,
+        *,
+        name: str | None = None,
+        max_epochs: int | None = None,
+        batch_size: int = 512,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Align a query onto the reference latent space (JIND's asymmetric integration).
+
+        A generator ``G(x, h) = S(x) * h + B(x)`` starting at the identity is trained
+        against a discriminator on the stored reference codes (eq. 3-5, RMSProp, batch 512,
+        two discriminator steps per generator step). The encoder and classifier are frozen, so
+        the reference model is unchanged and other queries can be aligned later; each
+        alignment is stored under ``name`` and used automatically when the same AnnData is
+        passed to :meth:`annotate`/:meth:`predict`.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData (any gene order).
+        name
+            Name under which the alignment is stored (``"query_<i>"`` by default).
+        max_epochs
+            Passes over the query; by default enough for about 2,000 discriminator steps
+            (the paper does not give a number), between 20 and 400 epochs.
+        batch_size
+            Minibatch size (JIND: 512).
+        %(param_accelerator)s
+        %(param_devices)s
+        plan_kwargs
+            Passed to :class:`~labeltransfer.jind.JINDAlignmentPlan`
+            (``lr_generator``, ``reg_lambda``, ...).
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer`.
+        """
+        self._check_if_trained(warn=False)
+        if self.self_training_ is not None:
+            raise RuntimeError(
+                "This model was fine-tuned on a query with self_train (JIND+), so its encoder "
+                "no longer matches the stored reference codes. Load the saved reference model "
+                "again to align another query."
+            )
+        registered, overlap = self._prepare(adata)
+        name = name or f"query_{len(self.alignments_)}"
+        codes = torch.as_tensor(self.reference_codes_)
+        reference = DataLoader(
+            TensorDataset(codes),
+            batch_size=min(batch_size, len(codes)),
+            shuffle=True,
+            drop_last=len(codes) > batch_size,
+        )
+        query = self._make_data_loader(
+            registered,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=registered.n_obs > batch_size,
+        )
+        loader = PairedDataLoader(reference, query)
+        if max_epochs is None:
+            max_epochs = int(np.clip(math.ceil(2000 / len(loader)), 20, 400))
+        self.module.reset_alignment()
+        plan = JINDAlignmentPlan(self.module, **(plan_kwargs or {}))
+        with frozen(self.module.encoder, self.module.classifier):
+            history = fit_stage(
+                self,
+                plan,
+                loader,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                **trainer_kwargs,
+            )
+        key = fingerprint(adata)
+        for previous in [n for n, a in self.alignments_.items() if a["fingerprint"] == key]:
+            logger.info("Replacing alignment %r of the same AnnData with %r.", previous, name)
+            del self.alignments_[previous]
+        self.alignments_[name] = {
+            "fingerprint": key,
+            "n_cells": int(adata.n_obs),
+            "max_epochs": max_epochs,
+            "gene_overlap": overlap,
+            "generator": {
+                k: v.detach().cpu().clone() for k, v in self.module.generator.state_dict().items()
+            },
+            "history": {k: v.reset_index().to_dict("list") for k, v in history.items()},
+        }
+        self._loaded_alignment = name
+
+    @devices_dsp.dedent
+    def self_train(
+        self,
+        adata: AnnData,
+        *,
+        theta: float = 0.3,
+        max_epochs: int = 10,
+        batch_size: int = 32,
+        lr: float = 1e-4,
+        train_size: float = 0.7,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        **trainer_kwargs,
+    ) -> None:
+        """JIND+: fine-tune encoder and classifier on the query's confident predictions.
+
+        Query cells whose confidence exceeds the per-type threshold for outlier fraction
+        ``theta`` (computed on the held-out reference) become pseudo-labelled training cells;
+        the alignment of this query (if any) is used and kept fixed. The best epoch on a 30%
+        validation part of those cells is kept. The model is then specific to this query.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData.
+        theta
+            Outlier fraction selecting confident cells (JIND+: 0.3).
+        max_epochs
+            Epochs (JIND+: 10).
+        batch_size
+            Minibatch size (JIND+: 32).
+        lr
+            Adam learning rate (JIND+: 1e-4).
+        train_size
+            Fraction of the confident cells used for training (JIND+: 0.7).
+        %(param_accelerator)s
+        %(param_devices)s
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer`.
+        """
+        self._check_if_trained(warn=False)
+        registered, _ = self._prepare(adata)
+        inference_kwargs = self._inference_kwargs(adata)
+        logits, _ = self._forward(
+            registered, inference_kwargs=inference_kwargs, return_latent=False
+        )
+        probs = self._probabilities(logits)
+        prediction = probs.argmax(axis=1)
+        thresholds = self.rejection_thresholds(theta).to_numpy()
+        confident = probs.max(axis=1) > thresholds[prediction]
+        if confident.sum() < 10:
+            raise ValueError(
+                f"Only {int(confident.sum())} query cells pass the theta={theta} thresholds; "
+                "JIND+ needs confident cells. Increase theta or align the query first."
+            )
+        pseudo = self._pseudo_labelled(registered, prediction, confident)
+        splitter = RefQueryDataSplitter(
+            self.get_anndata_manager(pseudo, required=True),
+            train_size=train_size,
+            batch_size=batch_size,
+        )
+        splitter.setup()
+        plan = AnnotationTrainingPlan(
+            self.module,
+            inference_kwargs=inference_kwargs,
+            **self._classifier_plan_kwargs(lr, None),
+        )
+        best = BestStateCallback("validation_accuracy", mode="max")
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), best]
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        with frozen(self.module.generator, self.module.discriminator):
+            fit_stage(
+                self,
+                plan,
+                splitter.train_dataloader(),
+                val_dataloader=splitter.val_dataloader(),
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                **trainer_kwargs,
+            )
+        self.self_training_ = {
+            "fingerprint": fingerprint(adata),
+            "theta": theta,
+            "n_confident": int(confident.sum()),
+            "best_epoch": best.best_epoch,
+            "best_validation_accuracy": best.best_score,
+        }
+
+    def _pseudo_labelled(
+        self, registered: AnnData, prediction: np.ndarray, confident: np.ndarray
+    ) -> AnnData:
+        """Build a light AnnData sharing the query matrix, labelled with confident calls."""
+        args = self.adata_manager.registry["setup_args"]
+        unlabeled = self.adata_manager.get_state_registry(
+            REGISTRY_KEYS.LABELS_KEY
+        ).unlabeled_category
+        labels = np.asarray(self.cell_types, dtype=object)[prediction]
+        labels[~confident] = unlabeled
+        obs = pd.DataFrame({args["labels_key"]: labels}, index=registered.obs_names)
+        if args.get("batch_key") is not None:
+            obs[args["batch_key"]] = registered.obs[args["batch_key"]].astype(str).values
+        pseudo = AnnData(X=registered.X, obs=obs, var=registered.var[[]])
+        if args.get("layer") is not None:
+            pseudo.layers[args["layer"]] = registered.layers[args["layer"]]
+        manager = self.adata_manager.transfer_fields(pseudo, extend_categories=True)
+        self._register_manager_for_instance(manager)
+        return pseudo
