@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from labeltransfer.cli import main
+
+
+@pytest.fixture
+def files(synthetic_pair, tmp_path):
+    ref, query = synthetic_pair
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    return tmp_path
+
+
+def test_cli_annotate_round_trip(files, capsys):
+    out = files / "out.h5ad"
+    code = main(
+        [
+            "annotate",
+            "--reference",
+            str(files / "ref.h5ad"),
+            "--query",
+            str(files / "query.h5ad"),
+            "--labels-key",
+            "cell_type",
+            "--out",
+            str(out),
+            "--max-epochs",
+            "5",
+            "--no-align",
+            "--accelerator",
+            "cpu",
+            "--save-model",
+            str(files / "model"),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "raw accuracy" in printed
+    annotated = ad.read_h5ad(out)
+    assert {"jind", "jind_prediction", "jind_confidence", "jind_rejected"} <= set(annotated.obs)
+    accuracy = (
+        annotated.obs["jind_prediction"].astype(str) == annotated.obs["cell_type"].astype(str)
+    ).mean()
+    assert accuracy >= 0.9
+
+    # the saved model maps the query again without the reference
+    again = files / "again.h5ad"
+    assert (
+        main(
+            [
+                "annotate",
+                "--model-dir",
+                str(files / "model"),
+                "--query",
+                str(files / "query.h5ad"),
+                "--labels-key",
+                "cell_type",
+                "--out",
+                str(again),
+                "--no-align",
+                "--accelerator",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(
+        ad.read_h5ad(again).obs["jind_prediction"], annotated.obs["jind_prediction"]
+    )
+
+
+def test_cli_errors(files):
+    with pytest.raises(SystemExit, match="--reference"):
+        main(
+            [
+                "annotate",
+                "--query",
+                str(files / "query.h5ad"),
+                "--labels-key",
+                "x",
+                "--out",
+                "o.h5ad",
+            ]
+        )
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(
+            [
+                "annotate",
+                "--reference",
+                "missing.h5ad",
+                "--query",
+                str(files / "query.h5ad"),
+                "--labels-key",
+                "cell_type",
+                "--out",
+                "o.h5ad",
+            ]
+        )
+    with pytest.raises(SystemExit, match="not a column"):
+        main(
+            [
+                "annotate",
+                "--reference",
+                str(files / "ref.h5ad"),
+                "--query",
+                str(files / "query.h5ad"),
+                "--labels-key",
+                "nope",
+                "--out",
+                str(files / "o.h5ad"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="no cell has"):
+        main(
+            [
+                "annotate",
+                "--reference",
+                str(files / "ref.h5ad"),
+                "--reference-where",
+                "batch=zzz",
+                "--query",
+                str(files / "query.h5ad"),
+                "--labels-key",
+                "cell_type",
+                "--out",
+                "o.h5ad",
+            ]
+        )
