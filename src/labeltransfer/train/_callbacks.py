@@ -24,21 +24,34 @@ class BestStateCallback(pl.Callback):
         Logged metric to track.
     mode
         ``"max"`` or ``"min"``.
+    tie_breaker
+        Logged metric (lower is better) that decides between epochs with the same ``monitor``
+        value. Validation accuracy often saturates at 1.0 in the first epochs of an easy task;
+        without it the earliest, least trained of those epochs would be kept.
     """
 
-    def __init__(self, monitor: str = "validation_accuracy", mode: str = "max"):
+    def __init__(
+        self,
+        monitor: str = "validation_accuracy",
+        mode: str = "max",
+        tie_breaker: str | None = "validation_loss",
+    ):
         super().__init__()
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
         self.monitor = monitor
         self.mode = mode
+        self.tie_breaker = tie_breaker
+        self.best_tie: float = float("inf")
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict | None = None
 
-    def _improved(self, score: float) -> bool:
+    def _improved(self, score: float, tie: float) -> bool:
         if self.best_score is None:
             return True
+        if score == self.best_score:
+            return tie < self.best_tie
         return score > self.best_score if self.mode == "max" else score < self.best_score
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
@@ -47,8 +60,11 @@ class BestStateCallback(pl.Callback):
         if value is None:
             return
         score = float(value)
-        if self._improved(score):
+        tie = trainer.callback_metrics.get(self.tie_breaker) if self.tie_breaker else None
+        tie = float(tie) if tie is not None else float("inf")
+        if self._improved(score, tie):
             self.best_score = score
+            self.best_tie = tie
             self.best_epoch = trainer.current_epoch
             self.best_state = copy.deepcopy(pl_module.module.state_dict())
 

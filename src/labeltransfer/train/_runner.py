@@ -40,6 +40,9 @@ def fit_stage(
         devices=lightning_devices,
         **trainer_kwargs,
     )
+    # Lightning keeps the modules' current mode; a trained model sits in eval mode, which
+    # would silently disable dropout in a later fine-tuning stage
+    plan.train()
     trainer.fit(plan, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader)
     model.module.eval()
     model.to_device(device)
