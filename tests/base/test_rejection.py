@@ -39,7 +39,9 @@ def test_temperature_recovers_overconfidence():
 
 
 def test_h5ad_safe():
-    out = h5ad_safe({"a": None, "b": (1, 2), "c": {"d": np.float32(1.5)}, 3: ["x", "y"], "e": [1, "x"]})
+    out = h5ad_safe(
+        {"a": None, "b": (1, 2), "c": {"d": np.float32(1.5)}, 3: ["x", "y"], "e": [1, "x"]}
+    )
     assert out["a"] == "None"
     assert list(out["b"]) == [1, 2]
     assert isinstance(out["c"]["d"], float)

@@ -27,8 +27,13 @@ def test_splitter_yields_reference_query_pairs(concat_manager):
     loader = splitter.train_dataloader()
     assert isinstance(loader, PairedDataLoader)
     batches = list(loader)
-    assert len(batches) == len(loader) == max(
-        int(np.ceil(splitter.ref_train_idx.size / 64)), int(np.ceil(splitter.query_idx.size / 64))
+    assert (
+        len(batches)
+        == len(loader)
+        == max(
+            int(np.ceil(splitter.ref_train_idx.size / 64)),
+            int(np.ceil(splitter.query_idx.size / 64)),
+        )
     )
     unlabeled_code = len(lt.JIND(adata, n_top_genes=50).cell_types)
     ref_batch, query_batch = batches[0]

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import warnings
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import pandas as pd
@@ -457,7 +457,7 @@ class AnnotationMixin:
         device: int | str = "auto",
         prefix: str | None = None,
         **kwargs,
-    ):
+    ) -> Self:
         """Load a saved model, with or without its reference data.
 
         Parameters
@@ -481,9 +481,11 @@ class AnnotationMixin:
         -------
         The trained model.
         """
-        attr_dict, var_names, _, saved = _load_saved_files(
-            dir_path, load_adata=adata is None, prefix=prefix, map_location="cpu"
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Save path contains no saved anndata")
+            attr_dict, var_names, _, saved = _load_saved_files(
+                dir_path, load_adata=adata is None, prefix=prefix, map_location="cpu"
+            )
         saved_version = attr_dict.get("package_version_")
         current = version("labeltransfer")
         if saved_version is not None and saved_version != current:
@@ -501,9 +503,17 @@ class AnnotationMixin:
                 "order. Load without data (`Model.load(dir_path)`) and pass the query to "
                 "`annotate`/`predict`, which reindex and zero-fill genes."
             )
-        return super().load(
-            dir_path, adata=adata, accelerator=accelerator, device=device, prefix=prefix, **kwargs
-        )
+        with warnings.catch_warnings():
+            # the placeholder has one cell per type by construction
+            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
+            return super().load(
+                dir_path,
+                adata=adata,
+                accelerator=accelerator,
+                device=device,
+                prefix=prefix,
+                **kwargs,
+            )
 
 
 def _placeholder_adata(registry: dict, var_names: np.ndarray) -> AnnData:

@@ -55,17 +55,18 @@ def prepare_query(
 
     setup_args = model.adata_manager.registry["setup_args"]
     layer = setup_args.get("layer")
-    report = check_input(adata, layer=layer, name="query")
+    genes = model.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+    harmonized, overlap = harmonize_genes(
+        adata, list(genes), gene_symbols=gene_symbols, id_map=id_map, layer=layer, name="query"
+    )
+    # checked after harmonisation, so duplicated names resolved by gene_symbols/id_map pass
+    report = check_input(harmonized, name="query")
     if report["input_type"] != input_type:
         raise ValueError(
             f"The query looks {report['input_type']!r} but the model was trained on "
             f"{input_type!r} data. Give the query in the same form as the reference "
             "(raw counts in both, or log-normalised data in both; use `layer=`-registered data)."
         )
-    genes = model.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
-    harmonized, overlap = harmonize_genes(
-        adata, list(genes), gene_symbols=gene_symbols, id_map=id_map, layer=layer, name="query"
-    )
     obs = pd.DataFrame(index=adata.obs_names.copy())
     batch_key = setup_args.get("batch_key")
     if batch_key is not None:

@@ -209,7 +209,9 @@ def synthetic(
 
     Returns
     -------
-    reference, query
+    reference
+        Labelled reference AnnData (see ``query`` for the layout).
+    query
         AnnData objects with CSR float32 integer counts in ``X``; ``obs["cell_type"]``
         (categorical: seen types in the reference, seen then novel types in the query),
         ``obs["batch"]`` (``"reference"`` / ``"query"``), ``var_names`` ``gene_0``,

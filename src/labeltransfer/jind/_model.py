@@ -86,7 +86,8 @@ class JIND(AnnotationMixin, BaseModelClass):
 
     Notes
     -----
-    See the JIND user guide page for the losses, defaults and limits.
+    See the :doc:`user guide </user_guide/jind>` for the losses, defaults and limits, and the
+    :doc:`tutorial </tutorials/jind_pbmc68k>`.
     """
 
     _module_cls = JINDModule
@@ -350,8 +351,9 @@ class JIND(AnnotationMixin, BaseModelClass):
         name
             Name under which the alignment is stored (``"query_<i>"`` by default).
         max_epochs
-            Passes over the query; by default enough for about 2,000 discriminator steps
-            (the paper does not give a number), between 20 and 400 epochs.
+            Passes over the query (the paper gives no number). By default
+            ``ceil(2000 / batches per epoch)`` clipped to 20-400, i.e. 2,000 discriminator
+            steps for queries of 2,500+ cells and 400 epochs (one step each) for small ones.
         batch_size
             Minibatch size (JIND: 512).
         %(param_accelerator)s

@@ -144,7 +144,10 @@ class JINDModule(BaseModuleClass):
         if target.numel() == 0:
             zero = inference_outputs["logits"].sum() * 0.0
             return LossOutput(loss=zero, n_obs_minibatch=0, extra_metrics={"accuracy": zero})
-        loss = F.cross_entropy(logits, target, weight=self.class_weights)
+        # eq. (1) averaged over cells: w_y * CE (torch's weighted mean would divide by sum w_y)
+        loss = (
+            self.class_weights[target] * F.cross_entropy(logits, target, reduction="none")
+        ).mean()
         accuracy = (logits.argmax(dim=1) == target).float().mean()
         return LossOutput(
             loss=loss, n_obs_minibatch=target.numel(), extra_metrics={"accuracy": accuracy}

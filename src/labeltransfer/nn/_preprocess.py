@@ -28,7 +28,8 @@ def normalize_input(
         *all* registered genes, then the features are selected. ``"lognorm"``: the data are
         already log-normalised and only the features are selected.
     target_sum
-        Library size after scaling; ``1e6`` gives log(CPM + 1) as in the JIND and scNym papers.
+        Library size after scaling; ``1e6`` gives log(CPM + 1) as in scNym (JIND takes
+        ``log2(1 + x)`` of library-normalised data, the same up to the log base).
 
     Returns
     -------
