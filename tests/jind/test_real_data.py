@@ -10,8 +10,8 @@ import scvi
 import labeltransfer as lt
 
 
-def _fit(reference: ad.AnnData, **train_kwargs) -> lt.JIND:
-    scvi.settings.seed = 0
+def _fit(reference: ad.AnnData, seed: int = 0, **train_kwargs) -> lt.JIND:
+    scvi.settings.seed = seed
     lt.JIND.setup_anndata(reference, labels_key="cell_type")
     model = lt.JIND(reference)
     model.train(enable_progress_bar=False, accelerator="cpu", **train_kwargs)
@@ -30,15 +30,25 @@ def test_cellbench_celseq_to_dropseq(shared_data):
 
 
 def test_rejection_rate_without_batch_shift(kang):
+    """theta=0.05 rejects 2-10% of a random held-out part of the reference (mean of 3 seeds).
+
+    Single seeds range from about 0.03 to 0.11: each threshold is a 5% quantile of ~30
+    held-out cells, and the same cells pick the best epoch.
+    """
     ctrl = kang[kang.obs["batch"] == "ctrl"].copy()
-    is_query = np.random.default_rng(0).random(ctrl.n_obs) < 0.3
-    reference, query = ctrl[~is_query].copy(), ctrl[is_query].copy()
-    model = _fit(reference)
-    model.annotate(query)
-    report = lt.metrics.annotation_report(query, "cell_type", "jind")
-    assert 0.02 <= report["rejection_rate"] <= 0.10
-    assert report["effective_accuracy"] >= report["raw_accuracy"]
-    assert report["raw_accuracy"] >= 0.85
+    rejection, raw, effective = [], [], []
+    for seed in range(3):
+        is_query = np.random.default_rng(seed).random(ctrl.n_obs) < 0.3
+        reference, query = ctrl[~is_query].copy(), ctrl[is_query].copy()
+        model = _fit(reference, seed=seed)
+        model.annotate(query)
+        report = lt.metrics.annotation_report(query, "cell_type", "jind")
+        rejection.append(report["rejection_rate"])
+        raw.append(report["raw_accuracy"])
+        effective.append(report["effective_accuracy"])
+    assert 0.02 <= np.mean(rejection) <= 0.10
+    assert np.mean(effective) >= np.mean(raw)
+    assert np.mean(raw) >= 0.85
 
 
 @pytest.mark.parametrize("theta", [0.05, 0.2])
