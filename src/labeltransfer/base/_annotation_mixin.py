@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 Rejection = str | float | None
 
+#: Cells per inference minibatch: memory stays bounded by the batch, not the data set.
+INFERENCE_BATCH_SIZE = 1024
+
 
 class AnnotationMixin:
     """Predict, reject and write annotations for a trained model.
@@ -83,7 +86,9 @@ class AnnotationMixin:
         """Logits and embeddings of ``adata`` (already registered), batch by batch."""
         self._check_if_trained(warn=False)
         self.module.eval()
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        loader = self._make_data_loader(
+            adata=adata, indices=indices, batch_size=batch_size or INFERENCE_BATCH_SIZE
+        )
         logits, latent = [], []
         for tensors in loader:
             outputs = self.module.inference(
@@ -118,7 +123,7 @@ class AnnotationMixin:
         soft
             Return the probability matrix instead of labels.
         batch_size
-            Minibatch size for inference (``scvi.settings.batch_size`` by default).
+            Minibatch size for inference (1024 cells by default).
 
         Returns
         -------
@@ -155,7 +160,7 @@ class AnnotationMixin:
         indices
             Cells of ``adata`` to use; all by default.
         batch_size
-            Minibatch size for inference.
+            Minibatch size for inference (1024 cells by default).
 
         Returns
         -------
@@ -289,7 +294,7 @@ class AnnotationMixin:
         copy
             Write into a copy of ``adata`` and return it.
         batch_size
-            Minibatch size for inference.
+            Minibatch size for inference (1024 cells by default).
         gene_symbols
             Column of ``adata.var`` holding gene names matching the reference's.
         id_map
