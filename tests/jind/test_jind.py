@@ -237,3 +237,15 @@ def test_align_self_train_and_reload(synthetic_pair, tmp_path):
     assert not torch.equal(model.module.encoder.weight, encoder_before)
     with pytest.raises(RuntimeError, match="self_train"):
         model.align(query)
+
+
+def test_same_seed_same_predictions(synthetic_pair):
+    def fit() -> pd.DataFrame:
+        scvi.settings.seed = 3
+        ref = synthetic_pair[0].copy()
+        lt.JIND.setup_anndata(ref, labels_key="cell_type")
+        model = lt.JIND(ref, n_top_genes=100)
+        model.train(max_epochs=3, enable_progress_bar=False, accelerator="cpu")
+        return model.predict(synthetic_pair[1], soft=True)
+
+    pd.testing.assert_frame_equal(fit(), fit())
