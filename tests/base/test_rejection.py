@@ -36,6 +36,11 @@ def test_temperature_recovers_overconfidence():
     temperature = fit_temperature(true_logits * 3.0, labels)  # logits 3x too sharp
     assert temperature == pytest.approx(3.0, rel=0.15)
     assert fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0
+    # perfectly separated held-out cells: no sharpening (the NLL optimum would be T -> 0)
+    separable = np.eye(3)[labels] * 5.0
+    assert fit_temperature(separable, labels) == 1.0
+    # an underconfident model is left as is rather than sharpened
+    assert fit_temperature(true_logits / 3.0, labels) == 1.0
 
 
 def test_h5ad_safe():

@@ -102,7 +102,8 @@ class AnnotationMixin:
 
     def _probabilities(self, logits: np.ndarray) -> np.ndarray:
         temperature = getattr(self, "calibration_", {}).get("temperature", 1.0)
-        return softmax(logits / temperature, axis=1)
+        # float64: float32 saturates at exactly 1.0 for logit gaps of ~17, which ties confidences
+        return softmax(logits.astype(np.float64) / temperature, axis=1)
 
     def predict(
         self,

@@ -57,13 +57,23 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     -------
     The temperature ``T``; calibrated probabilities are ``softmax(logits / T)``. It does not
     change the argmax.
+
+    Notes
+    -----
+    ``T`` is searched in ``[1, 20]``: calibration may only soften the model. When the
+    held-out cells are all classified correctly (common on easy references such as
+    CellBench) the likelihood keeps rising as ``T -> 0``; a sharpening temperature would
+    saturate every confidence at 1.0 and leave the per-type thresholds nothing to reject.
     """
     if logits.shape[0] == 0:
         return 1.0
     rows = np.arange(labels.size)
 
+    logits = np.asarray(logits, dtype=np.float64)
+
     def nll(log_t: float) -> float:
         return -float(log_softmax(logits / np.exp(log_t), axis=1)[rows, labels].mean())
 
-    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
-    return float(np.exp(result.x))
+    result = minimize_scalar(nll, bounds=(0.0, np.log(20.0)), method="bounded")
+    # the bounded search never returns its end point exactly: snap to 1 within its tolerance
+    return float(np.exp(result.x)) if result.x > 1e-4 else 1.0
