@@ -136,7 +136,7 @@ class RefQueryDataSplitter(DataSplitter):
         return PairedDataLoader(ref, query)
 
     def val_dataloader(self):
-        """Return reference validation batches (``None`` without a validation set)."""
+        """Return reference validation batches (an empty list without a validation set)."""
         if self.val_idx.size == 0:
-            return None
+            return []
         return self._loader(self.val_idx, shuffle=False, drop_last=False)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from labeltransfer._constants import REGISTRY_KEYS
-from labeltransfer.nn import mlp, normalize_input
+from labeltransfer.nn import labelled_cross_entropy, mlp, normalize_input
 
 
 class JINDGenerator(nn.Module):
@@ -137,20 +136,11 @@ class JINDModule(BaseModuleClass):
 
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
         """Class-weighted cross-entropy on the labelled cells (JIND eq. 1-2)."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        mask = labels < self.n_labels  # the unlabeled category has code n_labels
-        logits = inference_outputs["logits"][mask]
-        target = labels[mask]
-        if target.numel() == 0:
-            zero = inference_outputs["logits"].sum() * 0.0
-            return LossOutput(loss=zero, n_obs_minibatch=0, extra_metrics={"accuracy": zero})
-        # eq. (1) averaged over cells: w_y * CE (torch's weighted mean would divide by sum w_y)
-        loss = (
-            self.class_weights[target] * F.cross_entropy(logits, target, reduction="none")
-        ).mean()
-        accuracy = (logits.argmax(dim=1) == target).float().mean()
-        return LossOutput(
-            loss=loss, n_obs_minibatch=target.numel(), extra_metrics={"accuracy": accuracy}
+        return labelled_cross_entropy(
+            inference_outputs["logits"],
+            tensors[REGISTRY_KEYS.LABELS_KEY],
+            self.n_labels,
+            self.class_weights,
         )
 
     def sample(self, *args, **kwargs):

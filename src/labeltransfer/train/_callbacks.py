@@ -28,6 +28,8 @@ class BestStateCallback(pl.Callback):
         Logged metric (lower is better) that decides between epochs with the same ``monitor``
         value. Validation accuracy often saturates at 1.0 in the first epochs of an easy task;
         without it the earliest, least trained of those epochs would be kept.
+    warmup_epochs
+        Epochs before which no state is kept (scNym selects only after 5% of the epochs).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class BestStateCallback(pl.Callback):
         monitor: str = "validation_accuracy",
         mode: str = "max",
         tie_breaker: str | None = "validation_loss",
+        warmup_epochs: int = 0,
     ):
         super().__init__()
         if mode not in ("max", "min"):
@@ -42,6 +45,7 @@ class BestStateCallback(pl.Callback):
         self.monitor = monitor
         self.mode = mode
         self.tie_breaker = tie_breaker
+        self.warmup_epochs = warmup_epochs
         self.best_tie: float = float("inf")
         self.best_score: float | None = None
         self.best_epoch: int | None = None
@@ -57,7 +61,7 @@ class BestStateCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """Snapshot the module when the monitored metric improves."""
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        if value is None or trainer.current_epoch < self.warmup_epochs:
             return
         score = float(value)
         tie = trainer.callback_metrics.get(self.tie_breaker) if self.tie_breaker else None
