@@ -14,12 +14,13 @@ from . import data, metrics, pl
 
 if TYPE_CHECKING:
     from .jind import JIND
+    from .scnym import SCNYM
 
-__all__ = ["JIND", "data", "metrics", "pl"]
+__all__ = ["JIND", "SCNYM", "data", "metrics", "pl"]
 
 __version__ = version("labeltransfer")
 
-_LAZY = {"JIND": ".jind"}
+_LAZY = {"JIND": ".jind", "SCNYM": ".scnym"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,418 @@
+"""scNym: semi-supervised adversarial neural networks for cell-type annotation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scvi import settings
+from scvi.model._utils import use_distributed_sampler
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from scvi.utils import setup_anndata_dsp
+from scvi.utils._docstrings import devices_dsp
+
+from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer.base import AnnotationMixin, register_anndata
+from labeltransfer.data import check_input, select_features
+from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
+from labeltransfer.train import BestStateCallback
+
+from ._module import SCNYMModule
+from ._trainingplan import SCNYMTrainingPlan
+
+if TYPE_CHECKING:
+    from typing import Any
+
+
+logger = logging.getLogger(__name__)
+
+#: Domain names when the adversary separates reference from query cells.
+ROLE_DOMAINS = ("reference", "query")
+
+
+class SCNYM(AnnotationMixin, BaseModelClass):
+    """scNym: semi-supervised adversarial neural networks for cell-type annotation :cite:p:`Kimmel21`.
+
+    A classifier (input -> 256 -> 256 -> types, batch norm, ReLU, dropout) is trained on
+    the labelled reference *and* the unlabelled query cells of the registered AnnData at once
+    (see :meth:`train`): MixMatch mixes reference cells and sharpened query pseudolabels and
+    penalises the classifier's inconsistency on the mixed query cells, and a domain adversary
+    on the penultimate embedding, trained through gradient reversal, makes reference and query
+    cells indistinguishable there. Every ``batch_key`` category is a domain (multi-domain
+    training, e.g. several references and several queries); without ``batch_key`` the domains
+    are reference and query. ``obsm["X_scnym"]`` is the penultimate (256-d) embedding.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`: reference cells carry their type,
+        query cells the ``unlabeled_category`` (e.g. from
+        :func:`~labeltransfer.data.concat_reference_query`).
+    n_top_genes
+        Number of highly variable genes (Seurat flavour, on the labelled cells) used as
+        input; ``None`` (scNym) uses every registered gene.
+    features
+        Explicit list of genes to use instead.
+    input_type
+        ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
+        log(CPM + 1) per minibatch (scNym).
+    n_hidden
+        Width of the hidden layers (scNym: 256).
+    n_layers
+        Number of hidden layers (scNym: 2).
+    dropout_rate
+        Dropout after each hidden layer. The paper gives no rate; 0.5 is that of the
+        reference implementation (``torch.nn.Dropout()``).
+    new_identity_discovery
+        scNym's pseudolabel thresholding (FixMatch-style): query cells whose pseudolabel
+        confidence is below ``pseudolabel_threshold`` are excluded from MixUp and from the
+        adversary, so that cell types absent from the reference keep low confidence. Enable
+        it when the query may contain new types; it modestly lowers accuracy otherwise
+        (scNym: off by default).
+    pseudolabel_threshold
+        Minimum pseudolabel confidence with ``new_identity_discovery`` (scNym: 0.9).
+    confidence_threshold
+        The default rejection rule: cells whose confidence is below this value are
+        ``"Unassigned"`` (scNym flags candidate new cell types with confidence <= 0.5).
+        ``None`` makes the per-type thresholds (``theta``) the default rule.
+    theta
+        Outlier fraction of the per-type thresholds fitted on the held-out reference
+        (``rejection="per_type"``); 0.05 as for every model of the package.
+    calibrate
+        Fit a temperature on the held-out reference. Off by default: scNym reports its raw
+        softmax confidences as calibrated (MixUp and MixMatch improve calibration) and its
+        0.5 rule applies to them.
+
+    Notes
+    -----
+    **Rejection.** The paper has no per-type rule: it reads the softmax confidence directly
+    and, to highlight candidate new cell types, flags cells with confidence <= 0.5. The
+    default rule is therefore that global cut (``confidence_threshold=0.5``) on the raw
+    softmax (``calibrate=False``). It suits the semi-supervised setting, where the held-out
+    reference cells that per-type thresholds are fitted on do not reflect the query's
+    confidence distribution after adaptation, and it matches the intended use with
+    ``new_identity_discovery``. The package's per-type thresholds (outlier fraction
+    ``theta=0.05`` of the held-out reference) are still fitted and available with
+    ``annotate(rejection="per_type")``. Confidences equal to the threshold are kept
+    (the package's global rule rejects ``confidence < threshold``).
+
+    Examples
+    --------
+    >>> import labeltransfer as lt
+    >>> adata = lt.data.concat_reference_query(
+    ...     ref, query, labels_key="cell_type", batch_key="batch"
+    ... )
+    >>> lt.SCNYM.setup_anndata(
+    ...     adata, labels_key="cell_type", unlabeled_category="Unknown", batch_key="batch"
+    ... )
+    >>> model = lt.SCNYM(adata)
+    >>> model.train()
+    >>> model.annotate(key_added="scnym")  # all cells; query cells: obs["lt_role"] == "query"
+    >>> model.save("scnym_model/")
+    """
+
+    _module_cls = SCNYMModule
+    _default_key = "scnym"
+    _default_theta = 0.05
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_top_genes: int | None = None,
+        features: Sequence[str] | None = None,
+        input_type: Literal["auto", "counts", "lognorm"] = "auto",
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        dropout_rate: float = 0.5,
+        new_identity_discovery: bool = False,
+        pseudolabel_threshold: float = 0.9,
+        confidence_threshold: float | None = 0.5,
+        theta: float = 0.05,
+        calibrate: bool = False,
+    ):
+        super().__init__(adata)
+        if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(
+                f"confidence_threshold must be in [0, 1] or None, got {confidence_threshold}."
+            )
+        if not 0.0 <= pseudolabel_threshold <= 1.0:
+            raise ValueError(
+                f"pseudolabel_threshold must be in [0, 1], got {pseudolabel_threshold}."
+            )
+        layer = self.adata_manager.registry["setup_args"].get("layer")
+        if input_type == "auto":
+            input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
+        labelled = labelled_mask(self.adata_manager)
+        genes = pd.Index(self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names)
+        if features is None:
+            if n_top_genes is None or n_top_genes >= len(genes):
+                idx = np.arange(len(genes))
+            else:
+                idx = select_features(
+                    self.adata,
+                    n_top_genes=n_top_genes,
+                    layer=layer,
+                    input_type=input_type,
+                    mask=labelled,
+                )
+            features = [str(g) for g in genes[idx]]
+        else:
+            features = [str(g) for g in features]
+            missing = [g for g in features if g not in genes]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} requested features are not genes of the AnnData (e.g. "
+                    f"{missing[:5]}). Pass names from adata.var_names."
+                )
+        feature_idx = genes.get_indexer(features)
+
+        batch_key = self.adata_manager.registry["setup_args"].get("batch_key")
+        batches = [
+            str(b)
+            for b in self.adata_manager.get_state_registry(
+                REGISTRY_KEYS.BATCH_KEY
+            ).categorical_mapping
+        ]
+        if batch_key is not None and len(batches) >= 2:
+            domain_source, self.domains_ = "batch", batches
+        else:
+            domain_source, self.domains_ = "role", list(ROLE_DOMAINS)
+
+        n_labels = len(self.cell_types)
+        self.theta = theta
+        self._default_theta = theta
+        self.calibrate = calibrate
+        self.confidence_threshold = confidence_threshold
+        self.new_identity_discovery = new_identity_discovery
+        self.pseudolabel_threshold = pseudolabel_threshold
+        self.module = self._module_cls(
+            n_input=len(genes),
+            n_labels=n_labels,
+            n_domains=len(self.domains_),
+            feature_idx=feature_idx,
+            input_type=input_type,
+            domain_source=domain_source,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+        )
+        rule = (
+            f"confidence < {confidence_threshold}"
+            if confidence_threshold is not None
+            else f"per type, theta {theta}"
+        )
+        self._model_summary_string = (
+            f"scNym model: {n_labels} cell types, {len(features)} genes ({input_type} input), "
+            f"{len(self.domains_)} domains ({domain_source}), new identity discovery "
+            f"{'on' if new_identity_discovery else 'off'}, rejection {rule}"
+        )
+        self.training_summary_: dict[str, Any] = {}
+        self.init_params_ = self._get_init_params(locals())
+
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        unlabeled_category: str = "Unknown",
+        batch_key: str | None = None,
+        layer: str | None = None,
+        **kwargs,
+    ):
+        """%(summary)s.
+
+        Query cells are the cells labelled ``unlabeled_category``; each category of
+        ``batch_key`` becomes a domain of the adversary.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_labels_key)s
+        %(param_unlabeled_category)s
+        %(param_batch_key)s
+        %(param_layer)s
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        register_anndata(
+            cls,
+            adata,
+            labels_key=labels_key,
+            unlabeled_category=unlabeled_category,
+            batch_key=batch_key,
+            layer=layer,
+            setup_method_args=setup_method_args,
+            **kwargs,
+        )
+
+    @devices_dsp.dedent
+    def train(
+        self,
+        max_epochs: int = 400,
+        *,
+        train_size: float = 0.9,
+        batch_size: int = 256,
+        lr: float = 1.0,
+        weight_decay: float = 1e-4,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 40,
+        early_stopping_monitor: str = "validation_loss",
+        warmup_fraction: float = 0.05,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train on the labelled reference and the unlabelled query cells together.
+
+        Every step takes a reference minibatch and a query minibatch
+        (:class:`~labeltransfer.dataloaders.RefQueryDataSplitter`) and minimises
+        ``L_CE + lambda_SSL(t) L_SSL + L_adv`` (:class:`~labeltransfer.scnym.SCNYMTrainingPlan`):
+        10%% gene masking, MixMatch with pseudolabels sharpened at T = 0.5 and MixUp
+        alpha = 0.3 across both sets, the consistency weight ramped to 1 over 100 epochs and the
+        reversed adversarial gradient to 0.1 over 20 epochs. Without query cells it is
+        supervised MixUp training. Validation uses a stratified 10%% of the reference; the
+        weights of the epoch with the best validation accuracy (ties: lowest validation
+        loss) after the warm-up are kept, then the rejection thresholds are fitted on the
+        validation cells.
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum number of epochs (scNym: 400).
+        train_size
+            Fraction of the labelled cells used for training; the rest is the validation
+            split (scNym: 0.9).
+        batch_size
+            Minibatch size of each of the reference and query minibatches (scNym: 256).
+        lr
+            Adadelta learning rate (scNym: 1.0).
+        weight_decay
+            Weight decay (scNym: 1e-4).
+        early_stopping
+            Stop when ``early_stopping_monitor`` has not improved for
+            ``early_stopping_patience`` epochs (scNym).
+        early_stopping_patience
+            Patience in epochs. The paper gives none; 40 is the reference implementation's.
+        early_stopping_monitor
+            Logged validation metric (lower is better unless it contains ``"accuracy"``);
+            the reference implementation monitors the validation loss.
+        warmup_fraction
+            Early stopping and best-epoch selection start after this fraction of
+            ``max_epochs`` (scNym: 5%%, i.e. 20 of 400 epochs).
+        %(param_accelerator)s
+        %(param_devices)s
+        plan_kwargs
+            Passed to :class:`~labeltransfer.scnym.SCNYMTrainingPlan` (``mixup_alpha``,
+            ``temperature``, ``consistency_ramp_epochs``, ``adversary_max_weight``, ...).
+        datasplitter_kwargs
+            Passed to :class:`~labeltransfer.dataloaders.RefQueryDataSplitter`.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``callbacks``,
+            ``enable_progress_bar``).
+        """
+        if self.module.domain_source == "batch":
+            n_batches = len(
+                self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+            )
+            if n_batches > self.module.n_domains:
+                raise ValueError(
+                    f"The registered AnnData has {n_batches} batch categories but the model's "
+                    f"adversary knows {self.module.n_domains} domains ({self.domains_}). Train "
+                    "a new model on this AnnData instead."
+                )
+        n_query = int((~labelled_mask(self.adata_manager)).sum())
+        use_query = n_query > 0
+        if not use_query:
+            logger.warning(
+                "No unlabelled query cells are registered: training scNym on the reference "
+                "only (supervised MixUp, no MixMatch). Concatenate reference and query with "
+                "lt.data.concat_reference_query for semi-supervised training."
+            )
+        splitter = RefQueryDataSplitter(
+            self.adata_manager,
+            train_size=train_size,
+            use_query=use_query,
+            batch_size=batch_size,
+            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", "auto")),
+            **(datasplitter_kwargs or {}),
+        )
+        plan_kwargs = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "pseudolabel_threshold": (
+                self.pseudolabel_threshold if self.new_identity_discovery else 0.0
+            ),
+            **(plan_kwargs or {}),
+        }
+        plan = SCNYMTrainingPlan(self.module, **plan_kwargs)
+        warmup = math.ceil(warmup_fraction * max_epochs)
+        best = BestStateCallback(
+            "validation_accuracy", mode="max", warmup_epochs=min(warmup, max_epochs - 1)
+        )
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), best]
+        splitter.setup()  # deterministic (seeded); tells whether a validation set exists
+        has_validation = splitter.val_idx.size > 0
+        if has_validation:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        else:
+            # the splitter's val_dataloader is None, which Lightning refuses to validate on
+            trainer_kwargs.setdefault("limit_val_batches", 0)
+        if early_stopping and has_validation:
+            trainer_kwargs.setdefault("early_stopping", True)
+            trainer_kwargs.setdefault("early_stopping_monitor", early_stopping_monitor)
+            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+            trainer_kwargs.setdefault("early_stopping_warmup_epochs", warmup)
+            trainer_kwargs.setdefault(
+                "early_stopping_mode", "max" if "accuracy" in early_stopping_monitor else "min"
+            )
+        TrainRunner(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **trainer_kwargs,
+        )()
+        epochs_trained = int(self.trainer.current_epoch)
+        self.training_summary_ = {
+            "seed": settings.seed,
+            "max_epochs": max_epochs,
+            "epochs_trained": epochs_trained,
+            "early_stopped": epochs_trained < max_epochs,
+            "best_epoch": best.best_epoch,
+            "best_validation_accuracy": best.best_score,
+            "n_train": int(splitter.ref_train_idx.size),
+            "n_query": n_query,
+            "n_validation": int(splitter.val_idx.size),
+            "batch_size": batch_size,
+            "new_identity_discovery": bool(self.new_identity_discovery),
+            "pseudolabel_threshold": float(plan.pseudolabel_threshold),
+            "domains": list(self.domains_),
+            "domain_source": self.module.domain_source,
+        }
+        self._fit_rejection(splitter.val_idx)
+
+    def _fit_rejection(self, validation_indices: np.ndarray) -> None:
+        """Fit the per-type thresholds; make the global confidence cut the default rule."""
+        super()._fit_rejection(validation_indices)
+        if self.confidence_threshold is not None:
+            # a float rule is the package's global cut: reject confidence < threshold
+            self.rejection_["rule"] = float(self.confidence_threshold)
+
+    def _extra_uns(self, adata: AnnData) -> dict[str, Any]:
+        return {
+            "new_identity_discovery": bool(self.new_identity_discovery),
+            "domains": list(self.domains_),
+        }
