@@ -19,6 +19,8 @@ from scvi import settings
 from scvi.model.base._save_load import _load_saved_files
 
 from labeltransfer._constants import OUTPUT_KEYS, REGISTRY_KEYS, UNASSIGNED
+from labeltransfer.data import check_input, select_features
+from labeltransfer.dataloaders import labelled_mask
 
 from ._query import prepare_query
 from ._rejection import fit_temperature, per_type_thresholds
@@ -59,6 +61,45 @@ class AnnotationMixin:
     def labels_key(self) -> str:
         """The ``obs`` column registered as reference labels."""
         return self.adata_manager.registry["setup_args"]["labels_key"]
+
+    def _select_inputs(
+        self,
+        *,
+        input_type: str,
+        n_top_genes: int | None,
+        features: Sequence[str] | None,
+    ) -> tuple[str, list[str], np.ndarray]:
+        """Resolve the input type and the model's genes on the registered reference.
+
+        Returns the input type (detected when ``"auto"``), the feature names (the
+        ``n_top_genes`` Seurat HVGs of the labelled cells, all genes for ``None``, or
+        ``features`` as given) and their indices among the registered genes.
+        """
+        layer = self.adata_manager.registry["setup_args"].get("layer")
+        if input_type == "auto":
+            input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
+        genes = pd.Index(self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names)
+        if features is None:
+            if n_top_genes is None or n_top_genes >= len(genes):
+                idx = np.arange(len(genes))
+            else:
+                idx = select_features(
+                    self.adata,
+                    n_top_genes=n_top_genes,
+                    layer=layer,
+                    input_type=input_type,
+                    mask=labelled_mask(self.adata_manager),
+                )
+            features = [str(g) for g in genes[idx]]
+        else:
+            features = [str(g) for g in features]
+            missing = [g for g in features if g not in genes]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} requested features are not genes of the AnnData (e.g. "
+                    f"{missing[:5]}). Pass names from adata.var_names."
+                )
+        return input_type, features, genes.get_indexer(features)
 
     def _inference_kwargs(self, adata: AnnData) -> dict[str, Any]:
         """Extra ``module.inference`` arguments for ``adata`` (JIND selects its alignment)."""

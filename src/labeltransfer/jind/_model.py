@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin, fingerprint, register_anndata
-from labeltransfer.data import check_input, select_features
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import frozen
 from labeltransfer.train import AnnotationTrainingPlan, BestStateCallback, fit_stage
@@ -110,30 +109,11 @@ class JIND(AnnotationMixin, BaseModelClass):
         n_reference_codes: int = 10_000,
     ):
         super().__init__(adata)
-        layer = self.adata_manager.registry["setup_args"].get("layer")
-        if input_type == "auto":
-            input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
-        labelled = labelled_mask(self.adata_manager)
-        genes = pd.Index(self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names)
-        if features is None:
-            idx = select_features(
-                self.adata,
-                n_top_genes=n_top_genes,
-                layer=layer,
-                input_type=input_type,
-                mask=labelled,
-            )
-            features = [str(g) for g in genes[idx]]
-        else:
-            features = [str(g) for g in features]
-            missing = [g for g in features if g not in genes]
-            if missing:
-                raise ValueError(
-                    f"{len(missing)} requested features are not genes of the AnnData (e.g. "
-                    f"{missing[:5]}). Pass names from adata.var_names."
-                )
-        feature_idx = genes.get_indexer(features)
+        input_type, features, feature_idx = self._select_inputs(
+            input_type=input_type, n_top_genes=n_top_genes, features=features
+        )
 
+        labelled = labelled_mask(self.adata_manager)
         n_labels = len(self.cell_types)
         codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
         fractions = np.bincount(codes[labelled], minlength=n_labels)[:n_labels] / max(
@@ -146,7 +126,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         self.calibrate = calibrate
         self.n_reference_codes = n_reference_codes
         self.module = self._module_cls(
-            n_input=len(genes),
+            n_input=self.summary_stats.n_vars,
             n_labels=n_labels,
             feature_idx=feature_idx,
             input_type=input_type,

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
 from anndata import AnnData
 from scvi import settings
 from scvi.model._utils import use_distributed_sampler
@@ -19,7 +18,6 @@ from scvi.utils._docstrings import devices_dsp
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin, register_anndata
-from labeltransfer.data import check_input, select_features
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.train import BestStateCallback
 
@@ -146,32 +144,9 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             raise ValueError(
                 f"pseudolabel_threshold must be in [0, 1], got {pseudolabel_threshold}."
             )
-        layer = self.adata_manager.registry["setup_args"].get("layer")
-        if input_type == "auto":
-            input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
-        labelled = labelled_mask(self.adata_manager)
-        genes = pd.Index(self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names)
-        if features is None:
-            if n_top_genes is None or n_top_genes >= len(genes):
-                idx = np.arange(len(genes))
-            else:
-                idx = select_features(
-                    self.adata,
-                    n_top_genes=n_top_genes,
-                    layer=layer,
-                    input_type=input_type,
-                    mask=labelled,
-                )
-            features = [str(g) for g in genes[idx]]
-        else:
-            features = [str(g) for g in features]
-            missing = [g for g in features if g not in genes]
-            if missing:
-                raise ValueError(
-                    f"{len(missing)} requested features are not genes of the AnnData (e.g. "
-                    f"{missing[:5]}). Pass names from adata.var_names."
-                )
-        feature_idx = genes.get_indexer(features)
+        input_type, features, feature_idx = self._select_inputs(
+            input_type=input_type, n_top_genes=n_top_genes, features=features
+        )
 
         batch_key = self.adata_manager.registry["setup_args"].get("batch_key")
         batches = [
@@ -193,7 +168,7 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         self.new_identity_discovery = new_identity_discovery
         self.pseudolabel_threshold = pseudolabel_threshold
         self.module = self._module_cls(
-            n_input=len(genes),
+            n_input=self.summary_stats.n_vars,
             n_labels=n_labels,
             n_domains=len(self.domains_),
             feature_idx=feature_idx,
