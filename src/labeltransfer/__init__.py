@@ -1,7 +1,8 @@
 """Cell-type label transfer from an annotated reference to a query.
 
 The models (:class:`JIND`) are imported on first access, so ``labeltransfer.data``,
-``labeltransfer.metrics`` and ``labeltransfer.pl`` load without torch and scvi-tools.
+``labeltransfer.metrics``, ``labeltransfer.pl`` and ``labeltransfer.tl`` load without torch
+and scvi-tools.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ import importlib
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-from . import data, metrics, pl
+from . import data, metrics, pl, tl
 
 if TYPE_CHECKING:
     from .jind import JIND
     from .scnym import SCNYM
 
-__all__ = ["JIND", "SCNYM", "data", "metrics", "pl"]
+__all__ = ["JIND", "SCNYM", "data", "metrics", "pl", "tl"]
 
 __version__ = version("labeltransfer")
 

@@ -376,8 +376,9 @@ class AnnotationMixin:
         registered, overlap = self._prepare(
             target if adata is not None else None, gene_symbols=gene_symbols, id_map=id_map
         )
+        inference_kwargs = self._inference_kwargs(target)
         logits, latent = self._forward(
-            registered, batch_size=batch_size, inference_kwargs=self._inference_kwargs(target)
+            registered, batch_size=batch_size, inference_kwargs=inference_kwargs
         )
         probs = self._probabilities(logits)
         prediction = probs.argmax(axis=1)
@@ -411,7 +412,7 @@ class AnnotationMixin:
                 "n_cells": int(target.n_obs),
                 "n_rejected": int(rejected.sum()),
                 "training": self.training_summary_,
-                **self._extra_uns(target),
+                **self._extra_uns(target, inference_kwargs),
             }
         )
         logger.info(
@@ -423,7 +424,7 @@ class AnnotationMixin:
         )
         return target if copy else None
 
-    def _extra_uns(self, adata: AnnData) -> dict[str, Any]:
+    def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Model-specific entries of ``uns[key]``."""
         return {}
 

@@ -293,8 +293,8 @@ class JIND(AnnotationMixin, BaseModelClass):
         )
         return {}
 
-    def _extra_uns(self, adata: AnnData) -> dict[str, Any]:
-        aligned = self._inference_kwargs(adata).get("aligned", False)
+    def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
+        aligned = inference_kwargs.get("aligned", False)
         extra: dict[str, Any] = {"aligned": aligned}
         if aligned:
             extra["alignment"] = self._loaded_alignment

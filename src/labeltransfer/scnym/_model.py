@@ -386,7 +386,7 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             # a float rule is the package's global cut: reject confidence < threshold
             self.rejection_["rule"] = float(self.confidence_threshold)
 
-    def _extra_uns(self, adata: AnnData) -> dict[str, Any]:
+    def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
         return {
             "new_identity_discovery": bool(self.new_identity_discovery),
             "domains": list(self.domains_),

@@ -1,0 +1,10 @@
+"""Tools on a trained model or an annotated query: saliency and new-identity discovery.
+
+Importing this module does not import torch or scvi-tools; the functions that need them
+import them when called.
+"""
+
+from ._discover import discover_novel
+from ._interpret import integrated_gradients, marker_genes
+
+__all__ = ["discover_novel", "integrated_gradients", "marker_genes"]
