@@ -1,12 +1,14 @@
 """Model-level code shared by the four methods."""
 
 from ._annotation_mixin import AnnotationMixin
+from ._module import AnnotationModule
 from ._query import fingerprint, prepare_query
 from ._rejection import fit_temperature, per_type_thresholds
 from ._setup import register_anndata
 
 __all__ = [
     "AnnotationMixin",
+    "AnnotationModule",
     "fingerprint",
     "fit_temperature",
     "per_type_thresholds",

@@ -17,6 +17,7 @@ from anndata import AnnData
 from scipy.special import softmax
 from scvi import settings
 from scvi.model.base._save_load import _load_saved_files
+from scvi.utils import setup_anndata_dsp
 
 from labeltransfer._constants import OUTPUT_KEYS, REGISTRY_KEYS, UNASSIGNED
 from labeltransfer.data import check_input, select_features
@@ -24,6 +25,7 @@ from labeltransfer.dataloaders import labelled_mask
 
 from ._query import prepare_query
 from ._rejection import fit_temperature, per_type_thresholds
+from ._setup import register_anndata
 from ._uns import h5ad_safe
 
 if TYPE_CHECKING:
@@ -48,6 +50,46 @@ class AnnotationMixin:
 
     _default_key: str = "annotation"
     _default_theta: float = 0.05
+
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        unlabeled_category: str = "Unknown",
+        batch_key: str | None = None,
+        layer: str | None = None,
+        **kwargs,
+    ) -> None:
+        """%(summary)s.
+
+        Cells whose label is ``unlabeled_category`` are query cells (used by the
+        semi-supervised models, ignored by the supervised loss); the others are the labelled
+        reference. The input is checked first (NaN/inf, negative values, duplicated genes,
+        empty data, label problems) with errors that name the fix.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_labels_key)s
+        %(param_unlabeled_category)s
+        %(param_batch_key)s
+        %(param_layer)s
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        register_anndata(
+            cls,
+            adata,
+            labels_key=labels_key,
+            unlabeled_category=unlabeled_category,
+            batch_key=batch_key,
+            layer=layer,
+            setup_method_args=setup_method_args,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ state
     @property

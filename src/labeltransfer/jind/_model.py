@@ -15,12 +15,11 @@ from scvi import settings
 from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
-from scvi.utils import setup_anndata_dsp
 from scvi.utils._docstrings import devices_dsp
 from torch.utils.data import DataLoader, TensorDataset
 
 from labeltransfer._constants import REGISTRY_KEYS
-from labeltransfer.base import AnnotationMixin, fingerprint, register_anndata
+from labeltransfer.base import AnnotationMixin, fingerprint
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import frozen
 from labeltransfer.train import AnnotationTrainingPlan, BestStateCallback, fit_stage
@@ -144,41 +143,6 @@ class JIND(AnnotationMixin, BaseModelClass):
         self.training_summary_: dict[str, Any] = {}
         self._loaded_alignment: str | None = None
         self.init_params_ = self._get_init_params(locals())
-
-    @classmethod
-    @setup_anndata_dsp.dedent
-    def setup_anndata(
-        cls,
-        adata: AnnData,
-        labels_key: str,
-        unlabeled_category: str = "Unknown",
-        batch_key: str | None = None,
-        layer: str | None = None,
-        **kwargs,
-    ):
-        """%(summary)s.
-
-        Parameters
-        ----------
-        %(param_adata)s
-        %(param_labels_key)s
-        %(param_unlabeled_category)s
-        %(param_batch_key)s
-        %(param_layer)s
-        **kwargs
-            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
-        """
-        setup_method_args = cls._get_setup_method_args(**locals())
-        register_anndata(
-            cls,
-            adata,
-            labels_key=labels_key,
-            unlabeled_category=unlabeled_category,
-            batch_key=batch_key,
-            layer=layer,
-            setup_method_args=setup_method_args,
-            **kwargs,
-        )
 
     @devices_dsp.dedent
     def train(

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import auto_move_data
 from torch import nn
 
-from labeltransfer._constants import REGISTRY_KEYS
-from labeltransfer.nn import labelled_cross_entropy, mlp, normalize_input
+from labeltransfer.base._module import AnnotationModule
+from labeltransfer.nn import mlp
 
 
 class JINDGenerator(nn.Module):
@@ -41,7 +41,7 @@ class JINDGenerator(nn.Module):
         return scale * h + self.shift(x), scale
 
 
-class JINDModule(BaseModuleClass):
+class JINDModule(AnnotationModule):
     """JIND prediction model (encoder ``F``, classifier ``P``) plus ``G`` and ``D``.
 
     Parameters
@@ -82,13 +82,9 @@ class JINDModule(BaseModuleClass):
         n_hidden_generator: int = 512,
         discriminator_sizes: Sequence[int] = (512, 256, 256),
     ):
-        super().__init__()
-        self.n_input = n_input
-        self.n_labels = n_labels
-        self.input_type = input_type
-        self.register_buffer("feature_idx", torch.as_tensor(feature_idx, dtype=torch.long))
+        super().__init__(n_input, n_labels, feature_idx=feature_idx, input_type=input_type)
         self.register_buffer("class_weights", torch.as_tensor(class_weights, dtype=torch.float32))
-        n_features = len(feature_idx)
+        n_features = self.n_features
         # F: the latent code is the encoder output *before* the ReLU
         self.encoder = nn.Linear(n_features, n_latent)
         # P: ReLU + dropout on the encoder's hidden layer, then 256 ReLU units and the output
@@ -104,19 +100,12 @@ class JINDModule(BaseModuleClass):
             (n_latent, *discriminator_sizes, 1), activation=lambda: nn.LeakyReLU(0.2)
         )
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-normalise a minibatch and keep the model's genes."""
-        return normalize_input(x, self.feature_idx, self.input_type)
-
     def reset_alignment(self) -> None:
         """Identity generator and a freshly initialised discriminator."""
         self.generator.reset_parameters()
         for layer in self.discriminator:
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
-
-    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
 
     @auto_move_data
     def inference(self, x: torch.Tensor, aligned: bool = False) -> dict[str, torch.Tensor]:
@@ -126,23 +115,3 @@ class JINDModule(BaseModuleClass):
         if aligned:
             z, _ = self.generator(x, z)
         return {"z": z, "logits": self.classifier(z)}
-
-    def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
-        return {}
-
-    def generative(self) -> dict:
-        """JIND has no generative part."""
-        return {}
-
-    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Class-weighted cross-entropy on the labelled cells (JIND eq. 1-2)."""
-        return labelled_cross_entropy(
-            inference_outputs["logits"],
-            tensors[REGISTRY_KEYS.LABELS_KEY],
-            self.n_labels,
-            self.class_weights,
-        )
-
-    def sample(self, *args, **kwargs):
-        """JIND is discriminative: there is nothing to sample."""
-        raise NotImplementedError("JIND is a classifier and cannot sample data.")

@@ -6,17 +6,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 
 from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer.base._module import AnnotationModule
 from labeltransfer.nn import (
     GradientReversal,
-    labelled_cross_entropy,
     mask_genes,
     mixup,
     mlp,
-    normalize_input,
     sharpen,
 )
 
@@ -26,7 +25,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-class SCNYMModule(BaseModuleClass):
+class SCNYMModule(AnnotationModule):
     """scNym classifier ``f_theta`` and domain adversary ``g_phi``.
 
     ``f_theta``: input -> 256 -> 256 -> classes; each hidden layer is linear, batch norm, ReLU
@@ -74,18 +73,14 @@ class SCNYMModule(BaseModuleClass):
         dropout_rate: float = 0.5,
         n_hidden_adversary: int = 256,
     ):
-        super().__init__()
+        super().__init__(n_input, n_labels, feature_idx=feature_idx, input_type=input_type)
         if domain_source not in ("batch", "role"):
             raise ValueError(f"domain_source must be 'batch' or 'role', got {domain_source!r}.")
-        self.n_input = n_input
-        self.n_labels = n_labels
         self.n_domains = n_domains
-        self.input_type = input_type
         self.domain_source = domain_source
         self.n_hidden = n_hidden
         self.n_hidden_adversary = n_hidden_adversary
-        self.register_buffer("feature_idx", torch.as_tensor(feature_idx, dtype=torch.long))
-        sizes = (len(feature_idx), *([n_hidden] * n_layers))
+        sizes = (self.n_features, *([n_hidden] * n_layers))
         self.embedder = mlp(sizes, batch_norm=True, dropout=dropout_rate, activate_last=True)
         self.classifier = nn.Linear(n_hidden, n_labels)
         self.gradient_reversal = GradientReversal(weight=0.0)
@@ -105,36 +100,12 @@ class SCNYMModule(BaseModuleClass):
             self.n_domains = n_domains
             self.adversary = self._build_adversary(n_domains).to(self.feature_idx.device)
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-normalise a minibatch and keep the model's genes."""
-        return normalize_input(x, self.feature_idx, self.input_type)
-
     # ------------------------------------------------------------- scvi contract
-    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
-
     @auto_move_data
     def inference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Penultimate embedding ``z`` and class ``logits``."""
         z = self.embedder(self.transform(x))
         return {"z": z, "logits": self.classifier(z)}
-
-    def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
-        return {}
-
-    def generative(self) -> dict:
-        """Return nothing: scNym has no generative part."""
-        return {}
-
-    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Cross-entropy and accuracy on the labelled cells (validation batches)."""
-        return labelled_cross_entropy(
-            inference_outputs["logits"], tensors[REGISTRY_KEYS.LABELS_KEY], self.n_labels
-        )
-
-    def sample(self, *args, **kwargs):
-        """Not available: scNym is discriminative, there is nothing to sample."""
-        raise NotImplementedError("scNym is a classifier and cannot sample data.")
 
     # ------------------------------------------------------------- training
     @torch.no_grad()

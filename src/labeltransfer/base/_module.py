@@ -1,0 +1,72 @@
+"""Base class of the annotation modules: input handling and the scvi module contract."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput
+
+from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer.nn import labelled_cross_entropy, normalize_input
+
+
+class AnnotationModule(BaseModuleClass):
+    """A discriminative scvi module: normalised input genes in, ``z`` and ``logits`` out.
+
+    Subclasses build their networks and implement ``inference(x, ...)`` returning
+    ``{"z": embedding, "logits": logits}``; the default :meth:`loss` is the cross-entropy on
+    the labelled cells (weighted by ``class_weights`` when the subclass registers them).
+
+    Parameters
+    ----------
+    n_input
+        Number of registered genes.
+    n_labels
+        Number of reference cell types.
+    feature_idx
+        Indices of the genes used as input.
+    input_type
+        ``"counts"`` (log(CPM + 1) per minibatch) or ``"lognorm"`` (used as is).
+    """
+
+    def __init__(
+        self, n_input: int, n_labels: int, *, feature_idx: Sequence[int], input_type: str
+    ):
+        super().__init__()
+        self.n_input = n_input
+        self.n_labels = n_labels
+        self.input_type = input_type
+        self.register_buffer("feature_idx", torch.as_tensor(feature_idx, dtype=torch.long))
+
+    @property
+    def n_features(self) -> int:
+        """Number of input genes."""
+        return self.feature_idx.numel()
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-normalise a minibatch and keep the model's genes."""
+        return normalize_input(x, self.feature_idx, self.input_type)
+
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
+        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+
+    def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
+        return {}
+
+    def generative(self) -> dict:
+        """Return nothing: the annotation models have no generative part."""
+        return {}
+
+    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
+        """Cross-entropy and accuracy on the labelled cells of the minibatch."""
+        return labelled_cross_entropy(
+            inference_outputs["logits"],
+            tensors[REGISTRY_KEYS.LABELS_KEY],
+            self.n_labels,
+            getattr(self, "class_weights", None),
+        )
+
+    def sample(self, *args, **kwargs):
+        """Not available: the annotation models are discriminative."""
+        raise NotImplementedError(f"{type(self).__name__} is a classifier and cannot sample data.")
