@@ -16,12 +16,15 @@ import torch
 from anndata import AnnData
 from scipy.special import softmax
 from scvi import settings
+from scvi.model._utils import use_distributed_sampler
 from scvi.model.base._save_load import _load_saved_files
+from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
 from labeltransfer._constants import OUTPUT_KEYS, REGISTRY_KEYS, UNASSIGNED
 from labeltransfer.data import check_input, select_features
-from labeltransfer.dataloaders import labelled_mask
+from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
+from labeltransfer.train import BestStateCallback
 
 from ._query import prepare_query
 from ._rejection import fit_temperature, per_type_thresholds
@@ -90,6 +93,63 @@ class AnnotationMixin:
             setup_method_args=setup_method_args,
             **kwargs,
         )
+
+    def _run_training(
+        self,
+        plan: Any,
+        *,
+        max_epochs: int,
+        train_size: float,
+        batch_size: int,
+        use_query: bool = False,
+        warmup_epochs: int = 0,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> tuple[RefQueryDataSplitter, BestStateCallback]:
+        """Fit ``plan`` with scvi's TrainRunner, keeping the best-validation-accuracy epoch.
+
+        Builds the :class:`~labeltransfer.dataloaders.RefQueryDataSplitter` (stratified
+        held-out reference split), validates every epoch when there is a validation set,
+        records the training summary and fits calibration and rejection thresholds on the
+        held-out cells. Returns the splitter and the best-state callback.
+        """
+        splitter = RefQueryDataSplitter(
+            self.adata_manager,
+            train_size=train_size,
+            use_query=use_query,
+            batch_size=batch_size,
+            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", "auto")),
+            **(datasplitter_kwargs or {}),
+        )
+        splitter.setup()  # seeded, so the runner's setup gives the same split
+        best = BestStateCallback("validation_accuracy", mode="max", warmup_epochs=warmup_epochs)
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), best]
+        if splitter.val_idx.size > 0:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        else:  # nothing to monitor: early stopping would fail on the missing metric
+            trainer_kwargs["early_stopping"] = False
+        TrainRunner(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **trainer_kwargs,
+        )()
+        self.training_summary_ = {
+            "seed": settings.seed,
+            "max_epochs": max_epochs,
+            "best_epoch": best.best_epoch,
+            "best_validation_accuracy": best.best_score,
+            "n_train": int(splitter.ref_train_idx.size),
+            "n_validation": int(splitter.val_idx.size),
+            "batch_size": batch_size,
+        }
+        self._fit_rejection(splitter.val_idx)
+        return splitter, best
 
     # ------------------------------------------------------------------ state
     @property

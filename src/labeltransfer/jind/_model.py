@@ -12,9 +12,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scvi import settings
-from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass
-from scvi.train import TrainRunner
 from scvi.utils._docstrings import devices_dsp
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -184,37 +182,18 @@ class JIND(AnnotationMixin, BaseModelClass):
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``, ``callbacks``).
         """
-        splitter = RefQueryDataSplitter(
-            self.adata_manager,
-            train_size=train_size,
-            batch_size=batch_size,
-            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", "auto")),
-            **(datasplitter_kwargs or {}),
-        )
         plan = AnnotationTrainingPlan(self.module, **self._classifier_plan_kwargs(lr, plan_kwargs))
-        best = BestStateCallback("validation_accuracy", mode="max")
-        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), best]
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         with frozen(self.module.generator, self.module.discriminator):
-            TrainRunner(
-                self,
-                training_plan=plan,
-                data_splitter=splitter,
+            self._run_training(
+                plan,
                 max_epochs=max_epochs,
+                train_size=train_size,
+                batch_size=batch_size,
                 accelerator=accelerator,
                 devices=devices,
+                datasplitter_kwargs=datasplitter_kwargs,
                 **trainer_kwargs,
-            )()
-        self.training_summary_ = {
-            "seed": settings.seed,
-            "max_epochs": max_epochs,
-            "best_epoch": best.best_epoch,
-            "best_validation_accuracy": best.best_score,
-            "n_train": int(splitter.ref_train_idx.size),
-            "n_validation": int(splitter.val_idx.size),
-            "batch_size": batch_size,
-        }
-        self._fit_rejection(splitter.val_idx)
+            )
         self._store_reference_codes(np.flatnonzero(labelled_mask(self.adata_manager)))
         self.alignments_ = {}
         self.self_training_ = None

@@ -9,16 +9,12 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from anndata import AnnData
-from scvi import settings
-from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass
-from scvi.train import TrainRunner
 from scvi.utils._docstrings import devices_dsp
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin
-from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
-from labeltransfer.train import BestStateCallback
+from labeltransfer.dataloaders import labelled_mask
 
 from ._module import SCNYMModule
 from ._trainingplan import SCNYMTrainingPlan
@@ -275,14 +271,6 @@ class SCNYM(AnnotationMixin, BaseModelClass):
                 "only (supervised MixUp, no MixMatch). Concatenate reference and query with "
                 "lt.data.concat_reference_query for semi-supervised training."
             )
-        splitter = RefQueryDataSplitter(
-            self.adata_manager,
-            train_size=train_size,
-            use_query=use_query,
-            batch_size=batch_size,
-            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", "auto")),
-            **(datasplitter_kwargs or {}),
-        )
         plan_kwargs = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -293,18 +281,7 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         }
         plan = SCNYMTrainingPlan(self.module, **plan_kwargs)
         warmup = math.ceil(warmup_fraction * max_epochs)
-        best = BestStateCallback(
-            "validation_accuracy", mode="max", warmup_epochs=min(warmup, max_epochs - 1)
-        )
-        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), best]
-        splitter.setup()  # deterministic (seeded); tells whether a validation set exists
-        has_validation = splitter.val_idx.size > 0
-        if has_validation:
-            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        else:
-            # the splitter's val_dataloader is None, which Lightning refuses to validate on
-            trainer_kwargs.setdefault("limit_val_batches", 0)
-        if early_stopping and has_validation:
+        if early_stopping:
             trainer_kwargs.setdefault("early_stopping", True)
             trainer_kwargs.setdefault("early_stopping_monitor", early_stopping_monitor)
             trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
@@ -312,33 +289,30 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             trainer_kwargs.setdefault(
                 "early_stopping_mode", "max" if "accuracy" in early_stopping_monitor else "min"
             )
-        TrainRunner(
-            self,
-            training_plan=plan,
-            data_splitter=splitter,
+        splitter, _ = self._run_training(
+            plan,
             max_epochs=max_epochs,
+            train_size=train_size,
+            batch_size=batch_size,
+            use_query=use_query,
+            warmup_epochs=min(warmup, max_epochs - 1),
             accelerator=accelerator,
             devices=devices,
+            datasplitter_kwargs=datasplitter_kwargs,
             **trainer_kwargs,
-        )()
+        )
         epochs_trained = int(self.trainer.current_epoch)
-        self.training_summary_ = {
-            "seed": settings.seed,
-            "max_epochs": max_epochs,
-            "epochs_trained": epochs_trained,
-            "early_stopped": epochs_trained < max_epochs,
-            "best_epoch": best.best_epoch,
-            "best_validation_accuracy": best.best_score,
-            "n_train": int(splitter.ref_train_idx.size),
-            "n_query": n_query,
-            "n_validation": int(splitter.val_idx.size),
-            "batch_size": batch_size,
-            "new_identity_discovery": bool(self.new_identity_discovery),
-            "pseudolabel_threshold": float(plan.pseudolabel_threshold),
-            "domains": list(self.domains_),
-            "domain_source": self.module.domain_source,
-        }
-        self._fit_rejection(splitter.val_idx)
+        self.training_summary_.update(
+            {
+                "epochs_trained": epochs_trained,
+                "early_stopped": epochs_trained < max_epochs,
+                "n_query": n_query,
+                "new_identity_discovery": bool(self.new_identity_discovery),
+                "pseudolabel_threshold": float(plan.pseudolabel_threshold),
+                "domains": list(self.domains_),
+                "domain_source": self.module.domain_source,
+            }
+        )
 
     def _fit_rejection(self, validation_indices: np.ndarray) -> None:
         """Fit the per-type thresholds; make the global confidence cut the default rule."""
