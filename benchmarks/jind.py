@@ -104,6 +104,7 @@ def _child(config: dict[str, Any]) -> None:
     import torch
 
     import labeltransfer as lt
+    from labeltransfer.metrics._report import REPORT_SCALARS
 
     experiment, dataset, mode, seed = (
         config[k] for k in ("experiment", "dataset", "mode", "seed")
@@ -177,20 +178,7 @@ def _child(config: dict[str, Any]) -> None:
         query_conf_eq_1=float(np.mean(query.obs[f"{KEY}_confidence"].to_numpy() >= 1.0)),
     )
     report = lt.metrics.annotation_report(query, TRUE_KEY, KEY)
-    record.update(
-        {
-            name: float(report[name])
-            for name in (
-                "raw_accuracy",
-                "rejection_rate",
-                "effective_accuracy",
-                "macro_f1",
-                "kappa",
-                "ece",
-                "overconfidence_error",
-            )
-        }
-    )
+    record.update({name: float(report[name]) for name in REPORT_SCALARS})
     record.update({f"{name}_s": value for name, value in sw.seconds.items()})
     record.update({f"{name}_cpu_s": value for name, value in sw.cpu_seconds.items()})
     record["load_1min_end"] = os.getloadavg()[0]

@@ -33,6 +33,17 @@ if TYPE_CHECKING:
 
 __all__ = ["annotation_report", "format_report"]
 
+#: Scalar entries of :func:`annotation_report` computed on the reference-type cells.
+REPORT_SCALARS = (
+    "raw_accuracy",
+    "rejection_rate",
+    "effective_accuracy",
+    "macro_f1",
+    "kappa",
+    "ece",
+    "overconfidence_error",
+)
+
 
 def _obs_column(adata: AnnData, column: str, *, what: str) -> pd.Series:
     if column not in adata.obs.columns:
@@ -205,15 +216,7 @@ def annotation_report(
         }
     else:
         report |= dict.fromkeys(
-            (
-                "raw_accuracy",
-                "rejection_rate",
-                "effective_accuracy",
-                "macro_f1",
-                "kappa",
-                "ece",
-                "overconfidence_error",
-            ),
+            REPORT_SCALARS,
             nan,
         )
     report["per_type"] = per_type_table(f.truth, f.prediction, withheld)
