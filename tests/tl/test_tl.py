@@ -115,8 +115,9 @@ def test_marker_genes_recover_planted_markers(brief_jind, novel_pair, tmp_path):
     table = lt.tl.marker_genes(
         brief_jind, ref, groupby="cell_type", n_cells=150, n_steps=50, key_added="scores"
     )
-    assert list(table.columns) == ["group", "rank", "gene", "attribution"]
+    assert list(table.columns) == ["group", "target", "rank", "gene", "attribution"]
     assert sorted(table["group"].unique()) == brief_jind.cell_types
+    assert (table["group"] == table["target"]).all()
     for group, rows in table.groupby("group"):
         assert list(rows["rank"]) == list(range(1, 21))
         assert rows["attribution"].is_monotonic_decreasing
@@ -126,6 +127,26 @@ def test_marker_genes_recover_planted_markers(brief_jind, novel_pair, tmp_path):
     ref.write_h5ad(tmp_path / "markers.h5ad")
     back = ad.read_h5ad(tmp_path / "markers.h5ad")
     assert list(back.uns["scores"]["markers"]["gene"]) == list(table["gene"])
+
+
+def test_marker_genes_towards_one_target_explains_other_groups(brief_jind, novel_pair):
+    """ "Why were these cells called type_0?": every group, even a non-reference one."""
+    query = novel_pair[1]
+    table = lt.tl.marker_genes(
+        brief_jind, query, groupby="cell_type", target="type_0", n_cells=30, n_top=5, n_steps=20
+    )
+    assert set(table["group"]) == set(query.obs["cell_type"].astype(str))  # type_4 included
+    assert (table["target"] == "type_0").all()
+    own = lt.tl.marker_genes(
+        brief_jind, query, groupby="cell_type", n_cells=30, n_top=5, n_steps=20
+    )
+    same = table[table["group"] == "type_0"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(same, own[own["group"] == "type_0"].reset_index(drop=True))
+    # towards type_0, another type's own markers are not what drives the logit
+    other = set(table.loc[table["group"] == "type_1", "gene"])
+    assert other != set(own.loc[own["group"] == "type_1", "gene"])
+    with pytest.raises(ValueError, match="not a reference cell type"):
+        lt.tl.marker_genes(brief_jind, query, groupby="cell_type", target="type_4")
 
 
 def test_marker_genes_skips_unknown_groups_and_checks_keys(brief_jind, novel_pair):

@@ -212,6 +212,7 @@ def marker_genes(
     adata: AnnData,
     *,
     groupby: str,
+    target: str | None = None,
     n_cells: int = 300,
     n_top: int = 20,
     seed: int = 0,
@@ -227,6 +228,12 @@ def marker_genes(
     averaged per gene; the ``n_top`` genes with the largest mean attribution are returned
     (Kimmel and Kelley 2021, Methods "Integrated gradient analysis").
 
+    With ``target``, every group is explained towards that one reference type instead: "why
+    were these cells called ``target``?" (the paper's analysis of FCGR3A+ monocytes
+    misclassified as CD14+ monocytes). Group the cells by their true type among those called
+    ``target``, e.g. ``adata[adata.obs["scnym"] == "CD14+ Monocytes"]`` with
+    ``groupby="cell_type"``: the genes that drive the wrong call rank first.
+
     Parameters
     ----------
     model
@@ -234,8 +241,11 @@ def marker_genes(
     adata
         Cells with a grouping column, e.g. the reference labels or an annotation.
     groupby
-        Column of ``adata.obs`` with the groups; groups that are not reference types (for
-        instance ``"Unassigned"``) are skipped.
+        Column of ``adata.obs`` with the groups. Without ``target``, groups that are not
+        reference types (for instance ``"Unassigned"``) are skipped.
+    target
+        Reference type whose logit is attributed for every group; ``None`` (default)
+        attributes each group's own type.
     n_cells
         Maximum cells sampled per group.
     n_top
@@ -252,14 +262,17 @@ def marker_genes(
 
     Returns
     -------
-    Tidy DataFrame with columns ``group``, ``rank`` (1 = most salient), ``gene`` and
-    ``attribution`` (mean integrated gradient over the sampled cells).
+    Tidy DataFrame with columns ``group``, ``target`` (the attributed type), ``rank``
+    (1 = most salient), ``gene`` and ``attribution`` (mean integrated gradient over the
+    sampled cells).
 
     Raises
     ------
     KeyError
         If ``groupby`` is not in ``adata.obs``, or ``key_added`` is given and
         ``adata.uns[key_added]`` is not a dict.
+    ValueError
+        If ``target`` is not a reference type.
 
     References
     ----------
@@ -278,6 +291,9 @@ def marker_genes(
     groups = pd.Series(np.asarray(adata.obs[groupby]).astype(str))
     cell_types = list(model.cell_types)
     present = [g for g in cell_types if (groups == g).any()]
+    if target is not None:  # reference types first, so their cell samples do not change
+        _target_index(model, target)
+        present += sorted(set(groups) - set(cell_types))
     registered, _ = model._prepare(adata)
     genes = _feature_names(model)
     rng = np.random.default_rng(seed)
@@ -289,7 +305,7 @@ def marker_genes(
         values = _attributions(
             model,
             registered,
-            target_idx=cell_types.index(group),
+            target_idx=cell_types.index(group if target is None else target),
             indices=members,
             n_steps=n_steps,
             baseline="zero",
@@ -301,17 +317,19 @@ def marker_genes(
             pd.DataFrame(
                 {
                     "group": group,
+                    "target": group if target is None else target,
                     "rank": np.arange(1, len(order) + 1),
                     "gene": genes[order],
                     "attribution": mean[order].astype(np.float64),
                 }
             )
         )
-    columns = ["group", "rank", "gene", "attribution"]
+    columns = ["group", "target", "rank", "gene", "attribution"]
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
     if key_added is not None:
         adata.uns[key_added]["markers"] = {
             "group": [str(v) for v in table["group"]],
+            "target": [str(v) for v in table["target"]],
             "rank": [int(v) for v in table["rank"]],
             "gene": [str(v) for v in table["gene"]],
             "attribution": [float(v) for v in table["attribution"]],
