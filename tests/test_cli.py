@@ -130,3 +130,49 @@ def test_cli_errors(files):
                 "o.h5ad",
             ]
         )
+
+
+def _annotate(files, *extra: str) -> int:
+    return main(
+        [
+            "annotate",
+            "--query",
+            str(files / "query.h5ad"),
+            "--labels-key",
+            "cell_type",
+            "--accelerator",
+            "cpu",
+            *extra,
+        ]
+    )
+
+
+def test_cli_scnym_trains_on_reference_and_query(files, capsys):
+    out = files / "scnym.h5ad"
+    reference = str(files / "ref.h5ad")
+    common = ["--reference", reference, "--model", "scnym", "--max-epochs", "15"]
+    assert _annotate(files, *common, "--out", str(out), "--save-model", str(files / "m")) == 0
+    assert "raw accuracy" in capsys.readouterr().out
+    annotated = ad.read_h5ad(out)
+    assert {"scnym", "scnym_prediction", "scnym_confidence", "X_scnym"} <= (
+        set(annotated.obs) | set(annotated.obsm)
+    )
+    assert annotated.uns["scnym"]["method"] == "SCNYM"
+    truth = annotated.obs["cell_type"].astype(str)
+    assert (annotated.obs["scnym_prediction"].astype(str) == truth).mean() >= 0.85
+
+    again = files / "again.h5ad"
+    assert (
+        _annotate(files, "--model", "scnym", "--model-dir", str(files / "m"), "--out", str(again))
+        == 0
+    )
+    np.testing.assert_array_equal(
+        ad.read_h5ad(again).obs["scnym_prediction"], annotated.obs["scnym_prediction"]
+    )
+
+    with pytest.raises(SystemExit, match="--align is JIND"):
+        _annotate(files, *common, "--align", "--out", str(out))
+    with pytest.raises(SystemExit, match="scnym only"):
+        _annotate(files, "--reference", reference, "--new-identity-discovery", "--out", str(out))
+    with pytest.raises(SystemExit, match="--layer 'counts'"):
+        _annotate(files, *common, "--layer", "counts", "--out", str(out))

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("labeltransfer")
 
-MODELS = ("jind",)
+#: Models of ``--model``: name -> class name in ``labeltransfer``.
+MODELS = {"jind": "JIND", "scnym": "SCNYM"}
 
 
 def _read(path: str, where: str | None, what: str) -> AnnData:
@@ -59,8 +60,20 @@ def _parse_rejection(value: str) -> str | float | None:
         ) from err
 
 
+def _layer_as_x(adata: AnnData, layer: str | None, what: str) -> AnnData:
+    """``adata`` with ``layers[layer]`` as ``X`` (a light copy), or ``adata`` itself."""
+    if layer is None:
+        return adata
+    if layer not in adata.layers:
+        raise SystemExit(
+            f"error: --layer {layer!r} is not a layer of the {what} (layers: "
+            f"{list(adata.layers)})."
+        )
+    return type(adata)(X=adata.layers[layer], obs=adata.obs, var=adata.var)
+
+
 def _train_and_annotate(
-    reference: AnnData,
+    reference: AnnData | None,
     query: AnnData,
     *,
     model_name: str,
@@ -68,34 +81,59 @@ def _train_and_annotate(
     batch_key: str | None,
     layer: str | None,
     key_added: str,
-    align: bool,
+    align: bool | None,
+    new_identity_discovery: bool,
     max_epochs: int | None,
     accelerator: str,
     rejection: str | float | None,
     model_dir: str | None,
     save_model: str | None,
 ) -> dict:
-    """Fit (or load) a model on the reference and annotate the query in place."""
+    """Fit (or load) a model and annotate the query in place.
+
+    JIND trains on the reference and (``align``, default on) aligns the query; scNym trains
+    on the reference and the unlabelled query together (``concat_reference_query``).
+    """
     import labeltransfer as lt
 
+    if model_name not in MODELS:
+        raise SystemExit(f"error: unknown model {model_name!r}; choose from {list(MODELS)}.")
+    if model_name != "jind" and align:
+        raise SystemExit(
+            "error: --align is JIND's query alignment; scNym adapts to the query during "
+            "training. Drop --align."
+        )
+    if model_name != "scnym" and new_identity_discovery:
+        raise SystemExit("error: --new-identity-discovery applies to --model scnym only.")
+    cls = getattr(lt, MODELS[model_name])
     timings: dict[str, float] = {}
-    if model_name != "jind":
-        raise SystemExit(f"error: unknown model {model_name!r}; choose from {MODELS}.")
     start = time.perf_counter()
     if model_dir:
-        model = lt.JIND.load(model_dir, accelerator=accelerator)
+        model = cls.load(model_dir, accelerator=accelerator)
     else:
         if labels_key not in reference.obs:
             raise SystemExit(
                 f"error: --labels-key {labels_key!r} is not a column of the reference (obs "
                 f"columns: {list(reference.obs.columns)})."
             )
-        lt.JIND.setup_anndata(reference, labels_key=labels_key, batch_key=batch_key, layer=layer)
-        model = lt.JIND(reference)
+        if model_name == "scnym":
+            adata = lt.data.concat_reference_query(
+                _layer_as_x(reference, layer, "reference"),
+                _layer_as_x(query, layer, "query"),
+                labels_key=labels_key,
+                batch_key=batch_key,
+            )
+            cls.setup_anndata(
+                adata, labels_key=labels_key, unlabeled_category="Unknown", batch_key=batch_key
+            )
+            model = cls(adata, new_identity_discovery=new_identity_discovery)
+        else:
+            cls.setup_anndata(reference, labels_key=labels_key, batch_key=batch_key, layer=layer)
+            model = cls(reference)
         kwargs = {} if max_epochs is None else {"max_epochs": max_epochs}
         model.train(accelerator=accelerator, **kwargs)
     timings["train_s"] = time.perf_counter() - start
-    if align:
+    if model_name == "jind" and align is not False:
         start = time.perf_counter()
         model.align(query, name="query", accelerator=accelerator)
         timings["align_s"] = time.perf_counter() - start
@@ -132,6 +170,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     )
     query = _read(args.query, args.query_where, "query")
     true_key = args.true_key or (args.labels_key if args.labels_key in query.obs else None)
+    key_added = args.key_added or args.model
     timings = _train_and_annotate(
         reference,
         query,
@@ -139,8 +178,9 @@ def annotate_command(args: argparse.Namespace) -> int:
         labels_key=args.labels_key,
         batch_key=args.batch_key,
         layer=args.layer,
-        key_added=args.key_added,
+        key_added=key_added,
         align=args.align,
+        new_identity_discovery=args.new_identity_discovery,
         max_epochs=args.max_epochs,
         accelerator=args.accelerator,
         rejection=args.rejection,
@@ -149,7 +189,7 @@ def annotate_command(args: argparse.Namespace) -> int:
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     query.write_h5ad(args.out)
-    print(_summarise(query, args.key_added, true_key, timings))
+    print(_summarise(query, key_added, true_key, timings))
     print(f"Wrote {args.out}")
     return 0
 
@@ -186,6 +226,7 @@ def demo_command(args: argparse.Namespace) -> int:
         layer=None,
         key_added="jind",
         align=False,
+        new_identity_discovery=False,
         max_epochs=args.max_epochs,
         accelerator=args.accelerator,
         rejection="default",
@@ -222,18 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--query", required=True, help="query .h5ad to annotate")
     ann.add_argument("--labels-key", required=True, help="obs column of reference cell types")
     ann.add_argument("--out", required=True, help="annotated query .h5ad to write")
-    ann.add_argument("--model", default="jind", choices=MODELS)
+    ann.add_argument("--model", default="jind", choices=list(MODELS))
     ann.add_argument("--batch-key", default=None, help="obs column of batches in the reference")
     ann.add_argument("--layer", default=None, help="layer holding the expression (default X)")
-    ann.add_argument("--key-added", default="jind", help="prefix of the written fields")
+    ann.add_argument(
+        "--key-added", default=None, help="prefix of the written fields (default: the model)"
+    )
     ann.add_argument("--true-key", default=None, help="obs column of true query labels (report)")
     ann.add_argument("--reference-where", default=None, help="keep reference cells with KEY=VALUE")
     ann.add_argument("--query-where", default=None, help="keep query cells with KEY=VALUE")
     ann.add_argument(
         "--align",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="adversarially align the query first (JIND)",
+        default=None,
+        help="adversarially align the query first (JIND; on by default)",
+    )
+    ann.add_argument(
+        "--new-identity-discovery",
+        action="store_true",
+        help="scNym: keep low-confidence query cells out of MixMatch and the adversary, so "
+        "that cell types absent from the reference stay uncertain",
     )
     ann.add_argument("--rejection", type=_parse_rejection, default="default")
     ann.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")

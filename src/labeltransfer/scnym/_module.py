@@ -136,6 +136,7 @@ class SCNYMModule(AnnotationModule):
         temperature: float = 0.5,
         pseudolabel_threshold: float = 0.0,
         mask_rate: float = 0.1,
+        mixmatch: bool = True,
     ) -> LossOutput:
         """Training loss of scNym on a labelled reference and an unlabelled query minibatch.
 
@@ -175,6 +176,10 @@ class SCNYMModule(AnnotationModule):
             every query cell).
         mask_rate
             Gene masking probability (scNym: 0.1).
+        mixmatch
+            Mix the (confident) query cells into MixUp and penalise their inconsistency.
+            ``False`` (an ablation) leaves the query to the adversary alone: MixUp within the
+            reference and ``L_SSL = 0``.
 
         Returns
         -------
@@ -206,13 +211,14 @@ class SCNYMModule(AnnotationModule):
         x_query = mask_genes(x_query, mask_rate)
 
         # MixMatch: confident query cells first, then the reference cells
-        pool_x = torch.cat([x_query[confident], x_ref])
-        pool_y = torch.cat([pseudolabels[confident], target_ref])
+        in_pool = confident if mixmatch else torch.zeros_like(confident)
+        pool_x = torch.cat([x_query[in_pool], x_ref])
+        pool_y = torch.cat([pseudolabels[in_pool], target_ref])
         partner = torch.randperm(pool_x.shape[0], device=device)
         mixed_x, mixed_y, _ = mixup(
             pool_x, pool_y, pool_x[partner], pool_y[partner], alpha=mixup_alpha
         )
-        n_confident = int(confident.sum())
+        n_confident = int(in_pool.sum())
         n_pool = pool_x.shape[0]
 
         # one pass: mixed cells (classification) and unmixed cells (adversary); the

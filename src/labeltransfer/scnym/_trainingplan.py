@@ -48,6 +48,9 @@ class SCNYMTrainingPlan(AnnotationTrainingPlan):
         (scNym's new identity discovery: 0.9; 0 uses every query cell, scNym's default).
     mask_rate
         Probability of masking a gene in the augmentation (scNym: 0.1).
+    mixmatch
+        ``False`` turns MixMatch off (an ablation): query cells only reach the adversary,
+        MixUp mixes reference cells only and there is no consistency loss.
     **kwargs
         Passed to :class:`~labeltransfer.train.AnnotationTrainingPlan`.
     """
@@ -66,6 +69,7 @@ class SCNYMTrainingPlan(AnnotationTrainingPlan):
         adversary_ramp_epochs: int = 20,
         pseudolabel_threshold: float = 0.0,
         mask_rate: float = 0.1,
+        mixmatch: bool = True,
         **kwargs,
     ):
         kwargs.setdefault("optimizer", "Custom")
@@ -83,6 +87,7 @@ class SCNYMTrainingPlan(AnnotationTrainingPlan):
         self.adversary_ramp_epochs = adversary_ramp_epochs
         self.pseudolabel_threshold = pseudolabel_threshold
         self.mask_rate = mask_rate
+        self.mixmatch = mixmatch
 
     def consistency_weight(self, epoch: int) -> float:
         """``lambda_SSL`` at ``epoch``: sigmoid ramp to ``consistency_max_weight``."""
@@ -110,6 +115,7 @@ class SCNYMTrainingPlan(AnnotationTrainingPlan):
             temperature=self.temperature,
             pseudolabel_threshold=self.pseudolabel_threshold,
             mask_rate=self.mask_rate,
+            mixmatch=self.mixmatch,
         )
         self._log_loss_output(output, "train")
         for name, value in (
