@@ -225,6 +225,32 @@ def test_semisupervised_loss_excludes_unconfident_cells():
     assert module.training  # the eval-mode pseudolabelling restores training mode
 
 
+def test_without_mixmatch_the_query_only_reaches_the_adversary():
+    torch.manual_seed(0)
+    module = SCNYMModule(
+        n_input=30, n_labels=3, n_domains=2, feature_idx=range(30), input_type="counts"
+    )
+    reference = {
+        "X": torch.poisson(torch.full((16, 30), 5.0)),
+        "labels": torch.randint(0, 3, (16, 1)).float(),
+        "batch": torch.zeros(16, 1),
+    }
+    query = {"X": torch.poisson(torch.full((12, 30), 5.0)), "batch": torch.zeros(12, 1)}
+    embedded: list[int] = []
+    module.embedder.register_forward_hook(lambda m, i, o: embedded.append(i[0].shape[0]))
+    adversary_rows: list[int] = []
+    module.adversary.register_forward_hook(lambda m, i, o: adversary_rows.append(i[0].shape[0]))
+    module.train()
+    output = module.semisupervised_loss(reference, query, mixmatch=False)
+    assert output.extra_metrics["consistency_loss"] == 0.0
+    assert output.extra_metrics["confident_fraction"] == 1.0  # still pseudolabelled
+    # pseudolabels (12), then one pass: 16 mixed reference cells + 16 + 12 unmixed cells
+    assert embedded == [12, 16 + 16 + 12]
+    assert adversary_rows == [16 + 12]
+    plan = SCNYMTrainingPlan(module, mixmatch=False)
+    assert plan.mixmatch is False
+
+
 def test_new_identity_discovery_keeps_novel_type_uncertain():
     scvi.settings.seed = 0
     ref, query = lt.data.synthetic(
