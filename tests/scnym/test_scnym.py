@@ -361,3 +361,21 @@ def test_early_stopping_starts_after_five_percent_of_the_epochs(scnym_adata):
     # 5 warm-up epochs, then a first record and at least one more before stopping
     assert summary["epochs_trained"] >= 7
     assert summary["best_epoch"] >= 5
+
+
+def test_same_seed_same_predictions(scnym_adata):
+    """MixUp weights, partners, gene masks and the split all follow scvi.settings.seed."""
+
+    def fit(seed: int) -> pd.DataFrame:
+        scvi.settings.seed = seed
+        adata = scnym_adata.copy()
+        lt.SCNYM.setup_anndata(
+            adata, labels_key="cell_type", unlabeled_category="Unknown", batch_key="batch"
+        )
+        model = lt.SCNYM(adata)
+        model.train(max_epochs=3, enable_progress_bar=False, accelerator="cpu")
+        return model.predict(soft=True)
+
+    first = fit(3)
+    pd.testing.assert_frame_equal(first, fit(3))
+    assert not np.allclose(first.to_numpy(), fit(4).to_numpy())
