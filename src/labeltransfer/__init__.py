@@ -15,13 +15,14 @@ from . import data, metrics, pl, tl
 
 if TYPE_CHECKING:
     from .jind import JIND
+    from .scdet import SCDET
     from .scnym import SCNYM
 
-__all__ = ["JIND", "SCNYM", "data", "metrics", "pl", "tl"]
+__all__ = ["JIND", "SCDET", "SCNYM", "data", "metrics", "pl", "tl"]
 
 __version__ = version("labeltransfer")
 
-_LAZY = {"JIND": ".jind", "SCNYM": ".scnym"}
+_LAZY = {"JIND": ".jind", "SCNYM": ".scnym", "SCDET": ".scdet"}
 
 
 def __getattr__(name: str) -> Any:

@@ -53,6 +53,9 @@ class AnnotationMixin:
 
     _default_key: str = "annotation"
     _default_theta: float = 0.05
+    #: Splitter built by :meth:`_run_training`; a model may use a subclass (CellPredX adds
+    #: the query cells' kNN neighbours to its query minibatches).
+    _splitter_cls: type[RefQueryDataSplitter] = RefQueryDataSplitter
 
     @classmethod
     @setup_anndata_dsp.dedent
@@ -115,7 +118,7 @@ class AnnotationMixin:
         records the training summary and fits calibration and rejection thresholds on the
         held-out cells. Returns the splitter and the best-state callback.
         """
-        splitter = RefQueryDataSplitter(
+        splitter = self._splitter_cls(
             self.adata_manager,
             train_size=train_size,
             use_query=use_query,
@@ -158,6 +161,15 @@ class AnnotationMixin:
         state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
         mapping = list(state.categorical_mapping)
         return [c for c in mapping if c != state.unlabeled_category]
+
+    @property
+    def output_classes(self) -> list[str]:
+        """Classes the model predicts: the columns of ``predict(soft=True)``.
+
+        The reference types (:attr:`cell_types`) for closed-set models; open-world models
+        (SCDET) append their novel groups.
+        """
+        return self.cell_types
 
     @property
     def labels_key(self) -> str:
@@ -286,8 +298,8 @@ class AnnotationMixin:
         probs = self._probabilities(logits)
         names = registered.obs_names if indices is None else registered.obs_names[indices]
         if soft:
-            return pd.DataFrame(probs, index=names, columns=self.cell_types)
-        return np.asarray(self.cell_types, dtype=object)[probs.argmax(axis=1)]
+            return pd.DataFrame(probs, index=names, columns=self.output_classes)
+        return np.asarray(self.output_classes, dtype=object)[probs.argmax(axis=1)]
 
     def get_latent_representation(
         self,
@@ -336,7 +348,7 @@ class AnnotationMixin:
             self.rejection_ = {
                 "rule": "per_type",
                 "theta": self._default_theta,
-                "thresholds": np.zeros(len(self.cell_types)),
+                "thresholds": np.zeros(len(self.output_classes)),
             }
             return
         logits, _ = self._forward(self.adata, indices=val, return_latent=False)
@@ -356,7 +368,7 @@ class AnnotationMixin:
             "rule": "per_type",
             "theta": self._default_theta,
             "thresholds": per_type_thresholds(
-                confidence, prediction, len(self.cell_types), theta=self._default_theta
+                confidence, prediction, len(self.output_classes), theta=self._default_theta
             ),
         }
 
@@ -379,10 +391,10 @@ class AnnotationMixin:
             values = per_type_thresholds(
                 self.validation_["confidence"],
                 self.validation_["prediction"],
-                len(self.cell_types),
+                len(self.output_classes),
                 theta=theta,
             )
-        return pd.Series(values, index=self.cell_types, name="threshold")
+        return pd.Series(values, index=self.output_classes, name="threshold")
 
     def _reject(
         self, confidence: np.ndarray, prediction: np.ndarray, rejection: Rejection
@@ -396,7 +408,7 @@ class AnnotationMixin:
             rule = {
                 "rule": "per_type",
                 "theta": self.rejection_["theta"],
-                "thresholds": dict(zip(self.cell_types, map(float, thresholds), strict=True)),
+                "thresholds": dict(zip(self.output_classes, map(float, thresholds), strict=True)),
             }
             return confidence < thresholds[prediction], rule
         if isinstance(rejection, int | float) and not isinstance(rejection, bool):
@@ -487,7 +499,7 @@ class AnnotationMixin:
         confidence = probs.max(axis=1)
         rejected, rule = self._reject(confidence, prediction, rejection)
 
-        types = self.cell_types
+        types = self.output_classes
         calls = np.asarray(types, dtype=object)[prediction]
         final = calls.copy()
         final[rejected] = UNASSIGNED

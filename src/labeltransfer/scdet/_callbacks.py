@@ -1,0 +1,175 @@
+"""Lightning callback running scDET's distribution estimation every ``m`` epochs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from scvi import settings
+from scvi.dataloaders import AnnDataLoader
+
+from labeltransfer._constants import REGISTRY_KEYS
+
+from ._estimation import estimate_distribution
+
+logger = logging.getLogger(__name__)
+
+
+class DistributionEstimation(pl.Callback):
+    r"""Re-estimate the class distribution on the contrastive branch every ``m`` epochs.
+
+    scDET (section 3.3): k-means with :math:`|\mathcal C_r \cup \mathcal C_t|` clusters on
+    the contrastive features of all training cells (reference training split and target),
+    Hungarian matching of clusters to the seen types and of the remaining clusters, by size,
+    to the novel classes (:func:`~labeltransfer.scdet.estimate_distribution`). The aligned
+    frequencies are copied into the module's ``class_distribution`` buffer, which the loss
+    reads (:math:`\mathcal L_{reg}`, logit adjustment, sampling rates).
+
+    The estimate used during epochs ``e, ..., e + m - 1`` (``e = 0, m, 2m, ...``) is computed
+    from the network as it is at the start of epoch ``e``: before the first epoch, then at the
+    end of epochs ``m - 1, 2m - 1, ...`` (a later epoch must follow). The epochs are recorded
+    in :attr:`epochs`.
+
+    Label stability stopping: at every estimation, the fraction of training cells whose
+    predicted class (argmax of the classifier) changed since the previous estimation is
+    recorded in :attr:`changed`. With ``stop_tol`` set, training stops when it is below
+    ``stop_tol`` at ``stop_patience`` consecutive estimations after ``stop_min_epochs``
+    epochs (the stopping rule of DEC-style clustering, e.g. scziDesk; the held-out reference
+    accuracy says nothing about the novel types, so it does not decide).
+
+    Parameters
+    ----------
+    every_n_epochs
+        :math:`m` (scDET: 10).
+    batch_size
+        Cells per inference minibatch.
+    n_init
+        k-means restarts.
+    stop_tol
+        Fraction of changed predictions under which the labels are stable; ``None`` never
+        stops.
+    stop_patience
+        Consecutive stable estimations needed to stop.
+    stop_min_epochs
+        No stopping before this epoch.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 10,
+        *,
+        batch_size: int = 1024,
+        n_init: int = 3,
+        stop_tol: float | None = None,
+        stop_patience: int = 2,
+        stop_min_epochs: int = 0,
+    ):
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        if stop_tol is not None and not 0.0 <= stop_tol < 1.0:
+            raise ValueError(f"stop_tol must be in [0, 1) or None, got {stop_tol}.")
+        self.every_n_epochs = int(every_n_epochs)
+        self.batch_size = batch_size
+        self.n_init = n_init
+        self.stop_tol = stop_tol
+        self.stop_patience = stop_patience
+        self.stop_min_epochs = stop_min_epochs
+        self.epochs: list[int] = []
+        self.distributions: list[np.ndarray] = []
+        self.changed: list[float | None] = []
+        self.stopped_epoch: int | None = None
+        self._previous: np.ndarray | None = None
+        self._stable = 0
+
+    # ------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Estimate from the initial network, for the first ``m`` epochs."""
+        if trainer.current_epoch % self.every_n_epochs == 0:
+            self._estimate(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Estimate for the next epoch when it starts a new period of ``m`` epochs."""
+        upcoming = trainer.current_epoch + 1
+        if upcoming % self.every_n_epochs or upcoming >= trainer.max_epochs:
+            return
+        changed = self._estimate(trainer, pl_module, upcoming)
+        if self.stop_tol is None or changed is None:
+            return
+        self._stable = self._stable + 1 if changed < self.stop_tol else 0
+        if self._stable >= self.stop_patience and upcoming >= self.stop_min_epochs:
+            self.stopped_epoch = upcoming
+            trainer.should_stop = True
+            logger.info(
+                "scDET: predictions stable (< %.2f%% changed at %d estimations): stopping "
+                "before epoch %d.",
+                100 * self.stop_tol,
+                self.stop_patience,
+                upcoming,
+            )
+
+    # ------------------------------------------------------------- work
+    def _training_cells(self, trainer: pl.Trainer) -> tuple[Any, np.ndarray, int]:
+        splitter = trainer.datamodule
+        if splitter is None or not hasattr(splitter, "ref_train_idx"):
+            raise RuntimeError(
+                "DistributionEstimation needs the RefQueryDataSplitter as the trainer's "
+                "datamodule (train through SCDET.train)."
+            )
+        indices = np.concatenate([splitter.ref_train_idx, splitter.query_idx]).astype(int)
+        return splitter.adata_manager, indices, int(splitter.ref_train_idx.size)
+
+    @torch.no_grad()
+    def _embed(self, module, manager, indices: np.ndarray) -> tuple[np.ndarray, ...]:
+        loader = AnnDataLoader(manager, indices=indices, shuffle=False, batch_size=self.batch_size)
+        was_training = module.training
+        module.eval()
+        features, predictions, labels = [], [], []
+        try:
+            for tensors in loader:
+                out = module.inference(**module._get_inference_input(tensors))
+                features.append(out["v"].float().cpu())
+                predictions.append(out["logits"].argmax(dim=1).cpu())
+                labels.append(tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel().cpu())
+        finally:
+            module.train(was_training)
+        return (
+            torch.cat(features).numpy(),
+            torch.cat(predictions).numpy(),
+            torch.cat(labels).numpy(),
+        )
+
+    def _estimate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> float | None:
+        module = pl_module.module
+        manager, indices, _ = self._training_cells(trainer)
+        features, prediction, labels = self._embed(module, manager, indices)
+        labels = np.where(labels < module.n_labels, labels, -1)
+        seed = (settings.seed or 0) + epoch
+        result = estimate_distribution(
+            features, labels, module.n_labels, module.n_classes, seed=seed, n_init=self.n_init
+        )
+        distribution = result["distribution"]
+        module.class_distribution.copy_(
+            torch.as_tensor(distribution, dtype=module.class_distribution.dtype)
+        )
+        changed = None if self._previous is None else float((prediction != self._previous).mean())
+        self._previous = prediction
+        self.epochs.append(int(epoch))
+        self.distributions.append(distribution)
+        self.changed.append(changed)
+        logger.debug("scDET distribution at epoch %d: %s", epoch, np.round(distribution, 3))
+        return changed
+
+    def summary(self) -> dict[str, Any]:
+        """Epochs, distributions and changed fractions of the estimations so far."""
+        return {
+            "epochs": list(self.epochs),
+            "distributions": [d.tolist() for d in self.distributions],
+            "changed": list(self.changed),
+            "stopped_epoch": self.stopped_epoch,
+        }

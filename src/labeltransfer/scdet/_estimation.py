@@ -1,0 +1,295 @@
+"""Class-distribution estimation (k-means + Hungarian matching) and novel-type counting.
+
+Pure numpy / scikit-learn functions on embeddings; the Lightning callback that runs them
+during training is :class:`~labeltransfer.scdet.DistributionEstimation`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["estimate_distribution", "estimate_n_novel", "match_clusters"]
+
+#: Silhouette at or below which a partition shows "no substantial structure"
+#: (Kaufman & Rousseeuw 1990, "Finding Groups in Data", ch. 2).
+NO_STRUCTURE_SILHOUETTE = 0.25
+#: Neighbours of an outlying query cell looked at to call it a boundary cell of a seen type
+#: (as :func:`labeltransfer.tl.discover_novel`, k = 15).
+BOUNDARY_NEIGHBOURS = 15
+#: Cells scored by the silhouette when choosing the number of novel types (a seeded subsample).
+SILHOUETTE_SAMPLE = 3000
+
+
+def match_clusters(
+    clusters: np.ndarray, labels: np.ndarray, n_seen: int, n_clusters: int
+) -> np.ndarray:
+    """Map k-means clusters to classes as scDET does (section 3.3).
+
+    The Hungarian algorithm (Kuhn 1955) assigns ``n_seen`` clusters one-to-one to the seen
+    types, maximising the number of labelled cells of each type in its cluster; the remaining
+    clusters are sorted by decreasing size and given to the novel classes ``n_seen``,
+    ``n_seen + 1``, ... in that order.
+
+    Parameters
+    ----------
+    clusters
+        Cluster of every cell (``0 .. n_clusters - 1``).
+    labels
+        Class code of every cell: ``0 .. n_seen - 1`` for labelled (reference) cells, any
+        other value (e.g. ``-1``) for unlabelled cells, which only count in the sizes.
+    n_seen
+        Number of seen (reference) types.
+    n_clusters
+        Number of clusters, ``|C_r U C_t|`` (at least ``n_seen``).
+
+    Returns
+    -------
+    ``class_of_cluster``: array of ``n_clusters`` class codes, a permutation of
+    ``0 .. n_clusters - 1``. Size ties among the novel clusters are broken by cluster index.
+    """
+    if n_clusters < n_seen:
+        raise ValueError(f"n_clusters ({n_clusters}) must be at least n_seen ({n_seen}).")
+    clusters = np.asarray(clusters, dtype=np.int64).ravel()
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    if clusters.shape != labels.shape:
+        raise ValueError("clusters and labels must have one entry per cell.")
+    if clusters.size and (clusters.min() < 0 or clusters.max() >= n_clusters):
+        raise ValueError(f"cluster ids must be in [0, {n_clusters}).")
+    labelled = (labels >= 0) & (labels < n_seen)
+    contingency = np.zeros((n_clusters, max(n_seen, 1)), dtype=np.int64)
+    np.add.at(contingency, (clusters[labelled], labels[labelled]), 1)
+    sizes = np.bincount(clusters, minlength=n_clusters)
+    class_of_cluster = np.full(n_clusters, -1, dtype=np.int64)
+    if n_seen > 0:
+        rows, cols = linear_sum_assignment(contingency[:, :n_seen], maximize=True)
+        class_of_cluster[rows] = cols
+    rest = np.flatnonzero(class_of_cluster < 0)
+    rest = rest[np.argsort(-sizes[rest], kind="stable")]
+    class_of_cluster[rest] = n_seen + np.arange(rest.size)
+    return class_of_cluster
+
+
+def _boundary(x: np.ndarray, labels: np.ndarray, n_seen: int, cells: np.ndarray) -> np.ndarray:
+    """Flag ``cells`` most of whose nearest neighbours are labelled cells of one seen type."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(BOUNDARY_NEIGHBOURS, x.shape[0] - 1)
+    if k < 1:
+        return np.zeros(cells.size, dtype=bool)
+    index = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x[cells], return_distance=False)
+    own = index == cells[:, None]
+    # drop each cell itself (normally the first hit, else the farthest), keep k neighbours
+    order = np.argsort(own, axis=1, kind="stable")[:, :k]
+    neighbours = np.take_along_axis(index, order, axis=1)
+    codes = labels[neighbours]
+    valid = (codes >= 0) & (codes < n_seen)
+    counts = np.zeros((cells.size, max(n_seen, 1)), dtype=np.int64)
+    rows = np.broadcast_to(np.arange(cells.size)[:, None], codes.shape)
+    np.add.at(counts, (rows[valid], codes[valid]), 1)
+    return counts.max(axis=1) > k / 2
+
+
+def estimate_distribution(
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_seen: int,
+    n_classes: int,
+    *,
+    seed: int = 0,
+    n_init: int = 3,
+) -> dict[str, np.ndarray]:
+    r"""ScDET's dynamic distribution estimation (section 3.3).
+
+    k-means with ``n_classes`` = :math:`|\mathcal C_r \cup \mathcal C_t|` clusters on the
+    L2-normalised contrastive features of all training cells, cluster frequencies
+    :math:`\pi_i = s_i / \sum_j s_j`, and the alignment of clusters to classes of
+    :func:`match_clusters`.
+
+    Parameters
+    ----------
+    features
+        Cells x dimensions (the contrastive-branch features).
+    labels
+        Seen-type code of the labelled cells, a negative value for the others.
+    n_seen
+        Number of seen types.
+    n_classes
+        Number of classes (seen + novel).
+    seed
+        Random state of k-means.
+    n_init
+        k-means restarts (k-means++ initialisation); the paper does not say.
+
+    Returns
+    -------
+    Dict with ``distribution`` (:math:`\pi` in class order, sums to 1), ``clusters``
+    (cluster of each cell), ``class_of_cluster`` and ``assignment`` (class of each cell).
+    """
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.maximum(norms, 1e-12)
+    if x.shape[0] < n_classes:
+        raise ValueError(
+            f"k-means needs at least {n_classes} cells for {n_classes} classes, got {x.shape[0]}."
+        )
+    clusters = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed).fit_predict(x)
+    class_of_cluster = match_clusters(clusters, labels, n_seen, n_classes)
+    assignment = class_of_cluster[clusters]
+    sizes = np.bincount(assignment, minlength=n_classes).astype(np.float64)
+    return {
+        "distribution": sizes / sizes.sum(),
+        "clusters": clusters,
+        "class_of_cluster": class_of_cluster,
+        "assignment": assignment,
+    }
+
+
+def estimate_n_novel(
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    is_query: np.ndarray,
+    n_seen: int,
+    *,
+    calibration: np.ndarray | None = None,
+    theta: float = 0.05,
+    max_novel: int = 10,
+    min_cells: int = 10,
+    seed: int = 0,
+) -> tuple[int, dict[str, Any], np.ndarray]:
+    """Estimate the number of novel types among the query cells of a trained embedding.
+
+    scDET assumes the total number of types is known. When it is not, this estimate is used:
+
+    1. **Unexplained query cells.** Each seen type gets the centroid of its labelled cells in
+       the L2-normalised embedding. A query cell is *unexplained* when its cosine similarity
+       to the nearest seen centroid is below that type's threshold: the ``theta``-quantile of
+       the similarities of the ``calibration`` cells of the type (held-out reference cells)
+       to their own centroid, so that about a fraction ``theta`` of the cells of a seen type
+       would be flagged (the package's per-type rejection rule, applied in the embedding).
+       Outlying cells on the edge of a seen type, whose 15 nearest neighbours are mostly
+       labelled cells of one seen type, are not counted (the boundary rule of
+       :func:`labeltransfer.tl.discover_novel`).
+    2. **Is there a novel type?** Seen query cells alone would give about ``theta`` of the
+       query as unexplained. With fewer than ``max(min_cells, 2 * theta * n_query)``
+       unexplained cells the estimate is 0.
+    3. **How many?** k-means (``k = 2 .. max_novel``) on the unexplained cells; each ``k`` is
+       scored by the silhouette (cosine geometry, on a seeded subsample of at most 3,000
+       cells), as :func:`labeltransfer.tl.discover_novel` scores partitions of
+       low-confidence cells. Partitions with a cluster smaller than ``min_cells`` are
+       skipped. The best ``k`` is kept when its silhouette exceeds 0.25; at or below 0.25 the
+       unexplained cells show "no substantial structure" (Kaufman & Rousseeuw 1990) and form
+       one novel type.
+
+    Parameters
+    ----------
+    embedding
+        Cells x dimensions.
+    labels
+        Seen-type code of labelled cells (``0 .. n_seen - 1``), negative for the others.
+    is_query
+        Boolean mask of the query (unlabelled) cells.
+    n_seen
+        Number of seen types.
+    calibration
+        Boolean mask of the labelled cells that calibrate the thresholds (e.g. held-out
+        reference cells); all labelled cells by default.
+    theta
+        Fraction of seen cells allowed below the threshold (0.05 as the package's rejection).
+    max_novel
+        Largest number of novel types considered.
+    min_cells
+        Smallest novel type.
+    seed
+        Random state of k-means and of the silhouette subsample.
+
+    Returns
+    -------
+    n_novel
+        The estimate.
+    report
+        ``n_query``, ``n_unexplained``, ``noise_level``, ``theta``, the scan (``k``,
+        ``silhouette``) over the partitions tried and the ``reason`` of the choice.
+    groups
+        For every cell, the novel type (``0 .. n_novel - 1``) of the chosen partition of the
+        unexplained query cells, ``-1`` for the other cells.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    x = np.asarray(embedding, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    is_query = np.asarray(is_query, dtype=bool).ravel()
+    labelled = (labels >= 0) & (labels < n_seen)
+    calib = labelled if calibration is None else (np.asarray(calibration, bool) & labelled)
+    if not calib.any():
+        calib = labelled
+    centroids = np.zeros((n_seen, x.shape[1]))
+    for c in range(n_seen):
+        members = labelled & (labels == c)
+        if members.any():
+            centroids[c] = x[members].mean(axis=0)
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    thresholds = np.full(n_seen, -np.inf)
+    for c in range(n_seen):
+        members = calib & (labels == c)
+        if members.any():
+            thresholds[c] = np.quantile(x[members] @ centroids[c], theta)
+    sim = x[is_query] @ centroids.T
+    nearest = sim.argmax(axis=1)
+    unexplained = sim[np.arange(sim.shape[0]), nearest] < thresholds[nearest]
+    n_outlying = int(unexplained.sum())
+    if unexplained.any():
+        unexplained[unexplained] = ~_boundary(
+            x, labels, n_seen, np.flatnonzero(is_query)[unexplained]
+        )
+    candidates = x[is_query][unexplained]
+    n_query = int(is_query.sum())
+    noise = max(min_cells, int(np.ceil(2 * theta * n_query)))
+    report: dict[str, Any] = {
+        "n_query": n_query,
+        "n_outlying": n_outlying,
+        "n_unexplained": int(unexplained.sum()),
+        "noise_level": noise,
+        "theta": theta,
+        "k": [],
+        "silhouette": [],
+    }
+    groups = np.full(x.shape[0], -1, dtype=np.int64)
+    candidate_idx = np.flatnonzero(is_query)[unexplained]
+    if candidates.shape[0] < noise:
+        report["reason"] = "too few unexplained query cells"
+        return 0, report, groups
+    rng = np.random.default_rng(seed)
+    sample = (
+        rng.choice(candidates.shape[0], SILHOUETTE_SAMPLE, replace=False)
+        if candidates.shape[0] > SILHOUETTE_SAMPLE
+        else np.arange(candidates.shape[0])
+    )
+    best_k, best_score, best_clusters = 1, -np.inf, np.zeros(candidates.shape[0], np.int64)
+    for k in range(2, max_novel + 1):
+        if k * min_cells > candidates.shape[0]:
+            break
+        clusters = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(candidates)
+        if np.bincount(clusters, minlength=k).min() < min_cells:
+            continue
+        sub = clusters[sample]
+        if len(np.unique(sub)) < 2:
+            continue
+        score = float(silhouette_score(candidates[sample], sub))
+        report["k"].append(k)
+        report["silhouette"].append(score)
+        if score > best_score:
+            best_k, best_score, best_clusters = k, score, clusters
+    if best_score <= NO_STRUCTURE_SILHOUETTE:
+        report["reason"] = "unexplained cells without substantial cluster structure: one type"
+        groups[candidate_idx] = 0
+        return 1, report, groups
+    report["reason"] = "best silhouette"
+    groups[candidate_idx] = best_clusters
+    return best_k, report, groups

@@ -1,0 +1,494 @@
+"""scDET: distribution-independent, open-world cell-type identification."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import settings
+from scvi.dataloaders import AnnDataLoader
+from scvi.model.base import BaseModelClass
+from scvi.utils._docstrings import devices_dsp
+
+from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS
+from labeltransfer.base import AnnotationMixin
+from labeltransfer.data import check_input, select_features
+from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
+from labeltransfer.train import fit_stage
+
+from ._callbacks import DistributionEstimation
+from ._estimation import estimate_n_novel
+from ._module import SCDETModule
+from ._trainingplan import SCDETTrainingPlan
+
+if TYPE_CHECKING:
+    from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Trainer arguments that also apply to the warm-up stage.
+_WARMUP_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "logger", "benchmark")
+
+
+class SCDET(AnnotationMixin, BaseModelClass):
+    r"""scDET: open-world, long-tailed cell-type identification (Zhai, Chen & Deng).
+
+    Reference cells of the seen types and unlabelled target (query) cells, which may contain
+    novel types, are trained on together (see :meth:`train`). Seen types are *classified*
+    and novel types are *clustered*: the classifier has one prototype per class of
+    ``|C_r U C_t|``, the seen types followed by ``n_novel`` novel classes, which
+    :meth:`annotate` writes as ``"novel_0"``, ``"novel_1"``, ... in ``obs[K]``.
+
+    The network (:class:`~labeltransfer.scdet.SCDETModule`) is a denoising autoencoder
+    (``genes -> 512 -> 256 -> 128 -> 256 -> 512 -> genes``) whose 128-d embedding feeds a
+    pseudo-labelling branch (prototype classifier with cosine similarity) and a contrastive
+    branch (128 -> 128 projection). Every ``m`` epochs the class distribution is estimated by
+    k-means on the contrastive branch (:class:`~labeltransfer.scdet.DistributionEstimation`);
+    it regularises the classifier and rebalances the pseudo-labels passed back to the
+    contrastive branch (logit adjustment, class-wise sampling, soft contrastive loss).
+    ``obsm["X_scdet"]`` is the 128-d embedding.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`: reference cells carry their type,
+        target cells the ``unlabeled_category`` (e.g. from
+        :func:`~labeltransfer.data.concat_reference_query`).
+    n_novel
+        Number of novel types in the target. scDET assumes the total number of types is
+        known; pass it when you know it. ``None`` estimates it in :meth:`train` after a
+        representation warm-up (:func:`~labeltransfer.scdet.estimate_n_novel`): query cells
+        that no seen type explains in the embedding are clustered with k-means for
+        ``k = 2 .. max_novel`` and ``k`` is chosen by the silhouette (one type when no
+        partition shows structure, none when there are no more unexplained cells than the
+        seen types alone would give).
+    max_novel
+        Largest number of novel types considered by the estimate.
+    n_top_genes
+        Number of highly variable genes (Seurat flavour) used as input, selected on *all*
+        registered cells (reference and target: the novel types' marker genes must be
+        among them); ``None`` uses every gene. The paper's preprocessing is in its
+        supplement; 2,000 genes is the scanpy / Seurat default.
+    features
+        Explicit list of genes to use instead.
+    input_type
+        ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
+        log(CPM + 1) per minibatch.
+    n_hidden
+        Encoder widths (scDET, following scGAD: 512, 256); the decoder mirrors them.
+    n_latent
+        Embedding size (scDET: 128).
+    temperature
+        :math:`\\tau` of the prototype classifier. The paper gives 1.0 for "the temperature
+        :math:`\\tau`"; with cosine-similarity logits in [-1, 1] that makes every
+        prediction nearly uniform, and the distribution regulariser cannot activate the
+        novel prototypes (measured: no cell predicted novel after 200 epochs on a synthetic
+        task where 0.1 finds both novel types). 0.1 is the usual scale of cosine
+        classifiers; the contrastive losses keep the paper's 1.0.
+    confidence_threshold
+        Default rejection rule: ``None`` (scDET assigns every cell to a seen type or a novel
+        group) or a global cut on the confidence under which cells are ``"Unassigned"``.
+    theta
+        Outlier fraction of the per-type thresholds fitted on the held-out reference
+        (``annotate(rejection="per_type")``) and of the unexplained-cell test of the
+        ``n_novel`` estimate.
+
+    Notes
+    -----
+    **Probabilities.** ``obsm["scdet_probabilities"]`` and ``predict(soft=True)`` have one
+    column per class: the seen types, then ``novel_<i>``. They are the softmax of the
+    classifier's cosine similarities divided by ``temperature``; the prediction is their
+    argmax (scDET: "obtain predictions by finding the maximum component of the
+    classification probability") and ``obs["scdet_prediction"]`` can be a novel group. They
+    are not temperature-calibrated (the held-out reference has no novel cells to calibrate
+    the novel classes on).
+
+    **Novel groups** are named by their class index. The distribution estimation gives the
+    ``i``-th novel class the frequency of the ``i``-th largest unmatched k-means cluster,
+    so ``novel_0`` tends to be the largest novel group, but a group may receive no cell.
+
+    Examples
+    --------
+    >>> import labeltransfer as lt
+    >>> adata = lt.data.concat_reference_query(ref, query, labels_key="cell_type")
+    >>> lt.SCDET.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")
+    >>> model = lt.SCDET(adata, n_novel=2)  # or n_novel=None to estimate it
+    >>> model.train()
+    >>> model.annotate(key_added="scdet")  # obs["scdet"]: seen types and "novel_<i>"
+    >>> model.save("scdet_model/")
+    """
+
+    _module_cls = SCDETModule
+    _default_key = "scdet"
+    _default_theta = 0.05
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_novel: int | None = None,
+        max_novel: int = 10,
+        n_top_genes: int | None = 2000,
+        features: Sequence[str] | None = None,
+        input_type: Literal["auto", "counts", "lognorm"] = "auto",
+        n_hidden: Sequence[int] = (512, 256),
+        n_latent: int = 128,
+        temperature: float = 0.1,
+        confidence_threshold: float | None = None,
+        theta: float = 0.05,
+    ):
+        super().__init__(adata)
+        if n_novel is not None and (
+            isinstance(n_novel, bool) or not isinstance(n_novel, int | np.integer) or n_novel < 0
+        ):
+            raise ValueError(
+                f"n_novel must be a non-negative integer (the number of novel types in the "
+                f"target) or None to estimate it, got {n_novel!r}."
+            )
+        if not isinstance(max_novel, int | np.integer) or max_novel < 1:
+            raise ValueError(f"max_novel must be a positive integer, got {max_novel!r}.")
+        if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(
+                f"confidence_threshold must be in [0, 1] or None, got {confidence_threshold}."
+            )
+        if not 0.0 < theta < 1.0:
+            raise ValueError(f"theta must be in (0, 1), got {theta}.")
+        if len(tuple(n_hidden)) < 1:
+            raise ValueError("n_hidden needs at least one layer width, e.g. (512, 256).")
+        if features is None and n_top_genes is not None:
+            features = self._transductive_features(input_type, n_top_genes)
+        input_type, features, feature_idx = self._select_inputs(
+            input_type=input_type, n_top_genes=n_top_genes, features=features
+        )
+        n_labels = len(self.cell_types)
+        self.n_novel_ = None if n_novel is None else int(n_novel)
+        self.max_novel = int(max_novel)
+        self.theta = theta
+        self._default_theta = theta
+        self.calibrate = False
+        self.confidence_threshold = confidence_threshold
+        self.n_novel_estimate_: dict[str, Any] | None = None
+        self.distribution_: dict[str, Any] | None = None
+        self._module_kwargs = {
+            "n_input": self.summary_stats.n_vars,
+            "n_labels": n_labels,
+            "n_novel": self.n_novel_ or 0,
+            "feature_idx": feature_idx,
+            "input_type": input_type,
+            "n_hidden": tuple(n_hidden),
+            "n_latent": n_latent,
+            "temperature": temperature,
+        }
+        self.module = self._module_cls(**self._module_kwargs)
+        novel = "estimated in train()" if n_novel is None else str(n_novel)
+        self._model_summary_string = (
+            f"scDET model: {n_labels} seen types, novel types: {novel}, {len(features)} genes "
+            f"({input_type} input), latent {n_latent}, tau {temperature}"
+        )
+        self.training_summary_: dict[str, Any] = {}
+        self.init_params_ = self._get_init_params(locals())
+
+    def _transductive_features(self, input_type: str, n_top_genes: int) -> list[str] | None:
+        """HVGs of all registered cells (reference and target), or ``None`` for all genes."""
+        genes = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+        if n_top_genes >= len(genes):
+            return None
+        layer = self.adata_manager.registry["setup_args"].get("layer")
+        if input_type == "auto":
+            input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
+        idx = select_features(
+            self.adata, n_top_genes=n_top_genes, layer=layer, input_type=input_type
+        )
+        return [str(g) for g in np.asarray(genes)[idx]]
+
+    # ------------------------------------------------------------- classes
+    @property
+    def n_novel(self) -> int | None:
+        """Number of novel classes (``None`` before it is estimated)."""
+        return self.n_novel_
+
+    @property
+    def novel_groups(self) -> list[str]:
+        """Names of the novel classes: ``novel_0``, ``novel_1``, ..."""
+        return [f"{NOVEL_PREFIX}{i}" for i in range(self.module.n_novel)]
+
+    @property
+    def output_classes(self) -> list[str]:
+        """Seen types (registry order) followed by the novel groups."""
+        return [*self.cell_types, *self.novel_groups]
+
+    # ------------------------------------------------------------- training
+    @devices_dsp.dedent
+    def train(
+        self,
+        max_epochs: int = 500,
+        *,
+        train_size: float = 0.9,
+        batch_size: int = 256,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        estimation_interval: int = 10,
+        early_stopping: bool = True,
+        early_stopping_tol: float = 0.005,
+        early_stopping_patience: int = 2,
+        early_stopping_min_epochs: int = 100,
+        warmup_epochs: int = 50,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train on the labelled reference and the unlabelled target cells together.
+
+        Every step takes a reference and a target minibatch
+        (:class:`~labeltransfer.dataloaders.RefQueryDataSplitter`) and minimises scDET's
+        objective (:meth:`~labeltransfer.scdet.SCDETModule.scdet_loss`). The class
+        distribution is re-estimated every ``estimation_interval`` epochs
+        (:class:`~labeltransfer.scdet.DistributionEstimation`). A stratified
+        ``1 - train_size`` of the reference is held out: it is not trained on, its accuracy is
+        logged, and it calibrates the per-type thresholds and the ``n_novel`` estimate. The
+        weights of the last epoch are kept (the held-out reference accuracy does not measure
+        the clustering of the novel types).
+
+        When the model was created with ``n_novel=None``, a warm-up of ``warmup_epochs``
+        epochs first trains the representation (reconstruction, reference cross-entropy,
+        unsupervised and supervised contrastive losses), the number of novel types is
+        estimated on it (:func:`~labeltransfer.scdet.estimate_n_novel`), the classifier gets
+        and scDET is then trained from a fresh initialisation with that many novel classes,
+        as with a known ``n_novel``. (Continuing from the warmed-up network does not work:
+        its classifier claims the novel cells for seen types and new novel prototypes stay
+        inactive.)
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum number of epochs (scDET: 500).
+        train_size
+            Fraction of the reference used for training.
+        batch_size
+            Size of each of the reference and target minibatches (scDET: 256).
+        lr
+            Adam learning rate (scDET: 1e-4).
+        weight_decay
+            Adam weight decay (not in the paper: 0).
+        estimation_interval
+            :math:`m`, epochs between distribution estimations (scDET: 10).
+        early_stopping
+            Stop when the predicted classes of the training cells are stable: fewer than
+            ``early_stopping_tol`` of them changed between ``early_stopping_patience``
+            consecutive estimations, after ``early_stopping_min_epochs`` epochs. Not in the
+            paper (500 epochs); it saves time once the labels have converged.
+        early_stopping_tol
+            Fraction of changed predictions under which labels are stable.
+        early_stopping_patience
+            Consecutive stable estimations needed to stop.
+        early_stopping_min_epochs
+            No early stopping before this epoch.
+        warmup_epochs
+            Epochs of representation warm-up before estimating ``n_novel`` (only when it is
+            unknown).
+        %(param_accelerator)s
+        %(param_devices)s
+        plan_kwargs
+            Passed to :class:`~labeltransfer.scdet.SCDETTrainingPlan` (``rho``, ``gamma``,
+            ``alpha``, ``beta``, ``lambda_cls``, ``lambda_con``, ``pseudo_temperature``,
+            ``contrastive_temperature``, ``mask_rate``, ``noise_sd``).
+        datasplitter_kwargs
+            Passed to :class:`~labeltransfer.dataloaders.RefQueryDataSplitter`.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``callbacks``,
+            ``enable_progress_bar``).
+        """
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+        if estimation_interval < 1:
+            raise ValueError(f"estimation_interval must be >= 1, got {estimation_interval}.")
+        mask = labelled_mask(self.adata_manager)
+        n_query = int((~mask).sum())
+        if n_query == 0:
+            raise ValueError(
+                "scDET trains on reference and target cells together, but every registered "
+                "cell is labelled. Concatenate reference and query with "
+                "lt.data.concat_reference_query (query cells get the unlabeled category) and "
+                "set up that AnnData."
+            )
+        splitter = RefQueryDataSplitter(
+            self.adata_manager,
+            train_size=train_size,
+            use_query=True,
+            batch_size=batch_size,
+            **(datasplitter_kwargs or {}),
+        )
+        splitter.setup()
+        n_ref_train = int(splitter.ref_train_idx.size)
+        plan_kwargs = dict(plan_kwargs or {})
+        if self.n_novel_ is None:
+            self._estimate_n_novel(
+                splitter,
+                warmup_epochs=warmup_epochs,
+                lr=lr,
+                weight_decay=weight_decay,
+                plan_kwargs=plan_kwargs,
+                accelerator=accelerator,
+                devices=devices,
+                trainer_kwargs=trainer_kwargs,
+            )
+        n_classes = self.module.n_classes
+        if n_ref_train + n_query < n_classes:
+            raise ValueError(
+                f"k-means needs at least {n_classes} training cells for {n_classes} classes; "
+                f"got {n_ref_train + n_query}."
+            )
+        plan_kwargs = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "reference_fraction": n_ref_train / (n_ref_train + n_query),
+            **plan_kwargs,
+        }
+        plan = SCDETTrainingPlan(self.module, **plan_kwargs)
+        estimation = DistributionEstimation(
+            estimation_interval,
+            stop_tol=early_stopping_tol if early_stopping else None,
+            stop_patience=early_stopping_patience,
+            stop_min_epochs=early_stopping_min_epochs,
+        )
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), estimation]
+        self._run_training(
+            plan,
+            max_epochs=max_epochs,
+            train_size=train_size,
+            batch_size=batch_size,
+            use_query=True,
+            # no epoch is "best" on the reference alone: keep the final weights
+            warmup_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **trainer_kwargs,
+        )
+        epochs_trained = int(self.trainer.current_epoch)
+        self.distribution_ = estimation.summary()
+        self.training_summary_.update(
+            {
+                "best_epoch": "final",
+                "epochs_trained": epochs_trained,
+                "early_stopped": estimation.stopped_epoch is not None,
+                "n_query": n_query,
+                "n_novel": int(self.module.n_novel),
+                "n_novel_estimated": self.n_novel_estimate_ is not None,
+                "estimation_interval": int(estimation_interval),
+                "estimation_epochs": list(estimation.epochs),
+                "lr": float(lr),
+            }
+        )
+
+    def _estimate_n_novel(
+        self,
+        splitter: RefQueryDataSplitter,
+        *,
+        warmup_epochs: int,
+        lr: float,
+        weight_decay: float,
+        plan_kwargs: dict,
+        accelerator: str,
+        devices: int | list[int] | str,
+        trainer_kwargs: dict,
+    ) -> None:
+        """Warm the representation up, estimate ``n_novel`` and resize the classifier."""
+        if warmup_epochs < 1:
+            raise ValueError(
+                f"warmup_epochs must be >= 1 to estimate n_novel, got {warmup_epochs}; or "
+                "create the model with n_novel=<number of novel types>."
+            )
+        options = {k: v for k, v in plan_kwargs.items() if k != "warmup"}
+        plan = SCDETTrainingPlan(
+            self.module, lr=lr, weight_decay=weight_decay, warmup=True, **options
+        )
+        stage_kwargs = {k: trainer_kwargs[k] for k in _WARMUP_TRAINER_KEYS if k in trainer_kwargs}
+        stage_kwargs.setdefault("enable_checkpointing", False)
+        fit_stage(
+            self,
+            plan,
+            splitter.train_dataloader(),
+            max_epochs=warmup_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **stage_kwargs,
+        )
+        features, labels = self._training_features(np.arange(self.adata.n_obs))
+        n_seen = self.module.n_labels
+        is_query = ~labelled_mask(self.adata_manager)
+        calibration = np.zeros(self.adata.n_obs, dtype=bool)
+        calibration[splitter.val_idx] = True
+        labels = np.where(labels < n_seen, labels, -1)
+        k, report, _ = estimate_n_novel(
+            features,
+            labels,
+            is_query,
+            n_seen,
+            calibration=calibration if calibration.any() else None,
+            theta=self.theta,
+            max_novel=self.max_novel,
+            seed=settings.seed or 0,
+        )
+        report["warmup_epochs"] = int(warmup_epochs)
+        report["n_novel"] = int(k)
+        self.n_novel_estimate_ = report
+        self.n_novel_ = int(k)
+        # a classifier warmed up on the seen types alone claims the novel cells for seen
+        # types and its new novel prototypes stay inactive: scDET itself starts afresh
+        self.module = self._module_cls(**{**self._module_kwargs, "n_novel": int(k)})
+        logger.info(
+            "scDET: estimated %d novel type(s) (%d unexplained query cells).",
+            k,
+            report["n_unexplained"],
+        )
+
+    @torch.inference_mode()
+    def _training_features(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Contrastive features and label codes of registered cells (eval mode)."""
+        self.module.eval()
+        loader = AnnDataLoader(self.adata_manager, indices=indices, shuffle=False, batch_size=1024)
+        features, labels = [], []
+        for tensors in loader:
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            features.append(out["v"].float().cpu())
+            labels.append(tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel().cpu())
+        return torch.cat(features).numpy(), torch.cat(labels).numpy()
+
+    # ------------------------------------------------------------- outputs
+    def _fit_rejection(self, validation_indices: np.ndarray) -> None:
+        """Fit the per-type thresholds; the default rule is none (or the global cut)."""
+        super()._fit_rejection(validation_indices)
+        self.rejection_["rule"] = (
+            "none" if self.confidence_threshold is None else float(self.confidence_threshold)
+        )
+
+    def class_distribution(self) -> pd.Series:
+        r"""Return the last estimated class distribution :math:`\\pi` (seen types, then novel groups)."""
+        self._check_if_trained(warn=False)
+        values = self.module.class_distribution.detach().cpu().numpy().astype(float)
+        return pd.Series(values, index=self.output_classes, name="frequency")
+
+    def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "seen_types": list(self.cell_types),
+            "novel_groups": self.novel_groups,
+            "n_novel": int(self.module.n_novel),
+            "n_novel_estimated": self.n_novel_estimate_ is not None,
+            "class_distribution": {c: float(v) for c, v in self.class_distribution().items()},
+        }
+        if self.n_novel_estimate_ is not None:
+            extra["n_novel_estimate"] = {
+                k: v
+                for k, v in self.n_novel_estimate_.items()
+                if not isinstance(v, float) or math.isfinite(v)
+            }
+        return extra

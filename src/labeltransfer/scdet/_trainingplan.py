@@ -1,0 +1,129 @@
+"""Training plan of scDET: one automatic-optimisation step on a (reference, target) pair."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from labeltransfer.train import AnnotationTrainingPlan
+
+from ._module import SCDETModule
+
+
+class SCDETTrainingPlan(AnnotationTrainingPlan):
+    r"""Optimise scDET's objective (eq. 11) with Adam.
+
+    Training batches are ``(reference, target)`` pairs from
+    :class:`~labeltransfer.dataloaders.RefQueryDataSplitter` (``use_query=True``); validation
+    batches are held-out reference cells (cross-entropy and accuracy over all classes, logged
+    as ``validation_loss`` and ``validation_accuracy``). The class distribution used by
+    :math:`\mathcal L_{reg}`, the logit adjustment and the sampling is the module's
+    ``class_distribution``, updated by :class:`~labeltransfer.scdet.DistributionEstimation`.
+
+    Parameters
+    ----------
+    module
+        The scDET module.
+    lr
+        Adam learning rate (scDET: 1e-4).
+    weight_decay
+        Weight decay (not in the paper: 0).
+    lambda_cls
+        :math:`\lambda_1`, weight of the pseudo-labelling branch (scDET: 1.0).
+    lambda_con
+        :math:`\lambda_2`, weight of the contrastive branch (scDET: 1.0).
+    pseudo_temperature
+        :math:`\hat\tau`, the sharper temperature of the soft pseudo-labels. The paper gives
+        no value; 0.05, half the classifier's :math:`\tau = 0.1`.
+    contrastive_temperature
+        :math:`\tau` of the contrastive losses (scDET: 1.0, the same :math:`\tau`).
+    rho
+        Smoothing of the estimated distribution in :math:`\mathcal L_{reg}` (scDET: 0.5).
+    gamma
+        Logit-adjustment strength (scDET: 0.5).
+    alpha, beta
+        Sampling-rate exponents for the reference types in / not in the minibatch
+        (scDET: 0.5, 0.5).
+    mask_rate
+        Fraction of genes masked in the second view (the paper's augmentation is in its
+        supplement; 0.2).
+    noise_sd
+        Standard deviation of the Gaussian noise added to both views (denoising
+        autoencoder; 0.1 on the log-normalised scale).
+    reference_fraction
+        Share of reference cells among the training cells, to weight the minibatch means of
+        :math:`\mathcal L_{reg}`; set by :meth:`~labeltransfer.SCDET.train`.
+    warmup
+        Train only the reconstruction, reference cross-entropy and unsupervised and
+        supervised contrastive losses (before the number of novel types is estimated).
+    **kwargs
+        Passed to :class:`~labeltransfer.train.AnnotationTrainingPlan`.
+    """
+
+    def __init__(
+        self,
+        module: SCDETModule,
+        *,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        lambda_cls: float = 1.0,
+        lambda_con: float = 1.0,
+        pseudo_temperature: float = 0.05,
+        contrastive_temperature: float = 1.0,
+        rho: float = 0.5,
+        gamma: float = 0.5,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        mask_rate: float = 0.2,
+        noise_sd: float = 0.1,
+        reference_fraction: float = 0.5,
+        warmup: bool = False,
+        **kwargs,
+    ):
+        for name, value in (("rho", rho), ("alpha", alpha), ("beta", beta)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1] (scDET), got {value}.")
+        for name, value in (
+            ("pseudo_temperature", pseudo_temperature),
+            ("contrastive_temperature", contrastive_temperature),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}.")
+        if not 0.0 <= reference_fraction <= 1.0:
+            raise ValueError(f"reference_fraction must be in [0, 1], got {reference_fraction}.")
+        kwargs.setdefault("optimizer", "Custom")
+        if kwargs["optimizer"] == "Custom":
+            kwargs.setdefault(
+                "optimizer_creator",
+                partial(torch.optim.Adam, lr=lr, weight_decay=weight_decay),
+            )
+        super().__init__(module, lr=lr, weight_decay=weight_decay, **kwargs)
+        self.loss_options = {
+            "lambda_cls": lambda_cls,
+            "lambda_con": lambda_con,
+            "pseudo_temperature": pseudo_temperature,
+            "contrastive_temperature": contrastive_temperature,
+            "rho": rho,
+            "gamma": gamma,
+            "alpha": alpha,
+            "beta": beta,
+            "mask_rate": mask_rate,
+            "noise_sd": noise_sd,
+            "reference_fraction": reference_fraction,
+            "warmup": warmup,
+        }
+
+    def training_step(self, batch, batch_idx):
+        """One scDET step on a ``(reference, target)`` minibatch pair."""
+        if not isinstance(batch, tuple | list):
+            raise ValueError(
+                "scDET trains on reference and target cells together: the training batches "
+                "must be (reference, query) pairs (RefQueryDataSplitter(use_query=True))."
+            )
+        reference, query = batch
+        output = self.module.scdet_loss(reference, query, **self.loss_options)
+        self._log_loss_output(output, "train")
+        return output.loss

@@ -1,0 +1,92 @@
+"""Cluster-to-class matching, distribution estimation and the novel-type count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from labeltransfer.scdet import estimate_distribution, estimate_n_novel, match_clusters
+
+
+def test_hungarian_beats_greedy_matching():
+    # cluster 0: 5 cells of type 0 and 4 of type 1; cluster 1: 4 of type 0; cluster 2 unlabelled
+    clusters = np.array([0] * 9 + [1] * 4 + [2] * 3)
+    labels = np.array([0] * 5 + [1] * 4 + [0] * 4 + [-1] * 3)
+    # greedy (cluster 0 -> type 0) keeps 5 cells; the optimum 0 -> 1, 1 -> 0 keeps 8
+    np.testing.assert_array_equal(match_clusters(clusters, labels, 2, 3), [1, 0, 2])
+
+
+def test_unmatched_clusters_go_to_novel_classes_by_size():
+    # 2 seen types in clusters 2 and 0; unlabelled clusters 1 (5 cells) and 3 (9 cells)
+    clusters = np.array([2] * 6 + [0] * 6 + [1] * 5 + [3] * 9)
+    labels = np.array([0] * 6 + [1] * 6 + [-1] * 14)
+    class_of_cluster = match_clusters(clusters, labels, n_seen=2, n_clusters=4)
+    # largest remaining cluster (3) -> novel class 2, then cluster 1 -> class 3
+    np.testing.assert_array_equal(class_of_cluster, [1, 3, 0, 2])
+
+
+def test_unlabelled_query_cells_of_seen_types_count_in_sizes_only():
+    clusters = np.array([0, 0, 1, 1, 1, 2])
+    labels = np.array([1, -1, 0, -1, -1, -1])
+    np.testing.assert_array_equal(match_clusters(clusters, labels, 2, 3), [1, 0, 2])
+
+
+def test_match_clusters_bad_input():
+    with pytest.raises(ValueError, match="at least n_seen"):
+        match_clusters(np.zeros(3, int), np.zeros(3, int), n_seen=3, n_clusters=2)
+    with pytest.raises(ValueError, match="cluster ids"):
+        match_clusters(np.array([0, 5]), np.array([0, 0]), n_seen=1, n_clusters=2)
+
+
+def _blobs(sizes, dim=8, spread=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim)[: len(sizes)] * 3
+    x = np.concatenate(
+        [c + spread * rng.normal(size=(s, dim)) for c, s in zip(centres, sizes, strict=False)]
+    )
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    return x, group
+
+
+def test_estimate_distribution_recovers_frequencies_and_alignment():
+    x, group = _blobs([60, 30, 80, 20, 10])
+    # groups 0 and 1 are seen (half of their cells labelled), 2-4 novel
+    labels = np.where((group < 2) & (np.arange(group.size) % 2 == 0), group, -1)
+    result = estimate_distribution(x, labels, n_seen=2, n_classes=5, seed=0)
+    np.testing.assert_allclose(result["distribution"], np.array([60, 30, 80, 20, 10]) / 200)
+    # seen types keep their codes, novel groups are ordered by size
+    np.testing.assert_array_equal(result["assignment"], group)
+
+
+def test_estimate_n_novel_counts_separated_groups():
+    # 3 seen types (labelled reference + query cells) and 2 novel groups in the query
+    x, group = _blobs([100, 100, 100, 60, 60], seed=1)
+    is_query = np.zeros(group.size, bool)
+    is_query[np.flatnonzero(group < 3)[1::2]] = True
+    is_query[group >= 3] = True
+    labels = np.where(is_query, -1, group)
+    k, report, groups = estimate_n_novel(x, labels, is_query, n_seen=3, seed=0)
+    assert k == 2
+    assert report["n_unexplained"] >= 120
+    assert report["k"][0] == 2
+    assert report["silhouette"][0] > 0.5
+    # the groups are the two novel blobs
+    assert set(np.unique(groups[group == 3])) | set(np.unique(groups[group == 4])) == {0, 1}
+    assert (groups[group < 3] == -1).mean() > 0.9
+
+
+def test_estimate_n_novel_one_and_zero():
+    x, group = _blobs([100, 100, 100, 80], seed=2)
+    is_query = (group == 3) | (np.arange(group.size) % 2 == 1)
+    labels = np.where(is_query, -1, group)
+    k, report, _ = estimate_n_novel(x, labels, is_query, n_seen=3, seed=0)
+    assert k == 1, report
+    assert report["reason"].startswith("unexplained cells without substantial")
+
+    x, group = _blobs([100, 100, 100], seed=3)
+    is_query = np.arange(group.size) % 2 == 1
+    labels = np.where(is_query, -1, group)
+    k, report, groups = estimate_n_novel(x, labels, is_query, n_seen=3, seed=0)
+    assert k == 0
+    assert report["reason"] == "too few unexplained query cells"
+    assert (groups == -1).all()

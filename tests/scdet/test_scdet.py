@@ -1,0 +1,291 @@
+"""lt.SCDET end to end on synthetic data with novel types."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+
+import labeltransfer as lt
+from labeltransfer._constants import NOVEL_PREFIX, UNASSIGNED
+from labeltransfer.scdet import DistributionEstimation, SCDETModule, SCDETTrainingPlan
+
+KEY = "scdet"
+FAST = {
+    "lr": 1e-3,
+    "estimation_interval": 5,
+    "early_stopping": False,
+    "enable_progress_bar": False,
+    "accelerator": "cpu",
+}
+
+
+def _query(adata: ad.AnnData) -> np.ndarray:
+    return (adata.obs["lt_role"] == "query").to_numpy()
+
+
+def _report(model, out):
+    q = _query(out)
+    truth = out.obs["cell_type_original"].astype(str).to_numpy()[q]
+    pred = out.obs[KEY].astype(str).to_numpy()[q]
+    return lt.metrics.open_world_report(truth, pred, model.cell_types)
+
+
+def test_seen_types_classified_and_novel_types_clustered(trained_scdet):
+    out = trained_scdet.annotate(copy=True)
+    report = _report(trained_scdet, out)
+    # chance is 1/5; a closed-set classifier would score 0 on the novel cells
+    assert report["seen_accuracy"] >= 0.9, report
+    assert report["novel_accuracy"] >= 0.8, report
+    assert report["n_novel_clusters"] == 2
+    assert set(report["mapping"].values()) == {"type_3", "type_4"}
+    # reference cells keep their types
+    ref = ~_query(out)
+    truth = out.obs["cell_type_original"].astype(str).to_numpy()[ref]
+    assert (out.obs[KEY].astype(str).to_numpy()[ref] == truth).mean() >= 0.95
+
+
+def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
+    adata = trained_scdet.adata
+    obs_before, obsm_before, uns_before = set(adata.obs), set(adata.obsm), set(adata.uns)
+    labels_before = adata.obs["cell_type"].copy()
+    out = trained_scdet.annotate(copy=True)
+
+    assert set(out.obs) - obs_before == {
+        KEY,
+        f"{KEY}_prediction",
+        f"{KEY}_confidence",
+        f"{KEY}_rejected",
+    }
+    assert set(out.obsm) - obsm_before == {f"{KEY}_probabilities", f"X_{KEY}"}
+    assert set(out.uns) - uns_before == {KEY}
+    assert set(adata.obs) == obs_before
+    pd.testing.assert_series_equal(out.obs["cell_type"], labels_before)
+
+    seen = trained_scdet.cell_types
+    assert seen == ["type_0", "type_1", "type_2"]
+    classes = [*seen, f"{NOVEL_PREFIX}0", f"{NOVEL_PREFIX}1"]
+    assert trained_scdet.output_classes == classes
+    assert list(out.obs[KEY].cat.categories) == [*classes, UNASSIGNED]
+    assert list(out.obs[f"{KEY}_prediction"].cat.categories) == classes
+    assert out.obs[f"{KEY}_confidence"].dtype == np.float32
+    assert out.obs[f"{KEY}_rejected"].dtype == bool
+    assert not out.obs[f"{KEY}_rejected"].any()  # scDET assigns every cell by default
+    np.testing.assert_array_equal(
+        out.obs[KEY].astype(str), out.obs[f"{KEY}_prediction"].astype(str)
+    )
+    probs = out.obsm[f"{KEY}_probabilities"]
+    assert isinstance(probs, pd.DataFrame)
+    assert list(probs.columns) == classes
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs.max(axis=1), out.obs[f"{KEY}_confidence"], rtol=1e-6)
+    assert (probs.idxmax(axis=1) == out.obs[f"{KEY}_prediction"].astype(str)).all()
+    embedding = out.obsm[f"X_{KEY}"]
+    assert embedding.shape == (out.n_obs, 128)
+    assert embedding.dtype == np.float32
+    np.testing.assert_allclose(embedding, trained_scdet.get_latent_representation(), atol=1e-5)
+
+    uns = out.uns[KEY]
+    assert uns["method"] == "SCDET"
+    assert uns["rejection"] == {"rule": "none"}
+    assert list(uns["classes"]) == classes
+    assert list(uns["seen_types"]) == seen
+    assert list(uns["novel_groups"]) == classes[3:]
+    assert uns["n_novel"] == 2
+    assert not uns["n_novel_estimated"]
+    assert set(uns["class_distribution"]) == set(classes)
+    assert sum(uns["class_distribution"].values()) == pytest.approx(1.0)
+    assert uns["training"]["estimation_epochs"].tolist() == [0, 5, 10, 15, 20, 25]
+    out.write_h5ad(tmp_path / "annotated.h5ad")
+    back = ad.read_h5ad(tmp_path / "annotated.h5ad")
+    np.testing.assert_array_equal(back.obs[KEY], out.obs[KEY])
+    assert back.uns[KEY]["n_novel"] == 2
+
+
+def test_rejection_rules_and_unregistered_query(trained_scdet, scdet_pair):
+    out = trained_scdet.annotate(copy=True, rejection=0.9)
+    confidence = out.obs[f"{KEY}_confidence"].to_numpy()
+    rejected = out.obs[f"{KEY}_rejected"].to_numpy()
+    np.testing.assert_array_equal(rejected, confidence < 0.9)
+    assert (out.obs[KEY][rejected] == UNASSIGNED).all()
+    trained_scdet.annotate(out, key_added="pt", rejection="per_type")
+    assert set(out.uns["pt"]["rejection"]["thresholds"]) == set(trained_scdet.output_classes)
+
+    # the query alone, genes reversed, goes through the shared query path
+    query = scdet_pair[1].copy()
+    other = trained_scdet.annotate(query[:, ::-1].copy(), copy=True)
+    registered = trained_scdet.predict(soft=True)[_query(trained_scdet.adata)]
+    np.testing.assert_allclose(
+        other.obsm[f"{KEY}_probabilities"].to_numpy(), registered.to_numpy(), atol=1e-5
+    )
+
+
+def test_save_load_identical_predictions(trained_scdet, scdet_pair, tmp_path):
+    query = scdet_pair[1].copy()
+    before = trained_scdet.predict(query, soft=True)
+    trained_scdet.save(tmp_path / "model")
+    loaded = lt.SCDET.load(tmp_path / "model")
+    pd.testing.assert_frame_equal(loaded.predict(query, soft=True), before)
+    torch.testing.assert_close(
+        loaded.module.class_distribution, trained_scdet.module.class_distribution
+    )
+    reloaded = lt.SCDET.load(tmp_path / "model", adata=trained_scdet.adata.copy())
+    pd.testing.assert_frame_equal(reloaded.predict(query, soft=True), before)
+
+
+def test_estimated_number_of_novel_types(estimated_scdet, scdet_pair, tmp_path):
+    model = estimated_scdet
+    assert model.n_novel == 2
+    estimate = model.n_novel_estimate_
+    assert estimate["n_novel"] == 2
+    assert estimate["warmup_epochs"] == 10
+    assert estimate["n_unexplained"] >= 100  # 160 novel query cells
+    out = model.annotate(copy=True)
+    assert out.uns[KEY]["n_novel_estimated"]
+    assert out.uns[KEY]["n_novel_estimate"]["n_novel"] == 2
+    report = _report(model, out)
+    assert report["seen_accuracy"] >= 0.9, report
+    assert report["novel_accuracy"] >= 0.6, report
+    # the model was created with n_novel=None: loading must resize the classifier
+    query = scdet_pair[1].copy()
+    before = model.predict(query, soft=True)
+    model.save(tmp_path / "estimated")
+    loaded = lt.SCDET.load(tmp_path / "estimated")
+    assert loaded.module.n_classes == 5
+    pd.testing.assert_frame_equal(loaded.predict(query, soft=True), before)
+
+
+def test_distribution_estimation_runs_every_m_epochs(scdet_adata):
+    scvi.settings.seed = 0
+    adata = scdet_adata.copy()
+    lt.SCDET.setup_anndata(adata, labels_key="cell_type")
+    model = lt.SCDET(adata, n_novel=2, n_top_genes=None)
+    spy = DistributionEstimation(3)
+    model.train(max_epochs=7, callbacks=[spy], **{**FAST, "estimation_interval": 2})
+    # the model's own estimation: before epochs 0, 2, 4 and 6 (never after the last epoch)
+    assert model.training_summary_["estimation_epochs"] == [0, 2, 4, 6]
+    assert model.distribution_["epochs"] == [0, 2, 4, 6]
+    assert spy.epochs == [0, 3, 6]
+    last = np.asarray(model.distribution_["distributions"][-1])
+    np.testing.assert_allclose(model.module.class_distribution.numpy(), last, rtol=1e-6)
+    np.testing.assert_allclose(last.sum(), 1.0)
+    assert model.distribution_["changed"][0] is None
+    assert all(0.0 <= c <= 1.0 for c in model.distribution_["changed"][1:])
+    assert model.training_summary_["epochs_trained"] == 7
+
+
+def test_label_stability_stops_training(scdet_adata):
+    scvi.settings.seed = 0
+    adata = scdet_adata.copy()
+    lt.SCDET.setup_anndata(adata, labels_key="cell_type")
+    model = lt.SCDET(adata, n_novel=2, n_top_genes=None)
+    model.train(
+        max_epochs=20,
+        **{
+            **FAST,
+            "estimation_interval": 2,
+            "early_stopping": True,
+            "early_stopping_tol": 0.999999,
+            "early_stopping_patience": 2,
+            "early_stopping_min_epochs": 0,
+        },
+    )
+    # estimations at 0, 2, 4: changed fractions at 2 and 4 are both "stable" -> stop before 4
+    assert model.distribution_["stopped_epoch"] == 4
+    assert model.training_summary_["early_stopped"]
+    assert model.training_summary_["epochs_trained"] == 4
+
+
+def test_module_shapes_and_plan_defaults_follow_the_paper():
+    module = SCDETModule(
+        n_input=50, n_labels=3, n_novel=2, feature_idx=range(50), input_type="counts"
+    )
+    linear = [m.out_features for m in module.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear == [512, 256, 128]
+    linear = [m.out_features for m in module.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear == [256, 512, 50]
+    assert module.prototypes.shape == (5, 128)
+    assert module.classifier_head[0].out_features == 128
+    assert [m.out_features for m in module.projector if isinstance(m, torch.nn.Linear)] == [
+        128,
+        128,
+    ]
+    torch.testing.assert_close(module.class_distribution, torch.full((5,), 0.2))
+    plan = SCDETTrainingPlan(module)
+    optimizer = plan.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["lr"] == 1e-4
+    options = plan.loss_options
+    assert options["lambda_cls"] == options["lambda_con"] == 1.0
+    assert options["rho"] == options["gamma"] == options["alpha"] == options["beta"] == 0.5
+    assert options["contrastive_temperature"] == 1.0
+
+    module.set_n_novel(4)
+    assert module.prototypes.shape == (7, 128)
+    assert module.class_distribution.shape == (7,)
+
+    x = torch.poisson(torch.full((8, 50), 3.0))
+    out = module.inference(x)
+    assert out["z"].shape == (8, 128)
+    assert out["logits"].shape == (8, 7)
+    assert torch.allclose(out["v"].norm(dim=1), torch.ones(8))
+    # logits are cosine similarities / tau
+    assert out["logits"].abs().max() <= 1.0 / module.temperature + 1e-5
+
+
+def test_loss_terms_are_finite_and_sampling_applies():
+    torch.manual_seed(0)
+    module = SCDETModule(
+        n_input=30, n_labels=3, n_novel=2, feature_idx=range(30), input_type="counts"
+    )
+    module.class_distribution.copy_(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]))
+    reference = {"X": torch.poisson(torch.full((16, 30), 5.0)), "labels": torch.arange(16) % 3}
+    query = {"X": torch.poisson(torch.full((12, 30), 5.0)), "labels": torch.full((12,), 3)}
+    module.train()
+    output = module.scdet_loss(reference, query)
+    assert torch.isfinite(output.loss)
+    metrics = output.extra_metrics
+    assert 0 < metrics["sampled_fraction"] <= 1
+    everything = module.scdet_loss(reference, query, alpha=0.0, beta=0.0)
+    assert everything.extra_metrics["sampled_fraction"] == 1.0
+    for name in ("self_training_loss", "regularisation_loss", "soft_contrastive_loss"):
+        assert metrics[name] > 0, name
+    output.loss.backward()
+    assert module.prototypes.grad is not None
+    warm = module.scdet_loss(reference, query, warmup=True)
+    assert warm.extra_metrics["self_training_loss"] == 0
+    assert warm.extra_metrics["soft_contrastive_loss"] == 0
+    # a labelled minibatch must not contain unlabelled cells
+    with pytest.raises(ValueError, match="unlabelled"):
+        module.scdet_loss({**reference, "labels": torch.full((16,), 3)}, query)
+
+
+def test_bad_input_raises(scdet_adata, scdet_pair):
+    adata = scdet_adata.copy()
+    lt.SCDET.setup_anndata(adata, labels_key="cell_type")
+    for bad in (-1, 1.5, "two", True):
+        with pytest.raises(ValueError, match="n_novel must be a non-negative integer"):
+            lt.SCDET(adata, n_novel=bad)
+    with pytest.raises(ValueError, match="max_novel"):
+        lt.SCDET(adata, max_novel=0)
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        lt.SCDET(adata, confidence_threshold=2.0)
+    with pytest.raises(ValueError, match="not genes"):
+        lt.SCDET(adata, features=["gene_0", "no_such_gene"])
+    model = lt.SCDET(adata, n_novel=1, n_top_genes=None)
+    with pytest.raises(ValueError, match="rho must be in"):
+        model.train(max_epochs=1, plan_kwargs={"rho": 2.0}, **FAST)
+    with pytest.raises(ValueError, match="max_epochs"):
+        model.train(max_epochs=0, **FAST)
+    with pytest.raises(RuntimeError, match="not been trained|train"):
+        model.predict()
+
+    # reference only: scDET needs the target cells in training
+    ref = scdet_pair[0].copy()
+    lt.SCDET.setup_anndata(ref, labels_key="cell_type")
+    ref_model = lt.SCDET(ref, n_novel=1, n_top_genes=None)
+    with pytest.raises(ValueError, match="every registered cell is labelled"):
+        ref_model.train(max_epochs=1, **FAST)
