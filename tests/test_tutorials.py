@@ -9,7 +9,10 @@ import nbclient.exceptions
 import nbformat
 import pytest
 
-TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIALS = ROOT / "tutorials"
+#: The small real data sets beside the clone (``../shared/data``), read by some notebooks.
+DATA = ROOT.parent / "shared" / "data"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 
 #: Epochs the notebooks train for in this test (they read LABELTRANSFER_TUTORIAL_EPOCHS).
@@ -24,6 +27,7 @@ def test_tutorials_exist():
 def test_tutorial_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Run the notebook top to bottom in a fresh kernel; any cell error fails the test."""
     monkeypatch.setenv("LABELTRANSFER_TUTORIAL_EPOCHS", EPOCHS)
+    monkeypatch.setenv("LABELTRANSFER_DATA", str(DATA))
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
