@@ -40,6 +40,8 @@ Rejection = str | float | None
 
 #: Cells per inference minibatch: memory stays bounded by the batch, not the data set.
 INFERENCE_BATCH_SIZE = 1024
+#: Cells read at a time from an AnnData opened in backed mode.
+BACKED_CHUNK_SIZE = 50_000
 
 
 class AnnotationMixin:
@@ -227,6 +229,58 @@ class AnnotationMixin:
             return self.adata, None
         return prepare_query(self, adata, **self._query_options(), **harmonize_kwargs)
 
+    def _infer(
+        self,
+        adata: AnnData | None,
+        *,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        return_latent: bool = True,
+        **harmonize_kwargs,
+    ) -> tuple[np.ndarray, np.ndarray | None, dict | None, pd.Index]:
+        """Logits, embeddings, gene-overlap report and cell names of a query (or own data).
+
+        An AnnData opened in backed mode (``anndata.read_h5ad(path, backed="r")``) is read
+        :data:`BACKED_CHUNK_SIZE` cells at a time: each chunk is loaded, harmonised and passed
+        through the network, so memory holds one chunk of expression plus the outputs.
+        """
+        target = self.adata if adata is None else adata
+        inference_kwargs = self._inference_kwargs(target)
+        if adata is None or not adata.isbacked:
+            registered, overlap = self._prepare(adata, **harmonize_kwargs)
+            logits, latent = self._forward(
+                registered,
+                indices=indices,
+                batch_size=batch_size,
+                inference_kwargs=inference_kwargs,
+                return_latent=return_latent,
+            )
+            names = registered.obs_names
+            return logits, latent, overlap, names if indices is None else names[indices]
+        positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        if positions.size == 0:
+            raise ValueError("No cells to annotate: the AnnData or the indices are empty.")
+        logits, latent, names, overlap = [], [], [], None
+        step = BACKED_CHUNK_SIZE
+        for start in range(0, positions.size, step):
+            chunk = adata[positions[start : start + step]].to_memory()
+            registered, overlap = self._prepare(chunk, **harmonize_kwargs)
+            part_logits, part_latent = self._forward(
+                registered,
+                batch_size=batch_size,
+                inference_kwargs=inference_kwargs,
+                return_latent=return_latent,
+            )
+            logits.append(part_logits)
+            latent.append(part_latent)
+            names.append(registered.obs_names)
+        return (
+            np.concatenate(logits),
+            np.concatenate(latent) if return_latent else None,
+            overlap,
+            names[0].append(names[1:]),
+        )
+
     # ------------------------------------------------------------- inference
     @torch.inference_mode()
     def _forward(
@@ -287,16 +341,10 @@ class AnnotationMixin:
         types (registry order) whose rows sum to one (temperature-calibrated where the model
         calibrates).
         """
-        registered, _ = self._prepare(adata)
-        logits, _ = self._forward(
-            registered,
-            indices=indices,
-            batch_size=batch_size,
-            inference_kwargs=self._inference_kwargs(adata if adata is not None else self.adata),
-            return_latent=False,
+        logits, _, _, names = self._infer(
+            adata, indices=indices, batch_size=batch_size, return_latent=False
         )
         probs = self._probabilities(logits)
-        names = registered.obs_names if indices is None else registered.obs_names[indices]
         if soft:
             return pd.DataFrame(probs, index=names, columns=self.output_classes)
         return np.asarray(self.output_classes, dtype=object)[probs.argmax(axis=1)]
@@ -322,13 +370,7 @@ class AnnotationMixin:
         -------
         Array of shape ``(n_cells, n_latent)``.
         """
-        registered, _ = self._prepare(adata)
-        _, latent = self._forward(
-            registered,
-            indices=indices,
-            batch_size=batch_size,
-            inference_kwargs=self._inference_kwargs(adata if adata is not None else self.adata),
-        )
+        _, latent, _, _ = self._infer(adata, indices=indices, batch_size=batch_size)
         return latent
 
     # ------------------------------------------------------------- rejection
@@ -441,7 +483,11 @@ class AnnotationMixin:
         ----------
         adata
             Query AnnData (any gene order; missing genes are zero-filled and reported), or
-            ``None`` for the AnnData the model was set up with.
+            ``None`` for the AnnData the model was set up with. An AnnData opened in backed
+            mode (``anndata.read_h5ad(path, backed="r+")``) is read 50,000 cells at a time,
+            so its expression is never loaded whole; the results go to its in-memory
+            ``obs``/``obsm``/``uns``, and ``adata.write()`` then stores them in the file
+            without rewriting ``X``.
         key_added
             Prefix of the written fields; the model's name by default (e.g. ``"jind"``).
         rejection
@@ -484,16 +530,23 @@ class AnnotationMixin:
                 "`anndata.read_h5ad` (or build an AnnData) first."
             )
         target = self.adata if adata is None else adata
+        if copy and target.isbacked:
+            raise ValueError(
+                "copy=True needs the data in memory, but this AnnData is backed (read with "
+                "backed=...). Annotate it in place (results go to obs/obsm in memory) and "
+                "store them with `adata.write()` (the file must be opened with backed='r+'), "
+                "or load it with `adata.to_memory()` first."
+            )
         if copy:
             target = target.copy()
         self._check_output_key(target, key)
-        registered, overlap = self._prepare(
-            target if adata is not None else None, gene_symbols=gene_symbols, id_map=id_map
+        logits, latent, overlap, _ = self._infer(
+            target if adata is not None else None,
+            batch_size=batch_size,
+            gene_symbols=gene_symbols,
+            id_map=id_map,
         )
         inference_kwargs = self._inference_kwargs(target)
-        logits, latent = self._forward(
-            registered, batch_size=batch_size, inference_kwargs=inference_kwargs
-        )
         probs = self._probabilities(logits)
         prediction = probs.argmax(axis=1)
         confidence = probs.max(axis=1)

@@ -1,0 +1,62 @@
+"""Annotating a query opened in backed mode, chunk by chunk."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+
+import labeltransfer as lt
+from labeltransfer.base import _annotation_mixin
+
+
+@pytest.fixture(scope="module")
+def model_and_query(synthetic_pair):
+    scvi.settings.seed = 0
+    ref, query = synthetic_pair
+    ref = ref.copy()
+    lt.JIND.setup_anndata(ref, labels_key="cell_type")
+    model = lt.JIND(ref, n_top_genes=100)
+    model.train(max_epochs=3, enable_progress_bar=False, accelerator="cpu")
+    return model, query
+
+
+def test_backed_query_gives_the_in_memory_annotation(model_and_query, tmp_path, monkeypatch):
+    model, query = model_and_query
+    path = tmp_path / "query.h5ad"
+    query.write_h5ad(path)
+    expected = model.annotate(ad.read_h5ad(path), key_added="jind", copy=True)
+
+    monkeypatch.setattr(_annotation_mixin, "BACKED_CHUNK_SIZE", 37)  # several uneven chunks
+    backed = ad.read_h5ad(path, backed="r+")
+    model.annotate(backed, key_added="jind")
+    assert backed.isbacked  # X was never loaded into the object
+    for column in ("jind", "jind_prediction", "jind_confidence", "jind_rejected"):
+        pd.testing.assert_series_equal(backed.obs[column], expected.obs[column])
+    np.testing.assert_allclose(backed.obsm["X_jind"], expected.obsm["X_jind"], rtol=1e-5)
+    pd.testing.assert_frame_equal(
+        backed.obsm["jind_probabilities"], expected.obsm["jind_probabilities"]
+    )
+    np.testing.assert_array_equal(
+        model.predict(backed, indices=[5, 80, 3]), model.predict(query, indices=[5, 80, 3])
+    )
+    np.testing.assert_allclose(
+        model.get_latent_representation(backed), expected.obsm["X_jind"], rtol=1e-5
+    )
+
+    backed.write()  # in place: obs/obsm/uns are written, X stays as it is on disk
+    backed.file.close()
+    back = ad.read_h5ad(path)
+    pd.testing.assert_series_equal(back.obs["jind"], expected.obs["jind"])
+    assert back.uns["jind"]["n_cells"] == query.n_obs
+    assert (back.X != query.X).nnz == 0
+
+
+def test_backed_query_refuses_copy(model_and_query, tmp_path):
+    model, query = model_and_query
+    query.write_h5ad(tmp_path / "q.h5ad")
+    backed = ad.read_h5ad(tmp_path / "q.h5ad", backed="r")
+    with pytest.raises(ValueError, match="backed"):
+        model.annotate(backed, copy=True)
