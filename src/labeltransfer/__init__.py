@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 from . import data, metrics, pl, tl
 
 if TYPE_CHECKING:
+    from .cellpredx import CellPredX
     from .jind import JIND
     from .scdet import SCDET
     from .scnym import SCNYM
 
-__all__ = ["JIND", "SCDET", "SCNYM", "data", "metrics", "pl", "tl"]
+__all__ = ["CellPredX", "JIND", "SCDET", "SCNYM", "data", "metrics", "pl", "tl"]
 
 __version__ = version("labeltransfer")
 
-_LAZY = {"JIND": ".jind", "SCNYM": ".scnym", "SCDET": ".scdet"}
+_LAZY = {"JIND": ".jind", "SCNYM": ".scnym", "SCDET": ".scdet", "CellPredX": ".cellpredx"}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,7 @@ from ._classification import (
     raw_accuracy,
     rejection_rate,
 )
+from ._kghr import kghr
 from ._openset import hungarian_match, novel_auroc, open_world_report, oscr
 from ._report import annotation_report, format_report
 
@@ -29,6 +30,7 @@ __all__ = [
     "expected_calibration_error",
     "format_report",
     "hungarian_match",
+    "kghr",
     "macro_f1",
     "novel_auroc",
     "open_world_report",

@@ -4,7 +4,8 @@ Importing this module does not import torch or scvi-tools; the functions that ne
 import them when called.
 """
 
+from ._determinant import determinant_genes
 from ._discover import discover_novel
 from ._interpret import integrated_gradients, marker_genes
 
-__all__ = ["discover_novel", "integrated_gradients", "marker_genes"]
+__all__ = ["determinant_genes", "discover_novel", "integrated_gradients", "marker_genes"]

@@ -1,0 +1,207 @@
+"""The query's kNN graph and the splitter that adds a kNN neighbour to every query cell."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from scipy import sparse
+from scvi import settings
+
+from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter
+
+from ._module import POSITIVE_KEY
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from scvi.data import AnnDataManager
+
+
+def query_knn_graph(
+    adata: AnnData,
+    query_idx: np.ndarray,
+    *,
+    feature_idx: np.ndarray,
+    layer: str | None,
+    input_type: str,
+    n_neighbors: int = 10,
+    n_pcs: int = 50,
+    seed: int | None = 0,
+) -> np.ndarray:
+    """KNN graph of the query cells on the first ``n_pcs`` principal components of their data.
+
+    The data are the model's input genes of the query cells, log(CPM + 1)-normalised when
+    they are counts (the model's own normalisation); PCA is computed on the sparse matrix with
+    implicit centring (ARPACK), so the matrix is never densified, and neighbours are found by
+    Euclidean distance (CellPredX: PCA to 50 components, then kNN; the reference
+    implementation uses 10 neighbours).
+
+    Parameters
+    ----------
+    adata
+        The registered AnnData.
+    query_idx
+        Positions of the query cells in ``adata``.
+    feature_idx
+        The model's input genes.
+    layer
+        Registered layer (``None``: ``X``).
+    input_type
+        ``"counts"`` or ``"lognorm"``.
+    n_neighbors
+        Neighbours per cell (the cell itself excluded).
+    n_pcs
+        Principal components (CellPredX: 50; fewer when the data are smaller).
+    seed
+        Seed of ARPACK's starting vector.
+
+    Returns
+    -------
+    ``(n_query, k)`` int64 array of *positions in adata* of each query cell's neighbours.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(query_idx)
+    if n < 2:
+        raise ValueError("The kNN contrastive loss needs at least two query cells.")
+    X = adata.layers[layer] if layer is not None else adata.X
+    X = X[query_idx][:, feature_idx]
+    X = sparse.csr_matrix(X, dtype=np.float32)
+    if input_type == "counts":
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        totals[totals == 0] = 1.0
+        X = sparse.diags((1e6 / totals).astype(np.float32)) @ X
+        X.data = np.log1p(X.data)
+    n_components = int(min(n_pcs, n - 1, X.shape[1] - 1))
+    if n_components >= 1:
+        pca = PCA(n_components=n_components, svd_solver="arpack", random_state=seed)
+        embedding = pca.fit_transform(X)
+    else:
+        embedding = X.toarray()
+    k = int(min(n_neighbors, n - 1))
+    _, neighbours = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
+    # drop each cell itself (the first neighbour unless duplicates tie with it)
+    rows = np.arange(n)[:, None]
+    own = neighbours == rows
+    keep = np.where(own.any(axis=1, keepdims=True), ~own, np.arange(k + 1) < k)
+    neighbours = neighbours[keep].reshape(n, k)
+    return np.asarray(query_idx, dtype=np.int64)[neighbours]
+
+
+class NeighbourQueryLoader:
+    """Query minibatches with the expression of one random kNN neighbour of each cell.
+
+    Each batch is the registry dict of the query cells plus ``"X_positive"``: the expression
+    of a neighbour drawn uniformly among the cell's ``k`` neighbours (a new draw every epoch,
+    as the reference implementation). Shuffling uses torch's global generator, which
+    ``scvi.settings.seed`` seeds.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    query_idx
+        Positions of the query cells.
+    knn
+        ``(len(query_idx), k)`` neighbour positions (row ``r`` for cell ``query_idx[r]``).
+    batch_size
+        Cells per minibatch.
+    drop_last
+        Drop the last incomplete batch (a batch of one cell is always dropped when the set
+        is larger than a batch: batch norm cannot train on it).
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        query_idx: np.ndarray,
+        knn: np.ndarray,
+        *,
+        batch_size: int,
+        drop_last: bool = False,
+    ):
+        if knn.shape[0] != len(query_idx):
+            raise ValueError(
+                f"The kNN graph has {knn.shape[0]} rows for {len(query_idx)} query cells."
+            )
+        self.dataset = adata_manager.create_torch_dataset()
+        self.query_idx = np.asarray(query_idx, dtype=np.int64)
+        self.knn = np.asarray(knn, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        n = len(self.query_idx)
+        self.drop_last = drop_last or (n > self.batch_size and n % self.batch_size == 1)
+
+    def __len__(self) -> int:
+        n = len(self.query_idx)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _fetch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        # sorted unique rows (backed data needs sorted indices), then back to the batch order
+        unique, inverse = np.unique(positions, return_inverse=True)
+        data = self.dataset[unique.tolist()]
+        return {k: torch.as_tensor(np.asarray(v)[inverse]) for k, v in data.items()}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = len(self.query_idx)
+        order = torch.randperm(n).numpy()
+        for b in range(len(self)):
+            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = self._fetch(self.query_idx[rows])
+            pick = torch.randint(self.knn.shape[1], (len(rows),)).numpy()
+            batch[POSITIVE_KEY] = self._fetch(self.knn[rows, pick])["X"]
+            yield batch
+
+
+class CellPredXDataSplitter(RefQueryDataSplitter):
+    """Reference + query splitter whose query batches carry a kNN neighbour of each cell.
+
+    A :class:`~labeltransfer.dataloaders.RefQueryDataSplitter` whose query minibatches also
+    hold ``"X_positive"``, for CellPredX's contrastive loss.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    train_size
+        Fraction of the labelled cells used for training.
+    knn
+        Neighbour positions of the query cells (rows in the order of the unlabelled cells), or
+        ``None``: query batches without neighbours (the contrastive loss is then 0).
+    **kwargs
+        Passed to :class:`~labeltransfer.dataloaders.RefQueryDataSplitter`.
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        train_size: float = 0.9,
+        *,
+        knn: np.ndarray | None = None,
+        **kwargs,
+    ):
+        super().__init__(adata_manager, train_size, **kwargs)
+        if knn is not None and knn.shape[0] != self.query_idx.size:
+            raise ValueError(
+                f"The kNN graph has {knn.shape[0]} rows but {self.query_idx.size} query cells "
+                "are registered."
+            )
+        self.knn = knn
+
+    def train_dataloader(self):
+        """Return reference batches paired with query batches that carry kNN neighbours."""
+        if not self.use_query or self.knn is None:
+            return super().train_dataloader()
+        ref = self._loader(self.ref_train_idx, shuffle=True, drop_last=self.drop_last)
+        batch_size = self.data_loader_kwargs.get("batch_size") or settings.batch_size
+        query = NeighbourQueryLoader(
+            self.adata_manager,
+            self.query_idx,
+            self.knn,
+            batch_size=batch_size,
+            drop_last=self.drop_last,
+        )
+        return PairedDataLoader(ref, query)
