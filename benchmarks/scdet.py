@@ -9,11 +9,12 @@ memory, ``VmHWM`` read at the end of the child, is its own):
    novel cells) the target.
 2. ``inter``: Kang ctrl -> stim, two randomly chosen types (per seed) removed from the
    reference.
-3. ``longtail``: ``lt.data.synthetic`` with 4 seen and 2 novel types whose sizes fall
-   geometrically by 50:1 over the six types, in the reference and the target alike; scDET
-   with and without its debiasing (``gamma = alpha = beta = 0``: no logit adjustment, every
+3. ``longtail``: simulated counts (:func:`_longtail`) with 4 seen types of 1500 / 600 / 240 /
+   30 cells (50:1), the rarest a subtype of the largest (its markers plus 8 of its own), and
+   2 novel types of 250 and 150 cells; half of each seen type is the reference. scDET with
+   and without its debiasing (``gamma = alpha = beta = 0``: no logit adjustment, every
    pseudo-label sampled). The minority accuracy is that of the target cells of the rarest
-   seen type and of the rarest novel type.
+   seen type (``type_3``) and of the rarest novel type.
 4. ``estimate``: ``n_novel=None`` on synthetic tasks with 1, 2 and 3 novel types and on the
    long-tail task: the estimated number of novel types against the truth.
 
@@ -63,8 +64,15 @@ SOURCE = ROOT / "src" / "labeltransfer"
 RESULTS = ROOT / "benchmarks" / "results"
 TRUE_KEY = "cell_type"
 DATASETS = {"kang": "kang_ifnb_small.h5ad", "cellbench": "cellbench_3cl.h5ad"}
-#: Long-tail task: 4 seen + 2 novel types, largest / smallest = 50 over all six types.
-LONGTAIL = {"n_types": 4, "n_novel": 2, "imbalance": 50.0, "n_cells": 2400, "n_genes": 500}
+#: Long-tail task: seen types 1500 / 600 / 240 / 30 cells (50:1), the rarest a subtype of the
+#: largest (its markers plus ``n_own`` genes of its own, ``own_fold``); novel types 250 / 150.
+LONGTAIL = {
+    "sizes": (1500, 600, 240, 30, 250, 150),
+    "n_genes": 300,
+    "n_markers": 20,
+    "n_own": 8,
+    "own_fold": (4.0, 6.0),
+}
 #: Epochs of the main training in the n_novel-estimation runs (only the estimate is compared).
 ESTIMATE_EPOCHS = 100
 
@@ -95,48 +103,57 @@ def _split_inter(adata, seed: int):
     return adata[ref].copy(), adata[batch == "stim"].copy(), seen
 
 
-def _geometric_sizes(n: int, k: int, ratio: float):
+def _longtail(seed: int):
+    """Reference and target of the long-tail task (see ``LONGTAIL``).
+
+    Gamma-Poisson counts (inverse dispersion 10, log-normal library sizes around 2,000) on a
+    log-normal base profile of ``n_genes`` genes. ``type_0``, ``type_1``, ``type_2`` and the
+    two novel types raise 20 marker genes each by a fold change drawn in [4, 8]; the minority
+    seen type ``type_3`` has the markers of ``type_0`` plus ``n_own`` of its own raised
+    [4, 6]-fold, so it is a rare subtype of the majority type: easy to absorb into it. Seen
+    types: 1500 / 600 / 240 / 30 cells (50:1), half of each in the reference; novel types
+    250 and 150 cells, in the target.
+    """
     import numpy as np
+    import pandas as pd
+    from anndata import AnnData
+    from scipy import sparse
 
-    weights = ratio ** (-np.arange(k) / (k - 1))
-    return np.maximum(1, np.round(n * weights / weights.sum()).astype(int))
-
-
-def _longtail(seed: int, n_novel: int = LONGTAIL["n_novel"], imbalance: float | None = None):
-    """Reference and target whose six type sizes fall geometrically (type_0 largest)."""
-    import numpy as np
-
-    import labeltransfer as lt
-
-    n_types = LONGTAIL["n_types"]
-    ratio = LONGTAIL["imbalance"] if imbalance is None else imbalance
-    sizes = _geometric_sizes(LONGTAIL["n_cells"], n_types + n_novel, ratio)
-    # half of every seen type's cells in the reference, the rest and the novel cells in the target
-    ref_sizes, tgt_sizes = sizes[:n_types] // 2, sizes - np.r_[sizes[:n_types] // 2, [0] * n_novel]
-    n_query_pool = int(tgt_sizes.max() * (n_types + n_novel))
-    ref, query = lt.data.synthetic(
-        n_reference=int(ref_sizes.max() * n_types),
-        n_query=n_query_pool,
-        n_genes=LONGTAIL["n_genes"],
-        n_types=n_types,
-        n_novel=n_novel,
-        batch_shift=0.0,
-        seed=seed,
-    )
     rng = np.random.default_rng(seed)
-
-    def take(adata, wanted):
-        labels = adata.obs[TRUE_KEY].cat.codes.to_numpy()
-        keep = np.concatenate(
-            [
-                rng.choice(np.flatnonzero(labels == t), s, replace=False)
-                for t, s in enumerate(wanted)
-            ]
-        )
-        return adata[np.sort(keep)].copy()
-
-    seen = [f"type_{i}" for i in range(n_types)]
-    return take(ref, ref_sizes), take(query, tgt_sizes), seen
+    names = ["type_0", "type_1", "type_2", "type_3", "novel_a", "novel_b"]
+    n_genes, n_markers, n_own = LONGTAIL["n_genes"], LONGTAIL["n_markers"], LONGTAIL["n_own"]
+    base = rng.normal(0.0, 1.5, n_genes)
+    # markers among the more expressed two thirds of the genes
+    pool = rng.permutation(np.argsort(base)[n_genes // 3 :])
+    markers = {t: pool[i * n_markers : (i + 1) * n_markers] for i, t in enumerate(names[:3])}
+    for i, t in enumerate(names[4:], start=3):
+        markers[t] = pool[i * n_markers : (i + 1) * n_markers]
+    own = pool[5 * n_markers : 5 * n_markers + n_own]
+    blocks, labels = [], []
+    for t, size in zip(names, LONGTAIL["sizes"], strict=True):
+        log_mean = base.copy()
+        up = markers["type_0"] if t == "type_3" else markers[t]
+        log_mean[up] += np.log(rng.uniform(4.0, 8.0, up.size))
+        if t == "type_3":
+            log_mean[own] += np.log(rng.uniform(*LONGTAIL["own_fold"], n_own))
+        profile = np.exp(log_mean) / np.exp(log_mean).sum()
+        library = 2000.0 * np.exp(rng.normal(0.0, 0.3, size))
+        mean = library[:, None] * profile[None, :]
+        blocks.append(rng.poisson(rng.gamma(10.0, mean / 10.0)))
+        labels += [t] * size
+    labels = np.asarray(labels)
+    adata = AnnData(
+        sparse.csr_matrix(np.vstack(blocks).astype(np.float32)),
+        obs=pd.DataFrame({TRUE_KEY: labels}, index=[f"cell_{i}" for i in range(labels.size)]),
+    )
+    adata.var_names = [f"gene_{i}" for i in range(n_genes)]
+    seen = names[:4]
+    to_ref = np.zeros(labels.size, dtype=bool)
+    for t in seen:
+        members = np.flatnonzero(labels == t)
+        to_ref[rng.choice(members, members.size // 2, replace=False)] = True
+    target = adata[~to_ref]
+    return adata[to_ref].copy(), target[rng.permutation(target.n_obs)].copy(), seen
 
 
 def _balanced(seed: int, n_novel: int):
@@ -145,7 +162,7 @@ def _balanced(seed: int, n_novel: int):
     ref, query = lt.data.synthetic(
         n_reference=800,
         n_query=800,
-        n_genes=LONGTAIL["n_genes"],
+        n_genes=500,
         n_types=4,
         n_novel=n_novel,
         batch_shift=0.3,
@@ -353,7 +370,7 @@ def _write_markdown(csv: Path) -> str:
         "## 2. Inter-data: Kang ctrl → stim, two types removed from the reference",
         "",
         *_table(frame, "inter", accuracy),
-        "## 3. Long tail: synthetic, 50:1 over 4 seen + 2 novel types",
+        "## 3. Long tail: 50:1 among the seen types, the rarest a subtype of the largest",
         "",
         *_table(
             frame,

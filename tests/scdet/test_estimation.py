@@ -90,3 +90,30 @@ def test_estimate_n_novel_one_and_zero():
     assert k == 0
     assert report["reason"] == "too few unexplained query cells"
     assert (groups == -1).all()
+
+
+def test_target_estimation_resists_a_domain_shift():
+    # 2 seen types (reference in one domain) and 1 novel type; every target cell is shifted,
+    # and the shift moves the target cells of each seen type far from its reference cells
+    rng = np.random.default_rng(4)
+    dim = 8
+    centres = np.eye(dim)[:3] * 3
+    shift = np.zeros(dim)
+    shift[5] = 6.0
+    ref_group = np.repeat([0, 1], 50)
+    tgt_group = np.repeat([0, 1, 2], [50, 50, 40])
+    x_ref = centres[ref_group] + 0.05 * rng.normal(size=(100, dim))
+    x_tgt = centres[tgt_group] + shift + 0.05 * rng.normal(size=(140, dim))
+    x = np.concatenate([x_ref, x_tgt])
+    labels = np.r_[ref_group, np.full(140, -1)]
+    truth = np.r_[ref_group, tgt_group]
+    target = estimate_distribution(x, labels, n_seen=2, n_classes=3, seed=0)
+    np.testing.assert_array_equal(target["assignment"], truth)
+    np.testing.assert_allclose(target["distribution"], np.array([100, 100, 40]) / 240)
+    np.testing.assert_allclose(target["target_distribution"], np.array([50, 50, 40]) / 140)
+    # the paper's k-means on all cells separates the domains instead: target cells of the
+    # seen types end up in a novel class
+    paper = estimate_distribution(x, labels, n_seen=2, n_classes=3, seed=0, cells="all")
+    assert (paper["assignment"][100:][tgt_group < 2] == 2).mean() > 0.4
+    with pytest.raises(ValueError, match="cells must be"):
+        estimate_distribution(x, labels, n_seen=2, n_classes=3, cells="some")

@@ -222,10 +222,15 @@ def test_module_shapes_and_plan_defaults_follow_the_paper():
     assert options["lambda_cls"] == options["lambda_con"] == 1.0
     assert options["rho"] == options["gamma"] == options["alpha"] == options["beta"] == 0.5
     assert options["contrastive_temperature"] == 1.0
+    # departure from eq. 5 (documented): the regulariser acts on the target's mean prediction
+    assert options["regularise"] == "target"
+    with pytest.raises(ValueError, match="regularise"):
+        SCDETTrainingPlan(module, regularise="both")
 
     module.set_n_novel(4)
     assert module.prototypes.shape == (7, 128)
     assert module.class_distribution.shape == (7,)
+    assert module.target_distribution.shape == (7,)
 
     x = torch.poisson(torch.full((8, 50), 3.0))
     out = module.inference(x)

@@ -66,8 +66,12 @@ class DistributionEstimation(pl.Callback):
         stop_tol: float | None = None,
         stop_patience: int = 2,
         stop_min_epochs: int = 0,
+        cells: str = "target",
     ):
         super().__init__()
+        if cells not in ("target", "all"):
+            raise ValueError(f"cells must be 'target' or 'all', got {cells!r}.")
+        self.cells = cells
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
         if stop_tol is not None and not 0.0 <= stop_tol < 1.0:
@@ -151,11 +155,20 @@ class DistributionEstimation(pl.Callback):
         labels = np.where(labels < module.n_labels, labels, -1)
         seed = (settings.seed or 0) + epoch
         result = estimate_distribution(
-            features, labels, module.n_labels, module.n_classes, seed=seed, n_init=self.n_init
+            features,
+            labels,
+            module.n_labels,
+            module.n_classes,
+            seed=seed,
+            n_init=self.n_init,
+            cells=self.cells,
         )
         distribution = result["distribution"]
         module.class_distribution.copy_(
             torch.as_tensor(distribution, dtype=module.class_distribution.dtype)
+        )
+        module.target_distribution.copy_(
+            torch.as_tensor(result["target_distribution"], dtype=module.class_distribution.dtype)
         )
         changed = None if self._previous is None else float((prediction != self._previous).mean())
         self._previous = prediction

@@ -41,8 +41,9 @@ class SCDETModule(AnnotationModule):
     * **Contrastive branch**: projection ``128 -> 128 -> 128`` (two linear layers with a ReLU
       between), L2-normalised.
 
-    The estimated class distribution :math:`\pi` (``class_distribution``, uniform until the
-    first estimation) is a buffer, so it is saved with the model.
+    The estimated class distribution :math:`\pi` over all training cells
+    (``class_distribution``) and among the target cells (``target_distribution``), uniform
+    until the first estimation, are buffers, so they are saved with the model.
 
     Parameters
     ----------
@@ -101,6 +102,9 @@ class SCDETModule(AnnotationModule):
         self.register_buffer(
             "class_distribution", torch.full((self.n_classes,), 1.0 / self.n_classes)
         )
+        self.register_buffer(
+            "target_distribution", torch.full((self.n_classes,), 1.0 / self.n_classes)
+        )
 
     # ------------------------------------------------------------- classes
     @property
@@ -130,6 +134,9 @@ class SCDETModule(AnnotationModule):
         self.n_novel = int(n_novel)
         self.prototypes = nn.Parameter(new)
         self.class_distribution = torch.full(
+            (self.n_classes,), 1.0 / self.n_classes, device=device
+        )
+        self.target_distribution = torch.full(
             (self.n_classes,), 1.0 / self.n_classes, device=device
         )
 
@@ -196,6 +203,7 @@ class SCDETModule(AnnotationModule):
         beta: float = 0.5,
         mask_rate: float = 0.2,
         noise_sd: float = 0.1,
+        regularise: str = "target",
         warmup: bool = False,
     ) -> LossOutput:
         r"""ScDET's objective on a reference and a target minibatch (eq. 11).
@@ -211,10 +219,14 @@ class SCDETModule(AnnotationModule):
           pseudo-label :math:`q` of one view (temperature ``pseudo_temperature``, detached)
           is the target of the other view's prediction :math:`p`.
         * :math:`\mathcal L_{reg}` (eq. 5): KL divergence of the mean prediction of each view
-          to the estimated distribution smoothed by ``rho``. The mean over
+          to the estimated distribution smoothed by ``rho``. With ``regularise="target"``
+          (default) the mean is over the target minibatch and the distribution is
+          ``target_distribution``, the estimated class frequencies among the target cells;
+          with ``regularise="all"`` (the paper) the mean over
           :math:`\mathcal D_r \cup \mathcal D_t` is estimated from the minibatch by weighting
           the reference and target means by their shares of the training cells
-          (``reference_fraction``), since the two minibatches have equal sizes.
+          (``reference_fraction``), since the two minibatches have equal sizes, and the
+          distribution is ``class_distribution``.
         * Debiasing and sampling (eqs. 7-8): the rectified target distribution
           :math:`\hat p` (view 1, logit adjustment ``gamma``), the class-wise sampling rates
           (``alpha`` for the reference types present in the minibatch, ``beta`` otherwise)
@@ -266,13 +278,19 @@ class SCDETModule(AnnotationModule):
             self_training = 0.5 * (
                 soft_cross_entropy(logits1[n_ref:], q2) + soft_cross_entropy(logits2[n_ref:], q1)
             )
-            target = smoothed_distribution(self.class_distribution, rho)
+            if regularise == "all":
+                target = smoothed_distribution(self.class_distribution, rho)
+            else:
+                target = smoothed_distribution(self.target_distribution, rho)
             regulariser = zero
             for view_logits in (logits1, logits2):
                 p = torch.softmax(view_logits, dim=1)
-                mean_p = reference_fraction * p[:n_ref].mean(0) + (1.0 - reference_fraction) * p[
-                    n_ref:
-                ].mean(0)
+                if regularise == "all":
+                    mean_p = reference_fraction * p[:n_ref].mean(0) + (
+                        1.0 - reference_fraction
+                    ) * p[n_ref:].mean(0)
+                else:
+                    mean_p = p[n_ref:].mean(0)
                 regulariser = regulariser + distribution_kl(mean_p, target)
         classification = ref_ce + self_training + regulariser
 
