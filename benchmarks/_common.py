@@ -186,17 +186,23 @@ def emit(record: dict[str, Any]) -> None:
 
 
 def run_child(
-    args: Sequence[str], *, timeout: float | None = None, env: dict[str, str] | None = None
+    args: Sequence[str],
+    *,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    python: str | os.PathLike[str] | None = None,
 ) -> tuple[list[dict[str, Any]], str | None, float]:
     """Run ``python <args>`` in a fresh process.
 
+    ``python`` is the interpreter to use (default: this one, ``sys.executable``), e.g. the
+    ``bin/python`` of another virtual environment holding a third-party implementation.
     Returns the parsed ``RESULT`` records, the error text (stderr tail with the traceback)
     when the child failed or printed no record, and the wall time in seconds.
     """
     start = time.perf_counter()
     try:
         out = subprocess.run(
-            [sys.executable, *args],
+            [str(python) if python is not None else sys.executable, *args],
             capture_output=True,
             text=True,
             check=False,
