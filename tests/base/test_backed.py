@@ -60,3 +60,16 @@ def test_backed_query_refuses_copy(model_and_query, tmp_path):
     backed = ad.read_h5ad(tmp_path / "q.h5ad", backed="r")
     with pytest.raises(ValueError, match="backed"):
         model.annotate(backed, copy=True)
+
+
+def test_annotated_queries_are_not_kept_by_the_model(model_and_query):
+    """scvi keeps every registered AnnData; a query registered for one call is released."""
+    model, query = model_and_query
+    store = model._per_instance_manager_store[model.id]
+    before = set(store)
+    for _ in range(3):
+        model.annotate(query, key_added="jind", copy=True)
+        model.predict(query)
+        model.get_latent_representation(query)
+    assert set(store) == before
+    assert model.adata_manager.adata_uuid in store  # the model's own data stays registered

@@ -256,14 +256,17 @@ class AnnotationMixin:
                 return_latent=return_latent,
             )
             names = registered.obs_names
+            self._release(registered)
             return logits, latent, overlap, names if indices is None else names[indices]
         positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         if positions.size == 0:
             raise ValueError("No cells to annotate: the AnnData or the indices are empty.")
-        logits, latent, names, overlap = [], [], [], None
+        logits = latent = None
+        names, overlap = [], None
         step = BACKED_CHUNK_SIZE
         for start in range(0, positions.size, step):
-            chunk = adata[positions[start : start + step]].to_memory()
+            stop = min(start + step, positions.size)
+            chunk = adata[positions[start:stop]].to_memory()
             registered, overlap = self._prepare(chunk, **harmonize_kwargs)
             part_logits, part_latent = self._forward(
                 registered,
@@ -271,15 +274,28 @@ class AnnotationMixin:
                 inference_kwargs=inference_kwargs,
                 return_latent=return_latent,
             )
-            logits.append(part_logits)
-            latent.append(part_latent)
+            if logits is None:  # filled in place: no second copy of the outputs
+                logits = np.empty((positions.size, part_logits.shape[1]), part_logits.dtype)
+                if return_latent:
+                    latent = np.empty((positions.size, part_latent.shape[1]), part_latent.dtype)
+            logits[start:stop] = part_logits
+            if return_latent:
+                latent[start:stop] = part_latent
             names.append(registered.obs_names)
-        return (
-            np.concatenate(logits),
-            np.concatenate(latent) if return_latent else None,
-            overlap,
-            names[0].append(names[1:]),
-        )
+            self._release(registered)
+            del chunk, registered, part_logits, part_latent  # before the next chunk is read
+        return logits, latent, overlap, names[0].append(names[1:])
+
+    def _release(self, registered: AnnData) -> None:
+        """Forget a query AnnData registered only for one inference call.
+
+        scvi-tools keeps a manager, and so the data, of every AnnData registered with a
+        model; without this, each annotated query (or backed chunk) would stay in memory as
+        long as the model.
+        """
+        if registered is not self.adata and registered.uns.get("_lt_query", False):
+            store = self._per_instance_manager_store.get(self.id, {})
+            store.pop(registered.uns.get("_scvi_uuid"), None)
 
     # ------------------------------------------------------------- inference
     @torch.inference_mode()

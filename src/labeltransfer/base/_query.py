@@ -74,6 +74,7 @@ def prepare_query(
             adata.obs[batch_key].astype(str).values if batch_key in adata.obs else "query"
         )
     light = AnnData(X=harmonized.X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    light.uns["_lt_query"] = True  # built here for one call: the model may forget it after
     if layer is not None:
         light.layers[layer] = harmonized.X
     with warnings.catch_warnings():
