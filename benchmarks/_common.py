@@ -236,3 +236,16 @@ def mean_sd(values: Sequence[float], digits: int = 3) -> str:
         return f"{mean:.{digits}f}"
     sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def seed_table(frame, columns: Sequence[str], by: Sequence[str]) -> str:
+    """Markdown table of mean ± sd over seeds of ``columns``, one row per ``by`` group."""
+    lines = [
+        "| " + " | ".join([*by, "seeds", *columns]) + " |",
+        "|" + "---|" * (len(by) + 1 + len(columns)),
+    ]
+    for keys, group in frame.groupby(list(by), sort=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        cells = [mean_sd(group[c].tolist()) if c in group else "n/a" for c in columns]
+        lines.append("| " + " | ".join([*map(str, keys), str(len(group)), *cells]) + " |")
+    return "\n".join(lines)

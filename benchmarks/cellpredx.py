@@ -46,9 +46,9 @@ from _common import (  # noqa: E402
     emit,
     epoch_timer,
     machine_info,
-    mean_sd,
     peak_rss_mb,
     run_child,
+    seed_table,
     source_fingerprint,
     uptime,
 )
@@ -274,19 +274,6 @@ def _configs(seeds: list[int]) -> list[dict[str, Any]]:
     return configs
 
 
-def _table(frame, columns: list[str], by: list[str]) -> str:
-    """Markdown table of mean ± sd over seeds of ``columns``, one row per ``by`` group."""
-    lines = [
-        "| " + " | ".join([*by, "seeds", *columns]) + " |",
-        "|" + "---|" * (len(by) + 1 + len(columns)),
-    ]
-    for keys, group in frame.groupby(by, sort=False):
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        cells = [mean_sd(group[c].tolist()) if c in group else "n/a" for c in columns]
-        lines.append("| " + " | ".join([*map(str, keys), str(len(group)), *cells]) + " |")
-    return "\n".join(lines)
-
-
 def _markdown(frame) -> str:
     first = frame.iloc[0]
     return (
@@ -307,7 +294,7 @@ def _markdown(frame) -> str:
                 "Accuracy is the argmax call on the ATAC cells; rejection is CellPredX's "
                 "default (confidence < 0.95).",
                 "",
-                _table(
+                seed_table(
                     frame[frame.experiment == "ablation"],
                     [
                         "accuracy",
@@ -324,7 +311,7 @@ def _markdown(frame) -> str:
                 "",
                 "## 2. RNA -> RNA next to JIND and scNym (defaults)",
                 "",
-                _table(
+                seed_table(
                     frame[frame.experiment == "transfer"],
                     [
                         "accuracy",
@@ -343,7 +330,7 @@ def _markdown(frame) -> str:
                 f"Synthetic: one ATAC-only type (`n_novel=1`); Kang: {HELD_OUT_KANG} removed "
                 "from the ctrl reference.",
                 "",
-                _table(
+                seed_table(
                     frame[frame.experiment == "novel"],
                     [
                         "novel_auroc",

@@ -49,9 +49,9 @@ from _common import (  # noqa: E402
     emit,
     epoch_timer,
     machine_info,
-    mean_sd,
     peak_rss_mb,
     run_child,
+    seed_table,
     source_fingerprint,
     uptime,
 )
@@ -227,19 +227,6 @@ def _configs(seeds: list[int]) -> list[dict[str, Any]]:
     return configs
 
 
-def _table(frame, columns: list[str], by: list[str]) -> str:
-    """Markdown table of mean ± sd over seeds of ``columns``, one row per ``by`` group."""
-    lines = [
-        "| " + " | ".join([*by, "seeds", *columns]) + " |",
-        "|" + "---|" * (len(by) + 1 + len(columns)),
-    ]
-    for keys, group in frame.groupby(by, sort=False):
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        cells = [mean_sd(group[c].tolist()) if c in group else "n/a" for c in columns]
-        lines.append("| " + " | ".join([*map(str, keys), str(len(group)), *cells]) + " |")
-    return "\n".join(lines)
-
-
 def _rank(value) -> str:
     return f">{MARKER_TOP}" if value != value or value is None else str(int(value))
 
@@ -257,7 +244,7 @@ def _markdown(frame) -> str:
         "",
         "## 1. Kang ctrl -> stim: the full model and its ablations",
         "",
-        _table(
+        seed_table(
             frame[frame.experiment == "ablation"],
             [
                 "raw_accuracy",
@@ -276,7 +263,7 @@ def _markdown(frame) -> str:
         "",
         "## 2. CellBench CEL-seq2 -> Drop-seq",
         "",
-        _table(
+        seed_table(
             frame[frame.experiment == "transfer"],
             [
                 "raw_accuracy",
@@ -293,7 +280,7 @@ def _markdown(frame) -> str:
         "",
         f"## 3. New type: {HELD_OUT} held out of the Kang reference (new identity discovery)",
         "",
-        _table(
+        seed_table(
             frame[frame.experiment == "novel"],
             [
                 "median_confidence_novel",
@@ -311,7 +298,7 @@ def _markdown(frame) -> str:
         "",
         "## 4. Multi-domain: the two Kang donors as separate domains",
         "",
-        _table(
+        seed_table(
             frame[frame.experiment == "multidomain"],
             ["raw_accuracy", "ece", "rejection_rate", "epochs", "train_s"],
             ["domains"],
