@@ -354,6 +354,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seed 0 only -> cellpredx_quick.*")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default 0 1 2)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each run")
+    parser.add_argument(
+        "--experiments",
+        nargs="+",
+        choices=("ablation", "transfer", "novel"),
+        help="run only these experiments -> cellpredx_<experiments>.{csv,md}",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the markdown")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -364,12 +370,17 @@ def main() -> None:
 
     import pandas as pd
 
-    out = RESULTS / ("cellpredx_quick.csv" if args.quick else "cellpredx.csv")
+    name = "cellpredx" + ("_" + "_".join(args.experiments) if args.experiments else "")
+    out = RESULTS / (f"{name}_quick.csv" if args.quick else f"{name}.csv")
     if args.markdown_only:
         out.with_suffix(".md").write_text(_markdown(pd.read_csv(out)))
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    configs = [{**c, "threads": args.threads} for c in _configs(seeds)]
+    configs = [
+        {**c, "threads": args.threads}
+        for c in _configs(seeds)
+        if not args.experiments or c["experiment"] in args.experiments
+    ]
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     start, source_start, t0 = uptime(), source_fingerprint(SOURCE), time.perf_counter()
     rows, failed = [], 0
