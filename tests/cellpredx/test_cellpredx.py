@@ -323,3 +323,19 @@ def test_novel_atac_type_gets_low_confidence():
     novel = atac.obs["novel"].to_numpy()
     confidence = out["atac"].obs[f"{KEY}_confidence"].to_numpy()
     assert lt.metrics.novel_auroc(novel, confidence) >= 0.7
+
+
+def test_same_seed_same_predictions(unpaired_pair):
+    """Minibatches, kNN partners, pseudo-labels and the split all follow scvi.settings.seed."""
+
+    def fit(seed: int) -> pd.DataFrame:
+        scvi.settings.seed = seed
+        mdata = make_mudata(*unpaired_pair)
+        lt.CellPredX.setup_mudata(mdata, labels_key="cell_type")
+        model = lt.CellPredX(mdata)
+        model.train(max_epochs=4, enable_progress_bar=False, accelerator="cpu")
+        return model.predict(mdata, soft=True)
+
+    first = fit(3)
+    pd.testing.assert_frame_equal(first, fit(3))
+    assert not np.allclose(first.to_numpy(), fit(4).to_numpy())

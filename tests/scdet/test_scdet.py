@@ -13,14 +13,9 @@ import labeltransfer as lt
 from labeltransfer._constants import NOVEL_PREFIX, UNASSIGNED
 from labeltransfer.scdet import DistributionEstimation, SCDETModule, SCDETTrainingPlan
 
+from .conftest import FAST
+
 KEY = "scdet"
-FAST = {
-    "lr": 1e-3,
-    "estimation_interval": 5,
-    "early_stopping": False,
-    "enable_progress_bar": False,
-    "accelerator": "cpu",
-}
 
 
 def _query(adata: ad.AnnData) -> np.ndarray:
@@ -294,3 +289,19 @@ def test_bad_input_raises(scdet_adata, scdet_pair):
     ref_model = lt.SCDET(ref, n_novel=1, n_top_genes=None)
     with pytest.raises(ValueError, match="every registered cell is labelled"):
         ref_model.train(max_epochs=1, **FAST)
+
+
+def test_same_seed_same_predictions(scdet_adata):
+    """Views, k-means estimation, sampling and the split all follow scvi.settings.seed."""
+
+    def fit(seed: int) -> pd.DataFrame:
+        scvi.settings.seed = seed
+        adata = scdet_adata.copy()
+        lt.SCDET.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")
+        model = lt.SCDET(adata, n_novel=2, n_top_genes=None)
+        model.train(max_epochs=6, **{**FAST, "estimation_interval": 3})
+        return model.predict(soft=True)
+
+    first = fit(3)
+    pd.testing.assert_frame_equal(first, fit(3))
+    assert not np.allclose(first.to_numpy(), fit(4).to_numpy())
