@@ -44,9 +44,12 @@ class AnnotationModule(BaseModuleClass):
         """Number of input genes."""
         return self.feature_idx.numel()
 
+    #: Library size of the log-normalisation of count input (1e6: log(CPM + 1), as scNym).
+    target_sum: float = 1e6
+
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """Log-normalise a minibatch and keep the model's genes."""
-        return normalize_input(x, self.feature_idx, self.input_type)
+        return normalize_input(x, self.feature_idx, self.input_type, self.target_sum)
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
         return {"x": tensors[REGISTRY_KEYS.X_KEY]}

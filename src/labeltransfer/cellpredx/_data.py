@@ -13,7 +13,7 @@ from scvi import settings
 
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter
 
-from ._module import POSITIVE_KEY
+from ._module import POSITIVE_KEY, TARGET_SUM
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -33,8 +33,8 @@ def query_knn_graph(
 ) -> np.ndarray:
     """KNN graph of the query cells on the first ``n_pcs`` principal components of their data.
 
-    The data are the model's input genes of the query cells, log(CPM + 1)-normalised when
-    they are counts (the model's own normalisation); PCA is computed on the sparse matrix with
+    The data are the model's input genes of the query cells, log-normalised to 10,000 counts
+    per cell when they are counts (the model's own normalisation); PCA is computed on the sparse matrix with
     implicit centring (ARPACK), so the matrix is never densified, and neighbours are found by
     Euclidean distance (CellPredX: PCA to 50 components, then kNN; the reference
     implementation uses 10 neighbours).
@@ -74,7 +74,7 @@ def query_knn_graph(
     if input_type == "counts":
         totals = np.asarray(X.sum(axis=1)).ravel()
         totals[totals == 0] = 1.0
-        X = sparse.diags((1e6 / totals).astype(np.float32)) @ X
+        X = sparse.diags((TARGET_SUM / totals).astype(np.float32)) @ X
         X.data = np.log1p(X.data)
     n_components = int(min(n_pcs, n - 1, X.shape[1] - 1))
     if n_components >= 1:

@@ -121,7 +121,8 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         Explicit list of genes to use instead.
     input_type
         ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
-        log(CPM + 1) per minibatch (CellPredX log-normalises both sets).
+        log(1 + counts per 10,000) per minibatch (CellPredX log-normalises both sets; 10,000
+        as its reference implementation).
     n_latent
         Embedding dimensionality (CellPredX: 64).
     n_hidden

@@ -61,6 +61,10 @@ class AttentionNetwork(nn.Module):
         return torch.softmax(torch.stack([s_ex, s_in], dim=-1), dim=-1)[..., 1]
 
 
+#: Library size of CellPredX's log-normalisation of counts (see ``CellPredXModule.target_sum``).
+TARGET_SUM = 1e4
+
+
 class CellPredXModule(AnnotationModule):
     """Feature extractor ``f`` (input -> 64-d embedding), classifier ``c`` and attention ``A``.
 
@@ -78,7 +82,8 @@ class CellPredXModule(AnnotationModule):
     feature_idx
         Indices of the genes used as input.
     input_type
-        ``"counts"`` (log(CPM + 1) per minibatch) or ``"lognorm"``.
+        ``"counts"`` (log-normalised to 10,000 counts per cell, per minibatch) or
+        ``"lognorm"``.
     n_latent
         Embedding dimensionality (CellPredX: 64).
     n_hidden
@@ -90,6 +95,12 @@ class CellPredXModule(AnnotationModule):
     n_context
         Width of the attention network's CE-Unit (default: ``n_latent``).
     """
+
+    #: Count input is log-normalised to 10,000 counts per cell, as in the reference
+    #: implementation (``normalize_total(target_sum=1e4)`` + ``log1p``); the paper only says
+    #: "log-normalization". With log(CPM + 1), inputs twice as large, the linear extractor
+    #: under the projection regularisation reached 0.63 instead of 0.92 on Kang ctrl -> stim.
+    target_sum: float = TARGET_SUM
 
     def __init__(
         self,
