@@ -71,5 +71,7 @@ def test_annotated_queries_are_not_kept_by_the_model(model_and_query):
         model.annotate(query, key_added="jind", copy=True)
         model.predict(query)
         model.get_latent_representation(query)
+    lt.tl.integrated_gradients(model, query, target="type_0", n_steps=5, indices=[0, 1])
+    lt.tl.marker_genes(model, query, groupby="cell_type", n_cells=5, n_steps=5, n_top=3)
     assert set(store) == before
     assert model.adata_manager.adata_uuid in store  # the model's own data stays registered

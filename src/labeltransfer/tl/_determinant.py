@@ -153,6 +153,7 @@ def determinant_genes(
                 }
             )
         )
+    model._release(registered)
     columns = ["group", "rank", "gene", "count", "fraction", "n_cells"]
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
     if key_added is not None:

@@ -204,6 +204,7 @@ def integrated_gradients(
         batch_size=batch_size,
     )
     names = registered.obs_names if idx is None else registered.obs_names[idx]
+    model._release(registered)
     return pd.DataFrame(values, index=pd.Index(names), columns=_feature_names(model))
 
 
@@ -324,6 +325,7 @@ def marker_genes(
                 }
             )
         )
+    model._release(registered)
     columns = ["group", "target", "rank", "gene", "attribution"]
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
     if key_added is not None:
