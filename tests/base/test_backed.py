@@ -74,4 +74,6 @@ def test_annotated_queries_are_not_kept_by_the_model(model_and_query):
     lt.tl.integrated_gradients(model, query, target="type_0", n_steps=5, indices=[0, 1])
     lt.tl.marker_genes(model, query, groupby="cell_type", n_cells=5, n_steps=5, n_top=3)
     assert set(store) == before
-    assert model.adata_manager.adata_uuid in store  # the model's own data stays registered
+    assert model.adata_manager.adata_uuid in store
+    model.align(query, max_epochs=1, enable_progress_bar=False, accelerator="cpu")
+    assert set(store) == before  # the model's own data stays registered

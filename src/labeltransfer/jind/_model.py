@@ -339,6 +339,7 @@ class JIND(AnnotationMixin, BaseModelClass):
             "history": {k: v.reset_index().to_dict("list") for k, v in history.items()},
         }
         self._loaded_alignment = name
+        self._release(registered)
 
     @devices_dsp.dedent
     def self_train(
@@ -428,6 +429,8 @@ class JIND(AnnotationMixin, BaseModelClass):
             "best_epoch": best.best_epoch,
             "best_validation_accuracy": best.best_score,
         }
+        self._release(registered)
+        self._release(pseudo)
 
     def _pseudo_labelled(
         self, registered: AnnData, prediction: np.ndarray, confident: np.ndarray
@@ -443,6 +446,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         if args.get("batch_key") is not None:
             obs[args["batch_key"]] = registered.obs[args["batch_key"]].astype(str).values
         pseudo = AnnData(X=registered.X, obs=obs, var=registered.var[[]])
+        pseudo.uns["_lt_query"] = True  # registered for this fine-tuning only
         if args.get("layer") is not None:
             pseudo.layers[args["layer"]] = registered.layers[args["layer"]]
         manager = self.adata_manager.transfer_fields(pseudo, extend_categories=True)
