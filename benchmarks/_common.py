@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
 RESULT_PREFIX = "RESULT "
-#: Environment of every child unless overridden. scanpy's numba kernels (normalize_total,
+#: Defaults of every child's environment (the caller's environment wins). scanpy's numba kernels (normalize_total,
 #: neighbours, UMAP) start one spinning worker thread per core that ``OMP_NUM_THREADS`` does
 #: not limit; next to them torch ran ~40x slower on the 2-core development machine.
 CHILD_ENV = {"NUMBA_NUM_THREADS": "1"}
@@ -211,7 +211,7 @@ def run_child(
             text=True,
             check=False,
             timeout=timeout,
-            env={**os.environ, **CHILD_ENV, **(env or {})},
+            env={**CHILD_ENV, **os.environ, **(env or {})},
         )
     except subprocess.TimeoutExpired as err:
         tail = (err.stderr or b"")[-4000:]
