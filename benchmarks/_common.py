@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
 RESULT_PREFIX = "RESULT "
-#: Defaults of every child's environment (the caller's environment wins). scanpy's numba kernels (normalize_total,
-#: neighbours, UMAP) start one spinning worker thread per core that ``OMP_NUM_THREADS`` does
-#: not limit; next to them torch ran ~40x slower on the 2-core development machine.
+#: Defaults of every child's environment (the caller's environment wins). scanpy's numba
+#: kernels (normalize_total, neighbours, UMAP) start one spinning worker thread per core that
+#: ``OMP_NUM_THREADS`` does not limit; next to them torch ran ~40x slower on 2 cores.
 CHILD_ENV = {"NUMBA_NUM_THREADS": "1"}
 
 
