@@ -253,3 +253,46 @@ def seed_table(frame, columns: Sequence[str], by: Sequence[str]) -> str:
         cells = [mean_sd(group[c].tolist()) if c in group else "n/a" for c in columns]
         lines.append("| " + " | ".join([*map(str, keys), str(len(group)), *cells]) + " |")
     return "\n".join(lines)
+
+
+def run_suite(
+    script: str,
+    configs: Sequence[dict[str, Any]],
+    *,
+    source: Path,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    hidden: str | None = None,
+):
+    """Run ``script --child <config>`` for each config in a fresh process, interleaved logging.
+
+    Returns a DataFrame of every record, stamped with the machine, the uptime at the start and
+    the end, the SHA-1 of ``source`` at the start and the end and the total seconds, and the
+    number of failed configurations. Each record is printed as it arrives (fields whose name
+    contains ``hidden``, if given, are left out of the log line, not of the frame).
+    """
+    import pandas as pd
+
+    start, source_start, t0 = uptime(), source_fingerprint(source), time.perf_counter()
+    rows, failed = [], 0
+    for i, config in enumerate(configs, 1):
+        records, error, wall = run_child(
+            [script, "--child", json.dumps(config)], timeout=timeout, env=env
+        )
+        tag = f"[{i}/{len(configs)}] {config['experiment']} {config['variant']} seed {config['seed']}"
+        if error:
+            failed += 1
+            print(f"{tag}: FAILED after {wall:.0f} s\n{error}", flush=True)
+            continue
+        rows += records
+        shown = {
+            k: v for k, v in records[0].items() if k not in config and not (hidden and hidden in k)
+        }
+        print(f"{tag} ({wall:.0f} s): {json.dumps(shown)}", flush=True)
+    frame = pd.DataFrame(rows)
+    frame["machine"] = describe_machine(machine_info())
+    frame["uptime_start"], frame["uptime_end"] = start, uptime()
+    frame["source_start"] = source_start["sha1"]
+    frame["source_end"] = source_fingerprint(source)["sha1"]
+    frame["total_s"] = time.perf_counter() - t0
+    return frame, failed

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,15 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     Stopwatch,
-    describe_machine,
     emit,
     epoch_timer,
-    machine_info,
     peak_rss_mb,
-    run_child,
+    run_suite,
     seed_table,
-    source_fingerprint,
-    uptime,
 )
 
 DATA = ROOT.parent / "shared" / "data"
@@ -339,26 +334,9 @@ def main() -> None:
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     configs = [{**c, "threads": args.threads} for c in _configs(seeds)]
-    start, source_start, t0 = uptime(), source_fingerprint(SOURCE), time.perf_counter()
-    rows, failed = [], 0
-    for i, config in enumerate(configs, 1):
-        records, error, wall = run_child(
-            [__file__, "--child", json.dumps(config)], timeout=args.timeout
-        )
-        tag = f"[{i}/{len(configs)}] {config['experiment']} {config['variant']} seed {config['seed']}"
-        if error:
-            failed += 1
-            print(f"{tag}: FAILED after {wall:.0f} s\n{error}", flush=True)
-            continue
-        rows += records
-        shown = {k: v for k, v in records[0].items() if k not in config and "top_" not in k}
-        print(f"{tag} ({wall:.0f} s): {json.dumps(shown)}", flush=True)
-    frame = pd.DataFrame(rows)
-    frame["machine"] = describe_machine(machine_info())
-    frame["uptime_start"], frame["uptime_end"] = start, uptime()
-    frame["source_start"] = source_start["sha1"]
-    frame["source_end"] = source_fingerprint(SOURCE)["sha1"]
-    frame["total_s"] = time.perf_counter() - t0
+    frame, failed = run_suite(
+        __file__, configs, source=SOURCE, timeout=args.timeout, hidden="_top_"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False, float_format="%.5g")
     text = _markdown(frame)
