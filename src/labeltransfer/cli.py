@@ -28,7 +28,15 @@ def _read(path: str, where: str | None, what: str) -> AnnData:
 
     if not Path(path).exists():
         raise SystemExit(f"error: the {what} file {path} does not exist.")
-    adata = ad.read_h5ad(path)
+    if Path(path).is_dir():
+        raise SystemExit(f"error: the {what} path {path} is a folder; pass an .h5ad file.")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise OSError, KeyError, ... on a bad file
+        raise SystemExit(
+            f"error: could not read the {what} file {path} as .h5ad ({type(err).__name__}: "
+            f"{_message(err)}). Pass an AnnData written with `adata.write_h5ad(path)`."
+        ) from err
     if not adata.obs_names.is_unique:
         adata.obs_names_make_unique()
         print(f"note: {what} cell names were not unique; made unique with a suffix.")
@@ -109,7 +117,15 @@ def _train_and_annotate(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if model_dir:
-        model = cls.load(model_dir, accelerator=accelerator)
+        if not Path(model_dir).is_dir():
+            raise SystemExit(f"error: the --model-dir folder {model_dir} does not exist.")
+        try:
+            model = cls.load(model_dir, accelerator=accelerator)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(
+                f"error: cannot load --model-dir {model_dir} as --model {model_name}: "
+                f"{_message(err)}"
+            ) from err
     else:
         if labels_key not in reference.obs:
             raise SystemExit(
@@ -301,8 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(err: BaseException) -> str:
+    """Return the text of an exception (without the quotes ``str`` adds to a ``KeyError``)."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``labeltransfer`` command."""
+    """Entry point of the ``labeltransfer`` command.
+
+    Bad input (a ``ValueError``, ``KeyError``, ``TypeError`` or ``FileNotFoundError`` from
+    the library) ends the command with ``error: <message>`` and exit status 1, without a
+    traceback; Ctrl+C ends it with status 130.
+    """
     args = build_parser().parse_args(argv)
     if args.command == "annotate" and not args.model_dir and not args.reference:
         raise SystemExit("error: give --reference (to train) or --model-dir (a saved model).")
@@ -310,7 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # cell-type names such as "CD4+/CD25 T Reg" become h5 keys; anndata only warns for now
     warnings.filterwarnings("ignore", message="Forward slashes will be disallowed")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {_message(err)}") from err
+    except KeyboardInterrupt as err:
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,11 +6,15 @@ import hashlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from anndata import AnnData
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.data import check_input, harmonize_genes
+from labeltransfer.data._checks import _iter_row_chunks, _nonzero_rows
+
+from ._setup import _warn_duplicated_obs_names
 
 if TYPE_CHECKING:
     from scvi.model.base import BaseModelClass
@@ -39,7 +43,8 @@ def prepare_query(
     An AnnData already registered with the model is validated and returned as is. Any other
     AnnData is checked (same expression type as the reference), reindexed to the reference
     genes with zero-filling (overlap under 50% raises, under 90% warns) and wrapped in a light
-    AnnData that shares its matrix; the user's object is never modified.
+    AnnData that shares its matrix; the user's object is never modified. Cells without any
+    count in the model's genes and duplicated cell names warn (see :func:`empty_cells`).
 
     Returns
     -------
@@ -60,20 +65,34 @@ def prepare_query(
         adata, list(genes), gene_symbols=gene_symbols, id_map=id_map, layer=layer, name="query"
     )
     # checked after harmonisation, so duplicated names resolved by gene_symbols/id_map pass
-    report = check_input(harmonized, name="query")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*have no non-zero value")  # said below
+        report = check_input(harmonized, name="query")
     if report["input_type"] != input_type:
         raise ValueError(
             f"The query looks {report['input_type']!r} but the model was trained on "
             f"{input_type!r} data. Give the query in the same form as the reference "
             "(raw counts in both, or log-normalised data in both; use `layer=`-registered data)."
         )
+    if report["n_zero_cells"]:
+        warnings.warn(
+            f"{report['n_zero_cells']} of {report['n_obs']} query cells have no counts in the "
+            f"model's {len(genes)} genes: their calls would rest on the model's biases alone, "
+            "so annotate() marks them rejected ('Unassigned'). Remove them first (e.g. "
+            "`sc.pp.filter_cells(adata, min_counts=1)`) to silence this.",
+            UserWarning,
+            stacklevel=5,
+        )
+    _warn_duplicated_obs_names(adata, "query")
     obs = pd.DataFrame(index=adata.obs_names.copy())
     batch_key = setup_args.get("batch_key")
     if batch_key is not None:
         obs[batch_key] = (
             adata.obs[batch_key].astype(str).values if batch_key in adata.obs else "query"
         )
-    light = AnnData(X=harmonized.X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Observation names are not unique")  # above
+        light = AnnData(X=harmonized.X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
     light.uns["_lt_query"] = True  # built here for one call: the model may forget it after
     if layer is not None:
         light.layers[layer] = harmonized.X
@@ -85,3 +104,15 @@ def prepare_query(
         )
     model._register_manager_for_instance(manager)
     return light, overlap
+
+
+def empty_cells(model: BaseModelClass, adata: AnnData) -> np.ndarray:
+    """Boolean mask of the cells of a registered ``adata`` without any count in its genes.
+
+    Such cells carry no information: their logits only reflect the network's biases.
+    """
+    matrix = model.get_anndata_manager(adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
+    mask = np.zeros(adata.n_obs, dtype=bool)
+    for start, stop, block in _iter_row_chunks(matrix):
+        mask[start:stop] = ~_nonzero_rows(block)
+    return mask

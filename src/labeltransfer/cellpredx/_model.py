@@ -17,6 +17,7 @@ from scvi.utils._docstrings import devices_dsp
 
 from labeltransfer.base import AnnotationMixin, register_anndata
 from labeltransfer.dataloaders import labelled_mask
+from labeltransfer.train._guards import check_fit_args
 
 from ._data import CellPredXDataSplitter, query_knn_graph
 from ._module import CellPredXModule
@@ -486,6 +487,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``).
         """
+        check_fit_args(max_epochs=max_epochs, batch_size=batch_size)
         mask = labelled_mask(self.adata_manager)
         query_idx = np.flatnonzero(~mask)
         n_query = int(query_idx.size)

@@ -357,7 +357,13 @@ def query_from_mudata(mdata: MuData, record: dict[str, Any]) -> tuple[AnnData, s
         target = atac_mod if atac_mod in mdata.mod else key
         ga = mdata.mod[key]
     else:
-        _check_modality(mdata, atac_mod, "ATAC", "atac_layer")
+        if atac_mod not in mdata.mod:
+            raise KeyError(
+                f"The MuData has neither the gene-activity modality {key!r} nor the ATAC "
+                f"modality {atac_mod!r} the model was set up with (modalities: "
+                f"{list(mdata.mod)}). Name its ATAC peaks modality {atac_mod!r}, or add gene "
+                f"activity with lt.data.add_gene_activity(mdata, key_added={key!r}, ...)."
+            )
         coords = record.get("coordinates")
         if coords is None:
             raise ValueError(

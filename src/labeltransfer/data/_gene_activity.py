@@ -300,7 +300,7 @@ def _peak_mode(
     if not sparse.issparse(X):
         X = sparse.csr_matrix(np.asarray(X))
     X = sparse.csr_matrix(X)
-    _check_counts(X.data[:1_000_000])
+    _check_counts(X.data)
     out = (X @ overlap).astype(np.float32)
     info = {
         "n_peaks": int(atac.n_vars),
@@ -310,10 +310,25 @@ def _peak_mode(
 
 
 def _check_counts(values: np.ndarray) -> None:
-    if values.size and (np.any(values < 0) or np.any(values != np.round(values))):
+    """Raise on NaN/inf or negative peak counts; warn on non-integer ones (first 1M values)."""
+    if values.size == 0:
+        return
+    low, high = values.min(), values.max()  # no temporary arrays; NaN propagates to both
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(
+            "The peak matrix has NaN or infinite values; gene activity sums raw peak counts. "
+            "Pass the raw counts via layer= (or remove the affected cells)."
+        )
+    if low < 0:
+        raise ValueError(
+            f"The peak matrix has negative values (min {low:.4g}): it looks scaled or "
+            "normalised, but gene activity sums raw peak counts. Pass the raw counts via layer=."
+        )
+    head = values[:1_000_000]
+    if np.any(head != np.round(head)):
         warnings.warn(
-            "The peak matrix has negative or non-integer values (normalised, log or imputed "
-            "data?); gene activity sums raw counts. Pass the raw counts via layer=.",
+            "The peak matrix has non-integer values (normalised, TF-IDF or imputed data?); "
+            "gene activity sums raw counts. Pass the raw counts via layer=.",
             UserWarning,
             stacklevel=4,
         )
@@ -555,6 +570,7 @@ def gene_activity(
     fragment a :class:`ValueError` names both chromosome styles. Overlaps are found with sorted
     interval starts and :func:`numpy.searchsorted` (no Python loop over peaks, fragments or genes);
     the peak matrix is never densified (``X @ overlap`` with a sparse peaks x genes matrix).
+    Peak counts with NaN, infinite or negative values raise; non-integer values only warn.
 
     Examples
     --------
@@ -563,6 +579,11 @@ def gene_activity(
     """
     import anndata as ad
 
+    if atac is not None and not isinstance(atac, ad.AnnData):
+        raise TypeError(
+            f"atac must be an AnnData of cells x peaks (or None with fragments=), got "
+            f"{type(atac).__name__}; for a MuData use `add_gene_activity(mdata)`."
+        )
     if atac is None and fragments is None:
         raise ValueError(
             "Pass an ATAC AnnData (peak counts) and/or fragments= (a fragments file)."
@@ -659,6 +680,13 @@ def add_gene_activity(
         Passed to :func:`gene_activity`. When ``genes`` is not given, the first modality whose
         ``var`` has an ``interval`` column (the RNA modality of 10x multiome data) supplies it.
     """
+    from mudata import MuData
+
+    if not isinstance(mdata, MuData):
+        raise TypeError(
+            f"add_gene_activity needs a MuData, got {type(mdata).__name__}; for an AnnData of "
+            "peaks use `gene_activity(atac, genes=...)`."
+        )
     if atac_mod not in mdata.mod:
         raise KeyError(
             f"MuData has no modality {atac_mod!r} (modalities: {list(mdata.mod)}); pass atac_mod=."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -313,6 +314,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         if max_epochs is None:
             max_epochs = int(np.clip(math.ceil(2000 / len(loader)), 20, 400))
         self.module.reset_alignment()
+        self._loaded_alignment = None  # the generator no longer holds any stored alignment
         plan = JINDAlignmentPlan(self.module, **(plan_kwargs or {}))
         with frozen(self.module.encoder, self.module.classifier):
             history = fit_stage(
@@ -361,6 +363,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         ``theta`` (computed on the held-out reference) become pseudo-labelled training cells;
         the alignment of this query (if any) is used and kept fixed. The best epoch on a 30%
         validation part of those cells is kept. The model is then specific to this query.
+        If the fine-tuning fails or is interrupted (Ctrl+C), the reference weights are put back.
 
         Parameters
         ----------
@@ -411,17 +414,22 @@ class JIND(AnnotationMixin, BaseModelClass):
         best = BestStateCallback("validation_accuracy", mode="max")
         trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), best]
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        with frozen(self.module.generator, self.module.discriminator):
-            fit_stage(
-                self,
-                plan,
-                splitter.train_dataloader(),
-                val_dataloader=splitter.val_dataloader(),
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                **trainer_kwargs,
-            )
+        reference_state = copy.deepcopy(self.module.state_dict())
+        try:
+            with frozen(self.module.generator, self.module.discriminator):
+                fit_stage(
+                    self,
+                    plan,
+                    splitter.train_dataloader(),
+                    val_dataloader=splitter.val_dataloader(),
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    **trainer_kwargs,
+                )
+        except BaseException:  # interrupted: give back the reference model, not a half-tuned one
+            self.module.load_state_dict(reference_state)
+            raise
         self.self_training_ = {
             "fingerprint": fingerprint(adata),
             "theta": theta,
