@@ -22,14 +22,17 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
 from labeltransfer._constants import OUTPUT_KEYS, REGISTRY_KEYS, UNASSIGNED
-from labeltransfer.data import check_input, select_features
+from labeltransfer.data import select_features
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.train import BestStateCallback
+from labeltransfer.train._callbacks import ReturnTrainingState, restore_training_state
+from labeltransfer.train._guards import check_fit_args, interruptible
 
-from ._query import prepare_query
+from ._query import empty_cells, prepare_query
 from ._rejection import fit_temperature, per_type_thresholds
-from ._setup import register_anndata
+from ._setup import register_anndata, resolve_input_type
 from ._uns import h5ad_safe
+from ._zarr import is_lazy, is_zarr_path, open_zarr, write_annotation
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -40,8 +43,13 @@ Rejection = str | float | None
 
 #: Cells per inference minibatch: memory stays bounded by the batch, not the data set.
 INFERENCE_BATCH_SIZE = 1024
-#: Cells read at a time from an AnnData opened in backed mode.
+#: Cells read at a time from an AnnData opened in backed mode or a zarr store.
 BACKED_CHUNK_SIZE = 50_000
+#: Message of the ``KeyboardInterrupt`` raised when ``train()`` is interrupted.
+_INTERRUPTED = (
+    "Training was interrupted; the model is left untrained (annotate() and predict() refuse "
+    "it). Call model.train() again."
+)
 
 
 class AnnotationMixin:
@@ -119,7 +127,17 @@ class AnnotationMixin:
         held-out reference split), validates every epoch when there is a validation set,
         records the training summary and fits calibration and rejection thresholds on the
         held-out cells. Returns the splitter and the best-state callback.
+
+        A DDP ``strategy`` in ``trainer_kwargs`` shards every set across the processes
+        (``batch_size`` is per process). With a spawning launcher (``"ddp_spawn"``,
+        ``"ddp_notebook"``) the epoch count and the callbacks' states come back to this
+        process with the weights (``ReturnTrainingState`` in ``labeltransfer.train``).
+
+        An exception or Ctrl+C during the fit leaves the model marked untrained (its module
+        holds the best weights seen so far, but no calibration or thresholds were fitted):
+        the exception propagates, and Ctrl+C raises a ``KeyboardInterrupt``.
         """
+        check_fit_args(max_epochs=max_epochs, batch_size=batch_size)
         splitter = self._splitter_cls(
             self.adata_manager,
             train_size=train_size,
@@ -130,12 +148,16 @@ class AnnotationMixin:
         )
         splitter.setup()  # seeded, so the runner's setup gives the same split
         best = BestStateCallback("validation_accuracy", mode="max", warmup_epochs=warmup_epochs)
-        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), best]
+        trainer_kwargs["callbacks"] = [
+            *trainer_kwargs.get("callbacks", []),
+            best,
+            ReturnTrainingState(),
+        ]
         if splitter.val_idx.size > 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         else:  # nothing to monitor: early stopping would fail on the missing metric
             trainer_kwargs["early_stopping"] = False
-        TrainRunner(
+        runner = TrainRunner(
             self,
             training_plan=plan,
             data_splitter=splitter,
@@ -143,7 +165,14 @@ class AnnotationMixin:
             accelerator=accelerator,
             devices=devices,
             **trainer_kwargs,
-        )()
+        )
+        try:
+            with interruptible(_INTERRUPTED):
+                runner()
+        except BaseException:
+            self.is_trained_ = False  # never half-trained: annotate() asks for train() again
+            raise
+        restore_training_state(runner.trainer)
         self.training_summary_ = {
             "seed": settings.seed,
             "max_epochs": max_epochs,
@@ -192,8 +221,7 @@ class AnnotationMixin:
         ``features`` as given) and their indices among the registered genes.
         """
         layer = self.adata_manager.registry["setup_args"].get("layer")
-        if input_type == "auto":
-            input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
+        input_type = resolve_input_type(self.adata, layer=layer, input_type=input_type)
         genes = pd.Index(self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names)
         if features is None:
             if n_top_genes is None or n_top_genes >= len(genes):
@@ -240,14 +268,20 @@ class AnnotationMixin:
     ) -> tuple[np.ndarray, np.ndarray | None, dict | None, pd.Index]:
         """Logits, embeddings, gene-overlap report and cell names of a query (or own data).
 
-        An AnnData opened in backed mode (``anndata.read_h5ad(path, backed="r")``) is read
+        An AnnData opened in backed mode (``anndata.read_h5ad(path, backed="r")``), the path of
+        a zarr store, or an AnnData from :func:`~labeltransfer.base._zarr.open_zarr` is read
         :data:`BACKED_CHUNK_SIZE` cells at a time: each chunk is loaded, harmonised and passed
         through the network, so memory holds one chunk of expression plus the outputs.
         """
+        if is_zarr_path(adata):
+            adata = open_zarr(adata)
         target = self.adata if adata is None else adata
         inference_kwargs = self._inference_kwargs(target)
-        if adata is None or not adata.isbacked:
+        if adata is None or not is_lazy(adata):
             registered, overlap = self._prepare(adata, **harmonize_kwargs)
+            if overlap is not None:  # a query: annotate() rejects its cells without counts
+                empty = empty_cells(self, registered)
+                overlap = {**overlap, "empty": empty if indices is None else empty[indices]}
             logits, latent = self._forward(
                 registered,
                 indices=indices,
@@ -262,12 +296,15 @@ class AnnotationMixin:
         if positions.size == 0:
             raise ValueError("No cells to annotate: the AnnData or the indices are empty.")
         logits = latent = None
-        names, overlap = [], None
+        names, overlap, empty = [], None, []
         step = BACKED_CHUNK_SIZE
         for start in range(0, positions.size, step):
             stop = min(start + step, positions.size)
-            chunk = adata[positions[start:stop]].to_memory()
+            # a slice reads a contiguous range; an index array is 20-40x slower on zarr
+            rows = slice(start, stop) if indices is None else positions[start:stop]
+            chunk = adata[rows].to_memory()
             registered, overlap = self._prepare(chunk, **harmonize_kwargs)
+            empty.append(empty_cells(self, registered))
             part_logits, part_latent = self._forward(
                 registered,
                 batch_size=batch_size,
@@ -284,6 +321,7 @@ class AnnotationMixin:
             names.append(registered.obs_names)
             self._release(registered)
             del chunk, registered, part_logits, part_latent  # before the next chunk is read
+        overlap = {**(overlap or {}), "empty": np.concatenate(empty)}
         return logits, latent, overlap, names[0].append(names[1:])
 
     def _release(self, registered: AnnData) -> None:
@@ -314,16 +352,24 @@ class AnnotationMixin:
         loader = self._make_data_loader(
             adata=adata, indices=indices, batch_size=batch_size or INFERENCE_BATCH_SIZE
         )
-        logits, latent = [], []
+        n_cells = adata.n_obs if indices is None else len(indices)
+        logits = latent = None
+        start = 0
         for tensors in loader:
             outputs = self.module.inference(
                 **self.module._get_inference_input(tensors), **(inference_kwargs or {})
             )
-            logits.append(outputs["logits"].float().cpu())
+            part = outputs["logits"].float().cpu().numpy()
+            if logits is None:  # filled in place: no list of batches and no concatenated copy
+                logits = np.empty((n_cells, part.shape[1]), dtype=np.float32)
+                if return_latent:
+                    latent = np.empty((n_cells, outputs["z"].shape[1]), dtype=np.float32)
+            stop = start + part.shape[0]
+            logits[start:stop] = part
             if return_latent:
-                latent.append(outputs["z"].float().cpu())
-        z = torch.cat(latent).numpy() if return_latent else None
-        return torch.cat(logits).numpy(), z
+                latent[start:stop] = outputs["z"].float().cpu().numpy()
+            start = stop
+        return logits, latent
 
     def _probabilities(self, logits: np.ndarray) -> np.ndarray:
         temperature = getattr(self, "calibration_", {}).get("temperature", 1.0)
@@ -332,7 +378,7 @@ class AnnotationMixin:
 
     def predict(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | str | os.PathLike[str] | None = None,
         indices: Sequence[int] | None = None,
         soft: bool = False,
         batch_size: int | None = None,
@@ -342,8 +388,9 @@ class AnnotationMixin:
         Parameters
         ----------
         adata
-            Query AnnData (any gene order; missing genes are zero-filled) or ``None`` for the
-            AnnData the model was set up with.
+            Query AnnData (any gene order; missing genes are zero-filled; backed or in
+            memory), the path of a zarr store (read in chunks) or ``None`` for the AnnData the
+            model was set up with.
         indices
             Cells of ``adata`` to use; all by default.
         soft
@@ -367,7 +414,7 @@ class AnnotationMixin:
 
     def get_latent_representation(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | str | os.PathLike[str] | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
     ) -> np.ndarray:
@@ -376,7 +423,8 @@ class AnnotationMixin:
         Parameters
         ----------
         adata
-            Query AnnData or ``None`` for the AnnData the model was set up with.
+            Query AnnData, the path of a zarr store (read in chunks) or ``None`` for the
+            AnnData the model was set up with.
         indices
             Cells of ``adata`` to use; all by default.
         batch_size
@@ -484,7 +532,7 @@ class AnnotationMixin:
     # ------------------------------------------------------------- write-back
     def annotate(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | str | os.PathLike[str] | None = None,
         *,
         key_added: str | None = None,
         rejection: Rejection = "default",
@@ -503,7 +551,10 @@ class AnnotationMixin:
             mode (``anndata.read_h5ad(path, backed="r+")``) is read 50,000 cells at a time,
             so its expression is never loaded whole; the results go to its in-memory
             ``obs``/``obsm``/``uns``, and ``adata.write()`` then stores them in the file
-            without rewriting ``X``.
+            without rewriting ``X``. The path of a zarr store (written by
+            ``AnnData.write_zarr``) is read the same way, chunk by chunk, and the results are
+            written into the store (``obs``, the two ``obsm`` entries and ``uns[key]``),
+            leaving ``X`` untouched.
         key_added
             Prefix of the written fields; the model's name by default (e.g. ``"jind"``).
         rejection
@@ -530,7 +581,8 @@ class AnnotationMixin:
         ``obs[f"{key}_confidence"]``
             probability of the predicted type.
         ``obs[f"{key}_rejected"]``
-            whether the rejection rule rejected the cell.
+            whether the rejection rule rejected the cell (a query cell without any count in
+            the model's genes is always rejected, with a warning).
         ``obsm[f"{key}_probabilities"]``
             DataFrame cells x reference types (registry order).
         ``obsm[f"X_{key}"]``
@@ -540,13 +592,22 @@ class AnnotationMixin:
             gene-overlap report, input type and training summary.
         """
         key = key_added or self._default_key
+        zarr_path = adata if is_zarr_path(adata) else None
+        if zarr_path is not None:
+            if copy:
+                raise ValueError(
+                    "copy=True needs an AnnData in memory, but a zarr path was given: its "
+                    "results are written into the store. Pass copy=False, or read it with "
+                    "`anndata.read_zarr(path)` first."
+                )
+            adata = open_zarr(zarr_path)
         if adata is not None and not isinstance(adata, AnnData):
             raise TypeError(
-                f"Expected an AnnData, got {type(adata).__name__}. Read your data with "
-                "`anndata.read_h5ad` (or build an AnnData) first."
+                f"Expected an AnnData or the path of a zarr store, got {type(adata).__name__}. "
+                "Read your data with `anndata.read_h5ad` (or build an AnnData) first."
             )
         target = self.adata if adata is None else adata
-        if copy and target.isbacked:
+        if copy and is_lazy(target):
             raise ValueError(
                 "copy=True needs the data in memory, but this AnnData is backed (read with "
                 "backed=...). Annotate it in place (results go to obs/obsm in memory) and "
@@ -567,6 +628,10 @@ class AnnotationMixin:
         prediction = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
         rejected, rule = self._reject(confidence, prediction, rejection)
+        empty = overlap.pop("empty") if overlap is not None else np.zeros(0, dtype=bool)
+        if empty.any():  # no count in the model's genes: nothing to base a call on
+            rejected = rejected | empty
+            rule = {**rule, "n_rejected_without_counts": int(empty.sum())}
 
         types = self.output_classes
         calls = np.asarray(types, dtype=object)[prediction]
@@ -581,7 +646,7 @@ class AnnotationMixin:
         target.obsm[key + OUTPUT_KEYS.PROBABILITIES] = pd.DataFrame(
             probs.astype(np.float32), index=target.obs_names, columns=types
         )
-        target.obsm[OUTPUT_KEYS.EMBEDDING_PREFIX + key] = latent.astype(np.float32)
+        target.obsm[OUTPUT_KEYS.EMBEDDING_PREFIX + key] = latent.astype(np.float32, copy=False)
         target.uns[key] = h5ad_safe(
             {
                 "method": type(self).__name__,
@@ -605,6 +670,9 @@ class AnnotationMixin:
             rejected.sum(),
             100 * rejected.mean(),
         )
+        if zarr_path is not None:
+            obsm_keys = [key + OUTPUT_KEYS.PROBABILITIES, OUTPUT_KEYS.EMBEDDING_PREFIX + key]
+            write_annotation(zarr_path, target, key, obsm_keys)
         return target if copy else None
 
     def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -643,6 +711,9 @@ class AnnotationMixin:
     ) -> None:
         """Save the model atomically (written to a temporary folder, then renamed).
 
+        A failure while writing leaves no partial folder, and an existing folder (with
+        ``overwrite=True``) is only replaced once the new one is complete.
+
         Parameters
         ----------
         dir_path
@@ -673,9 +744,15 @@ class AnnotationMixin:
                 save_anndata=save_anndata,
                 **anndata_write_kwargs,
             )
-            if os.path.exists(dir_path):
-                shutil.rmtree(dir_path)
-            os.replace(os.path.join(tmp, "model"), dir_path)
+            old = os.path.join(tmp, "old")  # an existing folder is moved aside, not deleted,
+            if os.path.exists(dir_path):  # until the new one is in place
+                os.replace(dir_path, old)
+            try:
+                os.replace(os.path.join(tmp, "model"), dir_path)
+            except BaseException:
+                if os.path.exists(old):
+                    os.replace(old, dir_path)
+                raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -712,10 +789,22 @@ class AnnotationMixin:
         -------
         The trained model.
         """
+        model_file = os.path.join(dir_path, f"{prefix or ''}model.pt")
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(
+                f"{str(dir_path)!r} is not a saved model: {model_file!r} does not exist. Pass "
+                "the folder written by `model.save(...)` (and its `prefix=`, if one was used)."
+            )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Save path contains no saved anndata")
             attr_dict, var_names, _, saved = _load_saved_files(
                 dir_path, load_adata=adata is None, prefix=prefix, map_location="cpu"
+            )
+        saved_cls = attr_dict.get("registry_", {}).get("model_name")
+        if saved_cls is not None and saved_cls != cls.__name__:
+            raise ValueError(
+                f"{str(dir_path)!r} holds a {saved_cls} model, not a {cls.__name__} one; load "
+                f"it with `lt.{saved_cls}.load(...)`."
             )
         saved_version = attr_dict.get("package_version_")
         current = version("labeltransfer")
@@ -734,17 +823,27 @@ class AnnotationMixin:
                 "order. Load without data (`Model.load(dir_path)`) and pass the query to "
                 "`annotate`/`predict`, which reindex and zero-fill genes."
             )
-        with warnings.catch_warnings():
-            # the placeholder has one cell per type by construction
-            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-            return super().load(
-                dir_path,
-                adata=adata,
-                accelerator=accelerator,
-                device=device,
-                prefix=prefix,
-                **kwargs,
-            )
+        try:
+            with warnings.catch_warnings():
+                # the placeholder has one cell per type by construction
+                warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
+                return super().load(
+                    dir_path,
+                    adata=adata,
+                    accelerator=accelerator,
+                    device=device,
+                    prefix=prefix,
+                    **kwargs,
+                )
+        except Exception as err:
+            if saved_version is None or saved_version == current:
+                raise
+            raise RuntimeError(
+                f"Loading this model, saved with labeltransfer {saved_version}, failed with "
+                f"labeltransfer {current} ({type(err).__name__}: {err}). Install the version "
+                f"that saved it (`pip install labeltransfer=={saved_version}`), or train and "
+                "save the model again with this one."
+            ) from err
 
 
 def _placeholder_adata(registry: dict, var_names: np.ndarray) -> AnnData:

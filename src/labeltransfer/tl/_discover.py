@@ -24,25 +24,13 @@ __all__ = ["discover_novel"]
 N_NEIGHBORS = 15
 
 
-def _knn(x: np.ndarray, k: int, query: np.ndarray | None = None) -> np.ndarray:
-    """Return the ``k`` nearest neighbours of each point (itself excluded when no ``query``)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    if query is None:
-        k = min(k, len(x) - 1)
-        index = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x, return_distance=False)
-        return index[:, 1:]
-    k = min(k, len(x))
-    return NearestNeighbors(n_neighbors=k).fit(x).kneighbors(query, return_distance=False)
-
-
 def _leiden(neighbours: np.ndarray, resolution: float, seed: int) -> np.ndarray:
     import igraph as ig
     import leidenalg
 
     n, k = neighbours.shape
     edges = np.column_stack([np.repeat(np.arange(n), k), neighbours.ravel()])
-    graph = ig.Graph(n=n, edges=edges.tolist(), directed=False)
+    graph = ig.Graph(n=n, edges=edges, directed=False)
     graph.simplify(multiple=True, loops=True)
     partition = leidenalg.find_partition(
         graph, leidenalg.RBConfigurationVertexPartition, resolution_parameter=resolution, seed=seed
@@ -54,21 +42,18 @@ def _boundary(
     z: np.ndarray, confident: np.ndarray, prediction: np.ndarray, candidates: np.ndarray
 ) -> np.ndarray:
     """Boundary flags of ``candidates``: most kNN neighbours are confident cells of one type."""
-    if not candidates.any():
-        return np.zeros(0, dtype=bool)
-    neighbours = _knn(z, N_NEIGHBORS + 1, query=z[candidates])
-    # drop each cell itself (normally the first hit), keep N_NEIGHBORS neighbours
-    own = np.flatnonzero(candidates)[:, None]
-    keep = neighbours != own
-    flags = np.zeros(len(own), dtype=bool)
-    for i, (row, mask) in enumerate(zip(neighbours, keep, strict=True)):
-        row = row[mask][:N_NEIGHBORS]
-        calls = prediction[row][confident[row]]
-        if len(calls) == 0:
-            continue
-        _, counts = np.unique(calls, return_counts=True)
-        flags[i] = counts.max() > len(row) / 2
-    return flags
+    from labeltransfer.base._neighbors import knn
+
+    if not candidates.any() or len(z) < 2:
+        return np.zeros(int(candidates.sum()), dtype=bool)
+    k = min(N_NEIGHBORS, len(z) - 1)
+    neighbours = knn(z, k, rows=np.flatnonzero(candidates))
+    _, codes = np.unique(prediction, return_inverse=True)
+    calls = np.where(confident[neighbours], codes[neighbours], -1)
+    counts = np.zeros((len(neighbours), codes.max() + 2), dtype=np.int64)
+    rows = np.broadcast_to(np.arange(len(neighbours))[:, None], calls.shape)
+    np.add.at(counts, (rows, calls + 1), 1)
+    return counts[:, 1:].max(axis=1) > k / 2
 
 
 def discover_novel(
@@ -95,7 +80,8 @@ def discover_novel(
     neighbours in the embedding of **all** cells, more than half are confident cells
     (confidence >= ``confidence``) with the same predicted reference type. Boundary cells
     are excluded from the graph and keep their current ``obs[key]`` (reference call or
-    ``"Unassigned"``).
+    ``"Unassigned"``). Neighbours are exact up to 50,000 cells and approximate (an
+    inverted-file search) above, so millions of cells fit in memory and time.
 
     The remaining low-confidence cells in communities of at least ``min_cells`` cells are
     relabelled ``obs[key] = "novel_<i>"`` (``i`` by decreasing size); cells in smaller
@@ -138,6 +124,8 @@ def discover_novel(
     """
     from sklearn.metrics import calinski_harabasz_score
 
+    from labeltransfer.base._neighbors import knn
+
     needed = [f"{key}_confidence", f"{key}_prediction", key]
     missing = [c for c in needed if c not in adata.obs]
     if missing or f"X_{key}" not in adata.obsm:
@@ -159,7 +147,7 @@ def discover_novel(
     best_resolution, best_score = float("nan"), float("nan")
     scan = {"resolution": [], "n_groups": [], "calinski_harabasz": []}
     if len(candidates) > 2:
-        neighbours = _knn(z[candidates], N_NEIGHBORS)
+        neighbours = knn(z[candidates], min(N_NEIGHBORS, len(candidates) - 1), seed=seed)
         chosen = False
         for resolution in resolutions:
             labels = _leiden(neighbours, float(resolution), seed)
