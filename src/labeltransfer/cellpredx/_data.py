@@ -11,13 +11,37 @@ import torch
 from scipy import sparse
 from scvi import settings
 
+from labeltransfer.base._neighbors import knn
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter
+from labeltransfer.dataloaders._distributed import rank_and_world_size, shard_size
 
 from ._module import POSITIVE_KEY, TARGET_SUM
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from scvi.data import AnnDataManager
+
+
+#: Query cells read and normalised at a time for the PCA of :func:`query_knn_graph`.
+PCA_CHUNK_CELLS = 50_000
+
+
+def _normalised_rows(
+    adata: AnnData,
+    rows: np.ndarray,
+    feature_idx: np.ndarray,
+    layer: str | None,
+    input_type: str,
+) -> sparse.csr_matrix:
+    """Sparse float32 ``log1p`` CPM-like values of some cells and genes (as the module)."""
+    X = adata.layers[layer] if layer is not None else adata.X
+    X = sparse.csr_matrix(X[rows][:, feature_idx], dtype=np.float32)
+    if input_type == "counts":
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        totals[totals == 0] = 1.0
+        X.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(X.indptr))
+        X.data = np.log1p(X.data)
+    return X
 
 
 def query_knn_graph(
@@ -34,10 +58,11 @@ def query_knn_graph(
     """KNN graph of the query cells on the first ``n_pcs`` principal components of their data.
 
     The data are the model's input genes of the query cells, log-normalised to 10,000 counts
-    per cell when they are counts (the model's own normalisation); PCA is computed on the sparse matrix with
-    implicit centring (ARPACK), so the matrix is never densified, and neighbours are found by
-    Euclidean distance (CellPredX: PCA to 50 components, then kNN; the reference
-    implementation uses 10 neighbours).
+    per cell when they are counts (the model's own normalisation); PCA is computed on the
+    sparse matrix with implicit centring (ARPACK), so the matrix is never densified, and
+    neighbours are found by Euclidean distance (CellPredX: PCA to 50 components, then kNN; the
+    reference implementation uses 10 neighbours): exactly up to 50,000 query cells, with an
+    inverted-file approximate search above (:func:`labeltransfer.base._neighbors.knn`).
 
     Parameters
     ----------
@@ -63,19 +88,17 @@ def query_knn_graph(
     ``(n_query, k)`` int64 array of *positions in adata* of each query cell's neighbours.
     """
     from sklearn.decomposition import PCA
-    from sklearn.neighbors import NearestNeighbors
 
     n = len(query_idx)
     if n < 2:
         raise ValueError("The kNN contrastive loss needs at least two query cells.")
-    X = adata.layers[layer] if layer is not None else adata.X
-    X = X[query_idx][:, feature_idx]
-    X = sparse.csr_matrix(X, dtype=np.float32)
-    if input_type == "counts":
-        totals = np.asarray(X.sum(axis=1)).ravel()
-        totals[totals == 0] = 1.0
-        X = sparse.diags((TARGET_SUM / totals).astype(np.float32)) @ X
-        X.data = np.log1p(X.data)
+    X = sparse.vstack(
+        [
+            _normalised_rows(adata, rows, feature_idx, layer, input_type)
+            for rows in np.array_split(query_idx, max(1, math.ceil(n / PCA_CHUNK_CELLS)))
+        ],
+        format="csr",
+    )
     n_components = int(min(n_pcs, n - 1, X.shape[1] - 1))
     if n_components >= 1:
         pca = PCA(n_components=n_components, svd_solver="arpack", random_state=seed)
@@ -83,12 +106,7 @@ def query_knn_graph(
     else:
         embedding = X.toarray()
     k = int(min(n_neighbors, n - 1))
-    _, neighbours = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
-    # drop each cell itself (the first neighbour unless duplicates tie with it)
-    rows = np.arange(n)[:, None]
-    own = neighbours == rows
-    keep = np.where(own.any(axis=1, keepdims=True), ~own, np.arange(k + 1) < k)
-    neighbours = neighbours[keep].reshape(n, k)
+    neighbours = knn(embedding, k, seed=0 if seed is None else seed)
     return np.asarray(query_idx, dtype=np.int64)[neighbours]
 
 
@@ -98,7 +116,10 @@ class NeighbourQueryLoader:
     Each batch is the registry dict of the query cells plus ``"X_positive"``: the expression
     of a neighbour drawn uniformly among the cell's ``k`` neighbours (a new draw every epoch,
     as the reference implementation). Shuffling uses torch's global generator, which
-    ``scvi.settings.seed`` seeds.
+    ``scvi.settings.seed`` seeds. With ``distributed=True`` (DDP) each process takes a
+    disjoint shard of the query cells, as ``DistributedSampler`` does: one permutation per
+    epoch, seeded by ``scvi.settings.seed`` and the epoch, padded to a multiple of the number
+    of processes, every process taking every ``world_size``-th cell from its rank on.
 
     Parameters
     ----------
@@ -113,6 +134,8 @@ class NeighbourQueryLoader:
     drop_last
         Drop the last incomplete batch (a batch of one cell is always dropped when the set
         is larger than a batch: batch norm cannot train on it).
+    distributed
+        Shard the query cells across the DDP processes.
     """
 
     def __init__(
@@ -123,6 +146,7 @@ class NeighbourQueryLoader:
         *,
         batch_size: int,
         drop_last: bool = False,
+        distributed: bool = False,
     ):
         if knn.shape[0] != len(query_idx):
             raise ValueError(
@@ -132,12 +156,39 @@ class NeighbourQueryLoader:
         self.query_idx = np.asarray(query_idx, dtype=np.int64)
         self.knn = np.asarray(knn, dtype=np.int64)
         self.batch_size = int(batch_size)
+        self._drop_last = drop_last
+        self.distributed = distributed
+        self.epoch = 0
+
+    def _n_cells(self) -> int:
+        """Query cells this process iterates over per epoch (a shard under DDP)."""
         n = len(self.query_idx)
-        self.drop_last = drop_last or (n > self.batch_size and n % self.batch_size == 1)
+        return shard_size(n, rank_and_world_size()[1]) if self.distributed else n
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether the last incomplete batch is dropped (always for a batch of one cell)."""
+        n = self._n_cells()
+        return self._drop_last or (n > self.batch_size and n % self.batch_size == 1)
 
     def __len__(self) -> int:
-        n = len(self.query_idx)
+        n = self._n_cells()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the next distributed shuffle."""
+        self.epoch = int(epoch)
+
+    def _order(self) -> np.ndarray:
+        """Return this process's query rows for the coming epoch, in random order."""
+        n = len(self.query_idx)
+        if not self.distributed:
+            return torch.randperm(n).numpy()
+        rank, world_size = rank_and_world_size()
+        generator = torch.Generator().manual_seed((settings.seed or 0) + self.epoch)
+        order = torch.randperm(n, generator=generator).numpy()
+        # pad by repeating the head (DistributedSampler), then every world_size-th row
+        return np.resize(order, shard_size(n, world_size) * world_size)[rank::world_size]
 
     def _fetch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
         # sorted unique rows (backed data needs sorted indices), then back to the batch order
@@ -146,8 +197,7 @@ class NeighbourQueryLoader:
         return {k: torch.as_tensor(np.asarray(v)[inverse]) for k, v in data.items()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        n = len(self.query_idx)
-        order = torch.randperm(n).numpy()
+        order = self._order()
         for b in range(len(self)):
             rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             batch = self._fetch(self.query_idx[rows])
@@ -203,5 +253,6 @@ class CellPredXDataSplitter(RefQueryDataSplitter):
             self.knn,
             batch_size=batch_size,
             drop_last=self.drop_last,
+            distributed=bool(self.data_loader_kwargs.get("distributed_sampler", False)),
         )
         return PairedDataLoader(ref, query)

@@ -11,6 +11,7 @@ from scvi.dataloaders import AnnDataLoader, DataSplitter
 
 from labeltransfer._constants import REGISTRY_KEYS
 
+from ._distributed import rank_and_world_size, shard_size
 from ._paired import PairedDataLoader
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ class RefQueryDataSplitter(DataSplitter):
         Shuffle before splitting (seeded by ``scvi.settings.seed``).
     **kwargs
         Passed to :class:`~scvi.dataloaders.AnnDataLoader` (``batch_size``, ``drop_last``, ...).
+        ``distributed_sampler=True`` (set by the models under a DDP strategy) gives each
+        process a disjoint shard of every set (``DistributedSampler`` semantics: the
+        training cells, the query cells and the validation cells are each padded to a
+        multiple of the number of processes); ``batch_size`` is then per process.
     """
 
     def __init__(
@@ -113,10 +118,12 @@ class RefQueryDataSplitter(DataSplitter):
 
     def _loader(self, indices: np.ndarray, *, shuffle: bool, drop_last: bool) -> AnnDataLoader:
         batch_size = self.data_loader_kwargs.get("batch_size") or settings.batch_size
+        # this process's cells: a shard of the set under DDP
+        n = indices.size
+        if self.data_loader_kwargs.get("distributed_sampler", False):
+            n = shard_size(n, rank_and_world_size()[1])
         # a last batch of one cell breaks batch norm: drop it when the set allows
-        drop = drop_last or (
-            shuffle and indices.size > batch_size and indices.size % batch_size == 1
-        )
+        drop = drop_last or (shuffle and n > batch_size and n % batch_size == 1)
         return AnnDataLoader(
             self.adata_manager,
             indices=indices,

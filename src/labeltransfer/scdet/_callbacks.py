@@ -40,6 +40,10 @@ class DistributionEstimation(pl.Callback):
     epochs (the stopping rule of DEC-style clustering, e.g. scziDesk; the held-out reference
     accuracy says nothing about the novel types, so it does not decide).
 
+    Under DDP the estimation runs on the global-zero process, on all training cells (the
+    training shards of every process), and its result is broadcast: every process gets the
+    same distribution, history and stopping decision.
+
     Parameters
     ----------
     every_n_epochs
@@ -150,33 +154,53 @@ class DistributionEstimation(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
     ) -> float | None:
         module = pl_module.module
-        manager, indices, _ = self._training_cells(trainer)
-        features, prediction, labels = self._embed(module, manager, indices)
-        labels = np.where(labels < module.n_labels, labels, -1)
-        seed = (settings.seed or 0) + epoch
-        result = estimate_distribution(
-            features,
-            labels,
-            module.n_labels,
-            module.n_classes,
-            seed=seed,
-            n_init=self.n_init,
-            cells=self.cells,
-        )
-        distribution = result["distribution"]
-        module.class_distribution.copy_(
-            torch.as_tensor(distribution, dtype=module.class_distribution.dtype)
-        )
-        module.target_distribution.copy_(
-            torch.as_tensor(result["target_distribution"], dtype=module.class_distribution.dtype)
-        )
-        changed = None if self._previous is None else float((prediction != self._previous).mean())
-        self._previous = prediction
+        estimate = None
+        if trainer.is_global_zero:
+            manager, indices, _ = self._training_cells(trainer)
+            features, prediction, labels = self._embed(module, manager, indices)
+            labels = np.where(labels < module.n_labels, labels, -1)
+            result = estimate_distribution(
+                features,
+                labels,
+                module.n_labels,
+                module.n_classes,
+                seed=(settings.seed or 0) + epoch,
+                n_init=self.n_init,
+                cells=self.cells,
+            )
+            changed = (
+                None if self._previous is None else float((prediction != self._previous).mean())
+            )
+            self._previous = prediction
+            estimate = (result["distribution"], result["target_distribution"], changed)
+        # identical state on every DDP process (a no-op on one device)
+        distribution, target_distribution, changed = trainer.strategy.broadcast(estimate, src=0)
+        dtype = module.class_distribution.dtype
+        module.class_distribution.copy_(torch.as_tensor(distribution, dtype=dtype))
+        module.target_distribution.copy_(torch.as_tensor(target_distribution, dtype=dtype))
         self.epochs.append(int(epoch))
         self.distributions.append(distribution)
         self.changed.append(changed)
         logger.debug("scDET distribution at epoch %d: %s", epoch, np.round(distribution, 3))
         return changed
+
+    @property
+    def state_key(self) -> str:
+        """Identify this callback's state among several estimation callbacks."""
+        return self._generate_state_key(
+            every_n_epochs=self.every_n_epochs, cells=self.cells, stop_tol=self.stop_tol
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the estimations so far (also sent back from spawned DDP processes)."""
+        return self.summary()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Set the estimations from :meth:`state_dict`."""
+        self.epochs = [int(e) for e in state_dict["epochs"]]
+        self.distributions = [np.asarray(d, dtype=float) for d in state_dict["distributions"]]
+        self.changed = list(state_dict["changed"])
+        self.stopped_epoch = state_dict["stopped_epoch"]
 
     def summary(self) -> dict[str, Any]:
         """Epochs, distributions and changed fractions of the estimations so far."""

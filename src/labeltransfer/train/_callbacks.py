@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
 logger = logging.getLogger(__name__)
+
+#: Key of ``trainer.callback_metrics`` that carries the training state back from a spawned
+#: DDP process (:class:`ReturnTrainingState`).
+RETURNED_STATE_KEY = "labeltransfer_training_state"
 
 
 class BestStateCallback(pl.Callback):
@@ -89,3 +95,66 @@ class BestStateCallback(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception):
         """Leave an interrupted model at its best epoch so far."""
         self._restore(pl_module)
+
+    @property
+    def state_key(self) -> str:
+        """Identify this callback's state among several best-state callbacks."""
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the best epoch and its scores (the weights are in the module itself)."""
+        return {
+            "best_score": self.best_score,
+            "best_tie": self.best_tie,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Set the best epoch and its scores."""
+        self.best_score = state_dict["best_score"]
+        self.best_tie = state_dict["best_tie"]
+        self.best_epoch = state_dict["best_epoch"]
+
+
+class ReturnTrainingState(pl.Callback):
+    """Bring the epoch count and the callbacks' states back from spawned DDP processes.
+
+    With a spawning or forking launcher (``strategy="ddp_spawn"``, ``"ddp_notebook"``,
+    ``"ddp_fork"``) training runs in child processes and Lightning returns only the weights
+    and the ``callback_metrics`` of rank 0 to the main process: there ``trainer.current_epoch``
+    would read 0 and the package's callbacks (best epoch, scDET's estimations) would keep
+    their initial state. At the end of training rank 0 adds them to ``callback_metrics``
+    under :data:`RETURNED_STATE_KEY`; :func:`restore_training_state` reads them back in the
+    main process. With any other launcher nothing is done (the state is already there).
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On rank 0 of a spawned run, put the state into ``callback_metrics``."""
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if not trainer.is_global_zero or not isinstance(launcher, _MultiProcessingLauncher):
+            return
+        states = {
+            callback.state_key: callback.state_dict()
+            for callback in trainer.callbacks
+            if callback is not self and type(callback).__module__.startswith("labeltransfer.")
+        }
+        trainer.callback_metrics[RETURNED_STATE_KEY] = {  # type: ignore[index]
+            "current_epoch": int(trainer.current_epoch),
+            "callbacks": states,
+        }
+
+
+def restore_training_state(trainer: pl.Trainer) -> None:
+    """Load the state returned by :class:`ReturnTrainingState` into the main process.
+
+    Sets ``trainer.current_epoch`` and calls ``load_state_dict`` on the callbacks of
+    ``trainer`` with the returned states. Without a returned state (training ran in this
+    process) nothing changes.
+    """
+    state = trainer.callback_metrics.pop(RETURNED_STATE_KEY, None)
+    if state is None:
+        return
+    trainer.fit_loop.epoch_progress.current.completed = int(state["current_epoch"])
+    for callback in trainer.callbacks:
+        if callback.state_key in state["callbacks"]:
+            callback.load_state_dict(state["callbacks"][callback.state_key])
