@@ -417,6 +417,7 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", help="experiments to run (intra, inter, longtail, estimate)"
     )
+    parser.add_argument("--methods", nargs="+", help="methods to run (default: all)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the markdown")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -434,6 +435,8 @@ def main() -> None:
     configs = _configs(seeds)
     if args.only:
         configs = [c for c in configs if c["experiment"] in args.only]
+    if args.methods:
+        configs = [c for c in configs if c["method"] in args.methods]
     if args.threads:
         configs = [{**c, "threads": args.threads} for c in configs]
     start_uptime, source_start = uptime(), source_fingerprint(SOURCE)

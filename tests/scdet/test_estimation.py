@@ -117,3 +117,35 @@ def test_target_estimation_resists_a_domain_shift():
     assert (paper["assignment"][100:][tgt_group < 2] == 2).mean() > 0.4
     with pytest.raises(ValueError, match="cells must be"):
         estimate_distribution(x, labels, n_seen=2, n_classes=3, cells="some")
+
+
+def test_unresolved_rare_type_gets_its_reference_share_not_half_a_large_type():
+    """A rare subtype k-means cannot resolve must not receive a split half of the large type."""
+    rng = np.random.default_rng(0)
+    e = np.eye(4)
+
+    def cells(direction, n):
+        return direction + 0.02 * rng.normal(size=(n, 4))
+
+    x = np.concatenate(
+        [
+            cells(e[0], 100),  # type 0, reference
+            cells(e[0] + 0.6 * e[3], 10),  # type 1 (a subtype of type 0), reference
+            cells(e[0] + 0.5 * e[1], 200),  # type 0, target, first half
+            cells(e[0] - 0.5 * e[1], 200),  # type 0, target, second half
+            cells(e[0] + 0.6 * e[3], 5),  # type 1, target
+            cells(e[2], 150),  # novel, target
+        ]
+    )
+    labels = np.array([0] * 100 + [1] * 10 + [-1] * 555)
+    result = estimate_distribution(x, labels, n_seen=2, n_classes=3, seed=0)
+    # both halves of type 0 go to type 0 (many-to-one), the novel blob to the novel class
+    assert sorted(result["class_of_cluster"].tolist()) == [0, 0, 2]
+    target = result["target_distribution"]
+    # type 1 keeps its reference share (10 of 110) of the 405 target cells given to seen types
+    expected_type1 = 10 / 110 * 405
+    np.testing.assert_allclose(
+        target, np.array([405, expected_type1, 150]) / (555 + expected_type1)
+    )
+    # one-to-one matching would have given type 1 a half of type 0 (about 0.36)
+    assert target[1] < 0.1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -234,6 +236,24 @@ def test_module_shapes_and_plan_defaults_follow_the_paper():
     assert torch.allclose(out["v"].norm(dim=1), torch.ones(8))
     # logits are cosine similarities / tau
     assert out["logits"].abs().max() <= 1.0 / module.temperature + 1e-5
+
+    # predictions use the post-hoc logit adjustment of eq. 7 once a training plan set gamma
+    module.eval()
+    pi = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.02, 0.02, 0.01])
+    module.class_distribution.copy_(pi)
+    raw = module.inference(x)["logits"]
+    assert module.logit_adjustment == 0  # before training: the raw logits
+    torch.testing.assert_close(raw, module.logits_from_latent(module.inference(x)["z"]))
+    plan = SCDETTrainingPlan(module, gamma=0.5)
+    plan.on_train_start()
+    torch.testing.assert_close(module.inference(x)["logits"], raw - 0.5 * pi.log())
+    # the rarest class gains the most: its log-odds against the most frequent one rise
+    # by gamma * log(0.5 / 0.01)
+    gain = (module.inference(x)["logits"] - raw)[:, 6] - (module.inference(x)["logits"] - raw)[
+        :, 0
+    ]
+    torch.testing.assert_close(gain, torch.full((8,), 0.5 * math.log(50.0)))
+    assert "logit_adjustment" in module.state_dict()  # saved with the model
 
 
 def test_loss_terms_are_finite_and_sampling_applies():

@@ -21,6 +21,7 @@ from labeltransfer.base import AnnotationMixin
 from labeltransfer.data import check_input, select_features
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.train import fit_stage
+from labeltransfer.train._guards import check_fit_args
 
 from ._callbacks import DistributionEstimation
 from ._estimation import estimate_n_novel
@@ -85,8 +86,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
     n_latent
         Embedding size (scDET: 128).
     temperature
-        :math:`\\tau` of the prototype classifier. The paper gives 1.0 for "the temperature
-        :math:`\\tau`"; with cosine-similarity logits in [-1, 1] that makes every
+        :math:`\tau` of the prototype classifier. The paper gives 1.0 for "the temperature
+        :math:`\tau`"; with cosine-similarity logits in [-1, 1] that makes every
         prediction nearly uniform, and the distribution regulariser cannot activate the
         novel prototypes (measured: no cell predicted novel after 200 epochs on a synthetic
         task where 0.1 finds both novel types). 0.1 is the usual scale of cosine
@@ -103,10 +104,14 @@ class SCDET(AnnotationMixin, BaseModelClass):
     -----
     **Probabilities.** ``obsm["scdet_probabilities"]`` and ``predict(soft=True)`` have one
     column per class: the seen types, then ``novel_<i>``. They are the softmax of the
-    classifier's cosine similarities divided by ``temperature``; the prediction is their
-    argmax (scDET: "obtain predictions by finding the maximum component of the
-    classification probability") and ``obs["scdet_prediction"]`` can be a novel group. They
-    are not temperature-calibrated (the held-out reference has no novel cells to calibrate
+    classifier's cosine similarities divided by ``temperature`` minus ``gamma`` times the
+    log of the estimated class frequencies: the rectified prediction :math:`\hat p` of
+    eq. 7 (post-hoc logit adjustment, Menon et al. 2020), which the paper uses for the
+    pseudo-labels and which here also makes the predictions, so that a rare seen type is
+    not absorbed by a frequent one (``plan_kwargs={"gamma": 0}`` turns it off). The
+    prediction is their argmax (scDET: "obtain predictions by finding the maximum component
+    of the classification probability") and ``obs["scdet_prediction"]`` can be a novel
+    group. They are not temperature-calibrated (the held-out reference has no novel cells to calibrate
     the novel classes on).
 
     **Novel groups** are named by their class index. The distribution estimation gives the
@@ -317,8 +322,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
             Passed to :class:`scvi.train.Trainer` (e.g. ``callbacks``,
             ``enable_progress_bar``).
         """
-        if max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+        check_fit_args(max_epochs=max_epochs, batch_size=batch_size)
         if estimation_interval < 1:
             raise ValueError(f"estimation_interval must be >= 1, got {estimation_interval}.")
         mask = labelled_mask(self.adata_manager)
@@ -484,7 +488,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
         )
 
     def class_distribution(self) -> pd.Series:
-        r"""Return the last estimated class distribution :math:`\\pi` (seen types, then novel groups)."""
+        r"""Return the last estimated class distribution :math:`\pi` (seen types, then novel groups)."""
         self._check_if_trained(warn=False)
         values = self.module.class_distribution.detach().cpu().numpy().astype(float)
         return pd.Series(values, index=self.output_classes, name="frequency")

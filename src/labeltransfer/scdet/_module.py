@@ -105,11 +105,12 @@ class SCDETModule(AnnotationModule):
         self.register_buffer(
             "target_distribution", torch.full((self.n_classes,), 1.0 / self.n_classes)
         )
+        self.register_buffer("logit_adjustment", torch.zeros(()))
 
     # ------------------------------------------------------------- classes
     @property
     def n_classes(self) -> int:
-        r"""Seen plus novel classes, :math:`|\\mathcal C_r \\cup \\mathcal C_t|`."""
+        r"""Seen plus novel classes, :math:`|\mathcal C_r \cup \mathcal C_t|`."""
         return self.n_labels + self.n_novel
 
     def _new_prototypes(self, n: int) -> torch.Tensor:
@@ -152,7 +153,7 @@ class SCDETModule(AnnotationModule):
 
     # ------------------------------------------------------------- networks
     def logits_from_latent(self, z: torch.Tensor) -> torch.Tensor:
-        r"""Cosine similarity of ``h`` to the prototypes divided by :math:`\\tau` (eq. 2)."""
+        r"""Cosine similarity of ``h`` to the prototypes divided by :math:`\tau` (eq. 2)."""
         return self.cosine(z) / self.temperature
 
     def cosine(self, z: torch.Tensor) -> torch.Tensor:
@@ -166,9 +167,19 @@ class SCDETModule(AnnotationModule):
 
     @auto_move_data
     def inference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Embedding ``z``, class ``logits`` (seen then novel) and contrastive features ``v``."""
+        r"""Embedding ``z``, class ``logits`` (seen then novel) and contrastive features ``v``.
+
+        The logits are the rectified ones of eq. 7, :math:`h_i \cdot \mu_j / \tau - \gamma
+        \log \pi_j`, with :math:`\gamma` = ``logit_adjustment`` (set to the training plan's
+        ``gamma`` when training starts, 0 before) and :math:`\pi` = ``class_distribution``:
+        the post-hoc logit adjustment of Menon et al. (2020) that eq. 7 cites, which
+        removes the long-tail bias of the classifier from the predictions.
+        """
         z = self.encoder(self.transform(x))
-        return {"z": z, "logits": self.logits_from_latent(z), "v": self.project(z)}
+        logits = logit_adjust(
+            self.logits_from_latent(z), self.class_distribution, float(self.logit_adjustment)
+        )
+        return {"z": z, "logits": logits, "v": self.project(z)}
 
     # ------------------------------------------------------------- training
     def augment(

@@ -41,7 +41,9 @@ class SCDETTrainingPlan(AnnotationTrainingPlan):
     rho
         Smoothing of the estimated distribution in :math:`\mathcal L_{reg}` (scDET: 0.5).
     gamma
-        Logit-adjustment strength (scDET: 0.5).
+        Logit-adjustment strength (scDET: 0.5), of the pseudo-labels passed to the
+        contrastive branch and of the trained model's predictions (post-hoc logit
+        adjustment, eq. 7; see :meth:`~labeltransfer.scdet.SCDETModule.inference`).
     alpha, beta
         Sampling-rate exponents for the reference types in / not in the minibatch
         (scDET: 0.5, 0.5).
@@ -130,6 +132,11 @@ class SCDETTrainingPlan(AnnotationTrainingPlan):
             "regularise": regularise,
             "warmup": warmup,
         }
+
+    def on_train_start(self) -> None:
+        """Predictions of the trained model use the logit adjustment of training (eq. 7)."""
+        super().on_train_start()
+        self.module.logit_adjustment.fill_(self.loss_options["gamma"])
 
     def training_step(self, batch, batch_idx):
         """One scDET step on a ``(reference, target)`` minibatch pair."""
