@@ -71,6 +71,18 @@ def test_cli_annotate_round_trip(files, capsys):
     np.testing.assert_array_equal(
         ad.read_h5ad(again).obs["jind_prediction"], annotated.obs["jind_prediction"]
     )
+    capsys.readouterr()
+
+    # ... and aligns a new query onto it, for the given number of alignment epochs
+    aligned = files / "aligned.h5ad"
+    args = ["annotate", "--model-dir", str(files / "model"), "--query", str(files / "query.h5ad")]
+    args += ["--labels-key", "cell_type", "--out", str(aligned), "--accelerator", "cpu"]
+    assert main([*args, "--align-epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Time: load " in printed
+    assert "align " in printed
+    assert "train " not in printed
+    assert ad.read_h5ad(aligned).uns["jind"]["aligned"]
 
 
 def test_cli_errors(files):
