@@ -135,20 +135,22 @@ class DistributionEstimation(pl.Callback):
         loader = AnnDataLoader(manager, indices=indices, shuffle=False, batch_size=self.batch_size)
         was_training = module.training
         module.eval()
-        features, predictions, labels = [], [], []
+        # filled batch by batch (concatenating per-batch lists held every feature twice)
+        features = np.empty((indices.size, module.n_head), dtype=np.float32)
+        predictions = np.empty(indices.size, dtype=np.int64)
+        labels = np.empty(indices.size, dtype=np.int64)
+        start = 0
         try:
             for tensors in loader:
                 out = module.inference(**module._get_inference_input(tensors))
-                features.append(out["v"].float().cpu())
-                predictions.append(out["logits"].argmax(dim=1).cpu())
-                labels.append(tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel().cpu())
+                stop = start + out["v"].shape[0]
+                features[start:stop] = out["v"].float().cpu().numpy()
+                predictions[start:stop] = out["logits"].argmax(dim=1).cpu().numpy()
+                labels[start:stop] = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel().numpy()
+                start = stop
         finally:
             module.train(was_training)
-        return (
-            torch.cat(features).numpy(),
-            torch.cat(predictions).numpy(),
-            torch.cat(labels).numpy(),
-        )
+        return features, predictions, labels
 
     def _estimate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
