@@ -249,3 +249,19 @@ def test_same_seed_same_predictions(synthetic_pair):
         return model.predict(synthetic_pair[1], soft=True)
 
     pd.testing.assert_frame_equal(fit(), fit())
+
+
+def test_lognormalised_model_loads_without_data(synthetic_pair, tmp_path):
+    """The data-free placeholder of `load` (all zeros) must not fail the input-type check."""
+    ref, query = (a[:300].copy() for a in synthetic_pair)
+    for adata in (ref, query):
+        counts = adata.X.toarray()
+        adata.X = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    lt.JIND.setup_anndata(ref, labels_key="cell_type")
+    model = lt.JIND(ref, input_type="lognorm")
+    model.train(max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    model.save(tmp_path / "lognorm")
+    loaded = lt.JIND.load(tmp_path / "lognorm")
+    pd.testing.assert_frame_equal(
+        loaded.predict(query, soft=True), model.predict(query, soft=True)
+    )

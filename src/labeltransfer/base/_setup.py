@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
+import numpy as np
+from scipy import sparse
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
 
@@ -93,6 +95,10 @@ def resolve_input_type(adata: AnnData, *, layer: str | None, input_type: str) ->
     """
     if input_type not in ("auto", "counts", "lognorm"):
         raise ValueError(f"input_type must be 'auto', 'counts' or 'lognorm', got {input_type!r}.")
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    if input_type != "auto" and not _has_nonzero(matrix):
+        # nothing to check: e.g. the all-zero placeholder of a model loaded without data
+        return input_type
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*have no non-zero value")  # setup said it
         detected = check_input(adata, layer=layer, name="reference")["input_type"]
@@ -109,3 +115,10 @@ def resolve_input_type(adata: AnnData, *, layer: str | None, input_type: str) ->
             "pass input_type='counts' (or 'auto')."
         )
     return detected
+
+
+def _has_nonzero(matrix) -> bool:
+    """Whether a dense or sparse matrix holds any non-zero value."""
+    if sparse.issparse(matrix):
+        return matrix.count_nonzero() > 0
+    return bool(np.any(np.asarray(matrix)))
