@@ -5,13 +5,12 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
-import numpy as np
-from scipy import sparse
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.data import check_input, check_labels
+from labeltransfer.data._checks import _iter_row_chunks, _nonzero_rows
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -118,7 +117,5 @@ def resolve_input_type(adata: AnnData, *, layer: str | None, input_type: str) ->
 
 
 def _has_nonzero(matrix) -> bool:
-    """Whether a dense or sparse matrix holds any non-zero value."""
-    if sparse.issparse(matrix):
-        return matrix.count_nonzero() > 0
-    return bool(np.any(np.asarray(matrix)))
+    """Whether a dense or sparse matrix holds any non-zero value (read in row chunks)."""
+    return any(_nonzero_rows(block).any() for _, _, block in _iter_row_chunks(matrix))
