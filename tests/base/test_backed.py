@@ -77,3 +77,22 @@ def test_annotated_queries_are_not_kept_by_the_model(model_and_query):
     assert model.adata_manager.adata_uuid in store
     model.align(query, max_epochs=1, enable_progress_bar=False, accelerator="cpu")
     assert set(store) == before  # the model's own data stays registered
+
+
+def test_backed_query_warns_once_about_cells_without_counts(
+    model_and_query, tmp_path, monkeypatch
+):
+    model, query = model_and_query
+    query = query[:100].copy()
+    matrix = query.X.tolil()
+    matrix[[3, 50, 90], :] = 0  # one empty cell in each of three chunks
+    query.X = matrix.tocsr()
+    query.write_h5ad(tmp_path / "q.h5ad")
+    monkeypatch.setattr(_annotation_mixin, "BACKED_CHUNK_SIZE", 37)
+    backed = ad.read_h5ad(tmp_path / "q.h5ad", backed="r")
+    with pytest.warns(UserWarning, match="query cells have no counts") as record:
+        model.annotate(backed, key_added="jind")
+    messages = [str(w.message) for w in record if "have no counts" in str(w.message)]
+    assert len(messages) == 1
+    assert messages[0].startswith("3 of 100 query cells")
+    assert backed.obs["jind_rejected"].iloc[[3, 50, 90]].all()

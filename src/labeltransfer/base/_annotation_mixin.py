@@ -28,7 +28,7 @@ from labeltransfer.train import BestStateCallback
 from labeltransfer.train._callbacks import ReturnTrainingState, restore_training_state
 from labeltransfer.train._guards import check_fit_args, interruptible
 
-from ._query import empty_cells, prepare_query
+from ._query import EMPTY_CELLS_WARNING, empty_cells, prepare_query, warn_empty_cells
 from ._rejection import fit_temperature, per_type_thresholds
 from ._setup import register_anndata, resolve_input_type
 from ._uns import h5ad_safe
@@ -303,7 +303,9 @@ class AnnotationMixin:
             # a slice reads a contiguous range; an index array is 20-40x slower on zarr
             rows = slice(start, stop) if indices is None else positions[start:stop]
             chunk = adata[rows].to_memory()
-            registered, overlap = self._prepare(chunk, **harmonize_kwargs)
+            with warnings.catch_warnings():  # one warning for the whole query, below
+                warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
+                registered, overlap = self._prepare(chunk, **harmonize_kwargs)
             empty.append(empty_cells(self, registered))
             part_logits, part_latent = self._forward(
                 registered,
@@ -321,7 +323,11 @@ class AnnotationMixin:
             names.append(registered.obs_names)
             self._release(registered)
             del chunk, registered, part_logits, part_latent  # before the next chunk is read
-        overlap = {**(overlap or {}), "empty": np.concatenate(empty)}
+        empty = np.concatenate(empty)
+        if empty.any():
+            genes = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+            warn_empty_cells(int(empty.sum()), positions.size, len(genes), stacklevel=4)
+        overlap = {**(overlap or {}), "empty": empty}
         return logits, latent, overlap, names[0].append(names[1:])
 
     def _release(self, registered: AnnData) -> None:

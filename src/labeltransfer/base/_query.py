@@ -75,14 +75,7 @@ def prepare_query(
             "(raw counts in both, or log-normalised data in both; use `layer=`-registered data)."
         )
     if report["n_zero_cells"]:
-        warnings.warn(
-            f"{report['n_zero_cells']} of {report['n_obs']} query cells have no counts in the "
-            f"model's {len(genes)} genes: their calls would rest on the model's biases alone, "
-            "so annotate() marks them rejected ('Unassigned'). Remove them first (e.g. "
-            "`sc.pp.filter_cells(adata, min_counts=1)`) to silence this.",
-            UserWarning,
-            stacklevel=5,
-        )
+        warn_empty_cells(report["n_zero_cells"], report["n_obs"], len(genes))
     _warn_duplicated_obs_names(adata, "query")
     obs = pd.DataFrame(index=adata.obs_names.copy())
     batch_key = setup_args.get("batch_key")
@@ -104,6 +97,21 @@ def prepare_query(
         )
     model._register_manager_for_instance(manager)
     return light, overlap
+
+
+#: Start of the warning about query cells without counts (filtered per chunk of a backed query).
+EMPTY_CELLS_WARNING = "query cells have no counts in the model's"
+
+
+def warn_empty_cells(n_empty: int, n_obs: int, n_genes: int, stacklevel: int = 6) -> None:
+    """Warn that ``n_empty`` of ``n_obs`` query cells have no counts in the model's genes."""
+    warnings.warn(
+        f"{n_empty} of {n_obs} {EMPTY_CELLS_WARNING} {n_genes} genes: their calls would rest "
+        "on the model's biases alone, so annotate() marks them rejected ('Unassigned'). "
+        "Remove them first (e.g. `sc.pp.filter_cells(adata, min_counts=1)`) to silence this.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def empty_cells(model: BaseModelClass, adata: AnnData) -> np.ndarray:
