@@ -162,7 +162,9 @@ def smoothed_distribution(distribution: torch.Tensor, rho: float) -> torch.Tenso
     return powered / powered.sum()
 
 
-def logit_adjust(logits: torch.Tensor, distribution: torch.Tensor, gamma: float) -> torch.Tensor:
+def logit_adjust(
+    logits: torch.Tensor, distribution: torch.Tensor, gamma: float | torch.Tensor
+) -> torch.Tensor:
     r"""Post-hoc logit adjustment (Menon et al. 2020; scDET eq. 7).
 
     Returns :math:`h_i \cdot \mu_j / \tau - \gamma \log \pi_j`; the softmax of the result is the
@@ -175,7 +177,7 @@ def logit_adjust(logits: torch.Tensor, distribution: torch.Tensor, gamma: float)
     distribution
         Estimated class frequencies :math:`\pi` (``C``, positive).
     gamma
-        :math:`\gamma` (scDET: 0.5); 0 leaves the logits unchanged.
+        :math:`\gamma` (scDET: 0.5), a number or a 0-d tensor; 0 leaves the logits unchanged.
     """
     log_pi = distribution.clamp_min(torch.finfo(distribution.dtype).tiny).log()
     return logits - gamma * log_pi.to(logits.dtype)

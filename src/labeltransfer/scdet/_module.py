@@ -176,8 +176,9 @@ class SCDETModule(AnnotationModule):
         removes the long-tail bias of the classifier from the predictions.
         """
         z = self.encoder(self.transform(x))
+        # the 0-d buffer, not float() of it: no device-to-host sync per minibatch on a GPU
         logits = logit_adjust(
-            self.logits_from_latent(z), self.class_distribution, float(self.logit_adjustment)
+            self.logits_from_latent(z), self.class_distribution, self.logit_adjustment
         )
         return {"z": z, "logits": logits, "v": self.project(z)}
 
