@@ -81,7 +81,7 @@ def test_estimate_n_novel_one_and_zero():
     labels = np.where(is_query, -1, group)
     k, report, _ = estimate_n_novel(x, labels, is_query, n_seen=3, seed=0)
     assert k == 1, report
-    assert report["reason"].startswith("unexplained cells without substantial")
+    assert report["reason"] == "no partition with substantial structure: one type"
 
     x, group = _blobs([100, 100, 100], seed=3)
     is_query = np.arange(group.size) % 2 == 1
@@ -90,6 +90,43 @@ def test_estimate_n_novel_one_and_zero():
     assert k == 0
     assert report["reason"] == "too few unexplained query cells"
     assert (groups == -1).all()
+
+
+def test_novel_types_merged_by_the_embedding_are_counted_in_the_expression_space():
+    # blobs 3 and 4 are novel; the embedding puts both on blob 3, the expression keeps them
+    expression, group = _blobs([100, 100, 100, 60, 60], seed=4)
+    embedding = expression.copy()
+    embedding[group == 4] += expression[group == 3].mean(0) - expression[group == 4].mean(0)
+    is_query = (group >= 3) | (np.arange(group.size) % 2 == 1)
+    labels = np.where(is_query, -1, group)
+    k, report, _ = estimate_n_novel(embedding, labels, is_query, n_seen=3, seed=0)
+    assert k == 1, report
+    k, report, groups = estimate_n_novel(
+        embedding, labels, is_query, n_seen=3, expression=expression, seed=0
+    )
+    assert k == 2, report
+    assert len(np.unique(groups[group == 3])) == len(np.unique(groups[group == 4])) == 1
+    assert groups[group == 3][0] != groups[group == 4][0]
+    with pytest.raises(ValueError, match="one row per cell"):
+        estimate_n_novel(embedding, labels, is_query, n_seen=3, expression=expression[:10])
+
+
+def test_seen_query_cells_split_off_by_the_embedding_are_not_a_novel_type():
+    # 30 of the 50 query cells of seen type 0 drift away in the embedding (an embedding
+    # overfitted to the reference), but stay with their type in the expression space
+    expression, group = _blobs([100, 100, 100, 80], seed=5)
+    is_query = (group == 3) | (np.arange(group.size) % 2 == 1)
+    drifted = np.flatnonzero(is_query & (group == 0))[:30]
+    embedding = expression.copy()
+    embedding[drifted] += np.eye(8)[6] * 3
+    labels = np.where(is_query, -1, group)
+    k, report, groups = estimate_n_novel(
+        embedding, labels, is_query, n_seen=3, expression=expression, seed=0
+    )
+    assert k == 1, report
+    assert 0 < report["n_seen_part"] <= 30  # those not left out by the neighbour rule
+    assert (groups[drifted] == -1).all()
+    assert (groups[group == 3] == 0).mean() > 0.9
 
 
 def test_target_estimation_resists_a_domain_shift():

@@ -138,7 +138,7 @@ def test_estimated_number_of_novel_types(estimated_scdet, scdet_pair, tmp_path):
     assert model.n_novel == 2
     estimate = model.n_novel_estimate_
     assert estimate["n_novel"] == 2
-    assert estimate["warmup_epochs"] == 10
+    assert estimate["warmup_epochs"] == 50
     assert estimate["n_unexplained"] >= 100  # 160 novel query cells
     out = model.annotate(copy=True)
     assert out.uns[KEY]["n_novel_estimated"]
