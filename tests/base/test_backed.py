@@ -6,21 +6,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scvi
 
 import labeltransfer as lt
 from labeltransfer.base import _annotation_mixin
-
-
-@pytest.fixture(scope="module")
-def model_and_query(synthetic_pair):
-    scvi.settings.seed = 0
-    ref, query = synthetic_pair
-    ref = ref.copy()
-    lt.JIND.setup_anndata(ref, labels_key="cell_type")
-    model = lt.JIND(ref, n_top_genes=100)
-    model.train(max_epochs=3, enable_progress_bar=False, accelerator="cpu")
-    return model, query
 
 
 def test_backed_query_gives_the_in_memory_annotation(model_and_query, tmp_path, monkeypatch):

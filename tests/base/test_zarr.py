@@ -6,25 +6,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scvi
 from anndata.abc import CSRDataset
 
-import labeltransfer as lt
 from labeltransfer.base import _annotation_mixin
 from labeltransfer.base._zarr import is_lazy, open_zarr
 
 FIELDS = ("jind", "jind_prediction", "jind_confidence", "jind_rejected")
-
-
-@pytest.fixture(scope="module")
-def model_and_query(synthetic_pair):
-    scvi.settings.seed = 0
-    ref, query = synthetic_pair
-    ref = ref.copy()
-    lt.JIND.setup_anndata(ref, labels_key="cell_type")
-    model = lt.JIND(ref, n_top_genes=100)
-    model.train(max_epochs=3, enable_progress_bar=False, accelerator="cpu")
-    return model, query
 
 
 def test_zarr_query_is_annotated_in_chunks_and_written_back(
