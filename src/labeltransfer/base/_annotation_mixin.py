@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Self
@@ -17,7 +15,6 @@ from anndata import AnnData
 from scipy.special import softmax
 from scvi import settings
 from scvi.model._utils import use_distributed_sampler
-from scvi.model.base._save_load import _load_saved_files
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
@@ -30,6 +27,7 @@ from labeltransfer.train._guards import check_fit_args, interruptible
 
 from ._query import EMPTY_CELLS_WARNING, empty_cells, prepare_query, warn_empty_cells
 from ._rejection import fit_temperature, per_type_thresholds
+from ._save_load import check_save_target, quiet_local_load, read_saved_files, save_atomically
 from ._setup import register_anndata, resolve_input_type
 from ._uns import h5ad_safe
 from ._zarr import is_lazy, is_zarr_path, open_zarr, write_annotation
@@ -717,50 +715,44 @@ class AnnotationMixin:
     ) -> None:
         """Save the model atomically (written to a temporary folder, then renamed).
 
-        A failure while writing leaves no partial folder, and an existing folder (with
-        ``overwrite=True``) is only replaced once the new one is complete.
+        Saving never deletes a file it did not write: ``dir_path`` must be new, an empty
+        folder, or (with ``overwrite=True``) a folder holding only a saved model's own files
+        (``model.pt`` and ``adata.h5ad``/``mdata.h5mu``). A failure while writing leaves no
+        partial folder, and a replaced model is kept until the new one is complete.
 
         Parameters
         ----------
         dir_path
-            Folder to create.
+            Folder to create (or an empty folder, or a saved model to replace).
         prefix
             Prefix of the file names.
         overwrite
-            Replace an existing folder.
+            Replace a model saved in ``dir_path`` before.
         save_anndata
             Also save the registered AnnData.
         **anndata_write_kwargs
             Passed to :meth:`anndata.AnnData.write_h5ad`.
+
+        Raises
+        ------
+        ValueError
+            If ``dir_path`` is a file, a folder holding other files than a saved model's, or
+            a saved model and ``overwrite`` is ``False``.
         """
-        dir_path = os.path.abspath(dir_path)
-        if os.path.exists(dir_path) and not overwrite:
-            raise ValueError(
-                f"{dir_path} already exists. Pass overwrite=True or choose another folder."
-            )
+        dir_path = os.path.realpath(dir_path)
+        check_save_target(dir_path, prefix, overwrite)
         self.package_version_ = version("labeltransfer")
-        parent = os.path.dirname(dir_path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-        try:
-            super().save(
-                os.path.join(tmp, "model"),
+        write = super().save
+        save_atomically(
+            dir_path,
+            lambda folder: write(
+                folder,
                 prefix=prefix,
                 overwrite=True,
                 save_anndata=save_anndata,
                 **anndata_write_kwargs,
-            )
-            old = os.path.join(tmp, "old")  # an existing folder is moved aside, not deleted,
-            if os.path.exists(dir_path):  # until the new one is in place
-                os.replace(dir_path, old)
-            try:
-                os.replace(os.path.join(tmp, "model"), dir_path)
-            except BaseException:
-                if os.path.exists(old):
-                    os.replace(old, dir_path)
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            ),
+        )
 
     @classmethod
     def load(
@@ -794,18 +786,16 @@ class AnnotationMixin:
         Returns
         -------
         The trained model.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``dir_path`` holds no ``model.pt``.
+        ValueError
+            If ``model.pt`` is damaged (truncated, empty, not a model file), or holds a model
+            of another class.
         """
-        model_file = os.path.join(dir_path, f"{prefix or ''}model.pt")
-        if not os.path.isfile(model_file):
-            raise FileNotFoundError(
-                f"{str(dir_path)!r} is not a saved model: {model_file!r} does not exist. Pass "
-                "the folder written by `model.save(...)` (and its `prefix=`, if one was used)."
-            )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Save path contains no saved anndata")
-            attr_dict, var_names, _, saved = _load_saved_files(
-                dir_path, load_adata=adata is None, prefix=prefix, map_location="cpu"
-            )
+        attr_dict, var_names, saved = read_saved_files(dir_path, prefix, load_adata=adata is None)
         saved_cls = attr_dict.get("registry_", {}).get("model_name")
         if saved_cls is not None and saved_cls != cls.__name__:
             raise ValueError(
@@ -822,7 +812,9 @@ class AnnotationMixin:
                 stacklevel=settings.warnings_stacklevel,
             )
         if adata is None:
-            adata = saved if saved else _placeholder_adata(attr_dict["registry_"], var_names)
+            if saved is None:
+                saved = _placeholder_adata(attr_dict["registry_"], var_names)
+            adata = saved
         elif list(adata.var_names) != list(var_names):
             raise ValueError(
                 "The AnnData passed to load() does not have the model's genes in the model's "
@@ -830,7 +822,7 @@ class AnnotationMixin:
                 "`annotate`/`predict`, which reindex and zero-fill genes."
             )
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet_local_load():
                 # the placeholder has one cell per type by construction
                 warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
                 return super().load(
