@@ -22,6 +22,16 @@ from labeltransfer.base import AnnotationMixin, fingerprint
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import frozen
 from labeltransfer.train import AnnotationTrainingPlan, BestStateCallback, fit_stage
+from labeltransfer.train._guards import (
+    FIT_RULES,
+    INPUT_RULES,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_OPEN,
+    check_arguments,
+    check_plan_kwargs,
+    check_trainer_kwargs,
+)
 
 from ._module import JINDModule
 from ._trainingplan import JINDAlignmentPlan
@@ -30,6 +40,17 @@ if TYPE_CHECKING:
     from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: Valid values of :class:`JIND`'s arguments, checked when it is created.
+_INIT_RULES = {
+    **INPUT_RULES,
+    "n_latent": POSITIVE_INT,
+    "n_hidden": POSITIVE_INT,
+    "dropout_rate": UNIT_OPEN,
+    "class_weight_eps": POSITIVE,
+    "theta": UNIT_OPEN,
+    "n_reference_codes": POSITIVE_INT,
+}
 
 
 class JIND(AnnotationMixin, BaseModelClass):
@@ -106,6 +127,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         calibrate: bool = True,
         n_reference_codes: int = 10_000,
     ):
+        check_arguments(JIND.__init__, locals(), _INIT_RULES)
         super().__init__(adata)
         input_type, features, feature_idx = self._select_inputs(
             input_type=input_type, n_top_genes=n_top_genes, features=features
@@ -182,7 +204,17 @@ class JIND(AnnotationMixin, BaseModelClass):
             Passed to :class:`~labeltransfer.dataloaders.RefQueryDataSplitter`.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``, ``callbacks``).
+
+        Raises
+        ------
+        ValueError
+            An argument is out of its range (checked before any computation).
+        TypeError
+            ``plan_kwargs`` or ``trainer_kwargs`` has a name nothing accepts.
         """
+        check_arguments(JIND.train, locals(), FIT_RULES)
+        check_plan_kwargs(plan_kwargs, AnnotationTrainingPlan)
+        check_trainer_kwargs(trainer_kwargs, owner="JIND.train")
         plan = AnnotationTrainingPlan(self.module, **self._classifier_plan_kwargs(lr, plan_kwargs))
         with frozen(self.module.generator, self.module.discriminator):
             self._run_training(

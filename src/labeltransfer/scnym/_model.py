@@ -15,6 +15,21 @@ from scvi.utils._docstrings import devices_dsp
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin
 from labeltransfer.dataloaders import labelled_mask
+from labeltransfer.train._guards import (
+    FIT_RULES,
+    INPUT_RULES,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT,
+    UNIT_OPEN,
+    Flag,
+    OneOf,
+    check_arguments,
+    check_plan_kwargs,
+    check_trainer_kwargs,
+)
 
 from ._module import SCNYMModule
 from ._trainingplan import SCNYMTrainingPlan
@@ -27,6 +42,49 @@ logger = logging.getLogger(__name__)
 
 #: Domain names when the adversary separates reference from query cells.
 ROLE_DOMAINS = ("reference", "query")
+#: Metrics logged every epoch: the names ``early_stopping_monitor`` accepts.
+EARLY_STOPPING_METRICS = (
+    "validation_loss",
+    "validation_accuracy",
+    "train_loss",
+    "train_supervised_loss",
+    "train_consistency_loss",
+    "train_adversary_loss",
+    "train_adversary_accuracy",
+    "train_confident_fraction",
+    "train_consistency_weight",
+    "train_adversary_weight",
+)
+#: Valid values of :class:`SCNYM`'s arguments, checked when it is created.
+_INIT_RULES = {
+    **INPUT_RULES,
+    "n_hidden": POSITIVE_INT,
+    "n_layers": POSITIVE_INT,
+    "dropout_rate": UNIT_OPEN,
+    "new_identity_discovery": Flag(),
+    "pseudolabel_threshold": UNIT,
+    "theta": UNIT_OPEN,
+}
+#: Valid values of :meth:`SCNYM.train`'s arguments, checked before any computation.
+_TRAIN_RULES = {
+    **FIT_RULES,
+    "early_stopping_patience": NON_NEGATIVE_INT,
+    "early_stopping_monitor": OneOf(EARLY_STOPPING_METRICS),
+    "warmup_fraction": UNIT,
+}
+#: Valid values of the :class:`~labeltransfer.scnym.SCNYMTrainingPlan` options of
+#: ``train(plan_kwargs=...)`` (their defaults are the plan's).
+_PLAN_RULES = {
+    "mixup_alpha": POSITIVE,
+    "temperature": POSITIVE,
+    "consistency_max_weight": NON_NEGATIVE,
+    "consistency_ramp_epochs": NON_NEGATIVE,
+    "adversary_max_weight": NON_NEGATIVE,
+    "adversary_ramp_epochs": NON_NEGATIVE,
+    "pseudolabel_threshold": UNIT,
+    "mask_rate": UNIT_OPEN,
+    "mixmatch": Flag(),
+}
 
 
 class SCNYM(AnnotationMixin, BaseModelClass):
@@ -130,15 +188,8 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         theta: float = 0.05,
         calibrate: bool = False,
     ):
+        check_arguments(SCNYM.__init__, locals(), _INIT_RULES)
         super().__init__(adata)
-        if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(
-                f"confidence_threshold must be in [0, 1] or None, got {confidence_threshold}."
-            )
-        if not 0.0 <= pseudolabel_threshold <= 1.0:
-            raise ValueError(
-                f"pseudolabel_threshold must be in [0, 1], got {pseudolabel_threshold}."
-            )
         input_type, features, feature_idx = self._select_inputs(
             input_type=input_type, n_top_genes=n_top_genes, features=features
         )
@@ -252,7 +303,19 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``callbacks``,
             ``enable_progress_bar``).
+
+        Raises
+        ------
+        ValueError
+            An argument (or a ``plan_kwargs`` value) is out of its range, checked before
+            any computation.
+        TypeError
+            ``plan_kwargs`` or ``trainer_kwargs`` has a name nothing accepts.
         """
+        check_arguments(SCNYM.train, locals(), _TRAIN_RULES)
+        check_plan_kwargs(plan_kwargs, SCNYMTrainingPlan)
+        check_arguments(SCNYMTrainingPlan.__init__, dict(plan_kwargs or {}), _PLAN_RULES)
+        check_trainer_kwargs(trainer_kwargs, owner="SCNYM.train")
         if self.module.domain_source == "batch":
             n_batches = len(
                 self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
