@@ -13,7 +13,12 @@ import torch
 
 import labeltransfer as lt
 from labeltransfer._constants import NOVEL_PREFIX, UNASSIGNED
-from labeltransfer.scdet import DistributionEstimation, SCDETModule, SCDETTrainingPlan
+from labeltransfer.scdet import (
+    DistributionEstimation,
+    SCDETLossConfig,
+    SCDETModule,
+    SCDETTrainingPlan,
+)
 
 from .conftest import FAST
 
@@ -215,14 +220,15 @@ def test_module_shapes_and_plan_defaults_follow_the_paper():
     optimizer = plan.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.defaults["lr"] == 1e-4
-    options = plan.loss_options
-    assert options["lambda_cls"] == options["lambda_con"] == 1.0
-    assert options["rho"] == options["gamma"] == options["alpha"] == options["beta"] == 0.5
-    assert options["contrastive_temperature"] == 1.0
+    options = plan.config
+    assert options == SCDETLossConfig()
+    assert options.lambda_cls == options.lambda_con == 1.0
+    assert options.rho == options.gamma == options.alpha == options.beta == 0.5
+    assert options.contrastive_temperature == 1.0
     # departure from eq. 5 (documented): the regulariser acts on the target's mean prediction
-    assert options["regularise"] == "target"
-    with pytest.raises(ValueError, match="regularise"):
-        SCDETTrainingPlan(module, regularise="both")
+    assert options.regularise == "target"
+    with pytest.raises(ValueError, match="regularise must be one of 'target', 'all'"):
+        SCDETLossConfig(regularise="both")
 
     module.set_n_novel(4)
     assert module.prototypes.shape == (7, 128)
@@ -244,7 +250,7 @@ def test_module_shapes_and_plan_defaults_follow_the_paper():
     raw = module.inference(x)["logits"]
     assert module.logit_adjustment == 0  # before training: the raw logits
     torch.testing.assert_close(raw, module.logits_from_latent(module.inference(x)["z"]))
-    plan = SCDETTrainingPlan(module, gamma=0.5)
+    plan = SCDETTrainingPlan(module, config=SCDETLossConfig(gamma=0.5))
     plan.on_train_start()
     torch.testing.assert_close(module.inference(x)["logits"], raw - 0.5 * pi.log())
     # the rarest class gains the most: its log-odds against the most frequent one rise
@@ -265,22 +271,24 @@ def test_loss_terms_are_finite_and_sampling_applies():
     reference = {"X": torch.poisson(torch.full((16, 30), 5.0)), "labels": torch.arange(16) % 3}
     query = {"X": torch.poisson(torch.full((12, 30), 5.0)), "labels": torch.full((12,), 3)}
     module.train()
-    output = module.scdet_loss(reference, query)
+    output = module.loss(reference, query=query, config=SCDETLossConfig())
     assert torch.isfinite(output.loss)
     metrics = output.extra_metrics
     assert 0 < metrics["sampled_fraction"] <= 1
-    everything = module.scdet_loss(reference, query, alpha=0.0, beta=0.0)
+    everything = module.loss(reference, query=query, config=SCDETLossConfig(alpha=0.0, beta=0.0))
     assert everything.extra_metrics["sampled_fraction"] == 1.0
     for name in ("self_training_loss", "regularisation_loss", "soft_contrastive_loss"):
         assert metrics[name] > 0, name
     output.loss.backward()
     assert module.prototypes.grad is not None
-    warm = module.scdet_loss(reference, query, warmup=True)
+    warm = module.loss(reference, query=query, config=SCDETLossConfig(warmup=True))
     assert warm.extra_metrics["self_training_loss"] == 0
     assert warm.extra_metrics["soft_contrastive_loss"] == 0
     # a labelled minibatch must not contain unlabelled cells
     with pytest.raises(ValueError, match="unlabelled"):
-        module.scdet_loss({**reference, "labels": torch.full((16,), 3)}, query)
+        module.loss(
+            {**reference, "labels": torch.full((16,), 3)}, query=query, config=SCDETLossConfig()
+        )
 
 
 def test_bad_input_raises(scdet_adata, scdet_pair):
@@ -296,7 +304,7 @@ def test_bad_input_raises(scdet_adata, scdet_pair):
     with pytest.raises(ValueError, match="not genes"):
         lt.SCDET(adata, features=["gene_0", "no_such_gene"])
     model = lt.SCDET(adata, n_novel=1, n_top_genes=None)
-    with pytest.raises(ValueError, match="rho must be in"):
+    with pytest.raises(ValueError, match=r"rho must be a number in \[0, 1\], got 2.0"):
         model.train(max_epochs=1, plan_kwargs={"rho": 2.0}, **FAST)
     with pytest.raises(ValueError, match="max_epochs"):
         model.train(max_epochs=0, **FAST)

@@ -3,6 +3,7 @@
 from ._callbacks import DistributionEstimation
 from ._estimation import estimate_distribution, estimate_n_novel, match_clusters
 from ._losses import (
+    SCDETLossConfig,
     contrastive_loss,
     logit_adjust,
     sample_pseudo_labels,
@@ -16,6 +17,7 @@ from ._trainingplan import SCDETTrainingPlan
 __all__ = [
     "SCDET",
     "DistributionEstimation",
+    "SCDETLossConfig",
     "SCDETModule",
     "SCDETTrainingPlan",
     "contrastive_loss",

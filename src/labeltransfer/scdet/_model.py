@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -22,10 +23,24 @@ from labeltransfer.data import check_input, select_features
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import normalize_input
 from labeltransfer.train import fit_stage
-from labeltransfer.train._guards import check_fit_args
+from labeltransfer.train._guards import (
+    FIT_RULES,
+    INPUT_RULES,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_OPEN,
+    Number,
+    OneOf,
+    Widths,
+    check_arguments,
+    check_plan_kwargs,
+    check_trainer_kwargs,
+)
 
 from ._callbacks import DistributionEstimation
 from ._estimation import estimate_n_novel
+from ._losses import SCDETLossConfig
 from ._module import SCDETModule
 from ._trainingplan import SCDETTrainingPlan
 
@@ -45,6 +60,29 @@ ESTIMATE_PCA_CELLS = 10_000
 #: amplified zero/one noise lowers the silhouette of the novel types from about 0.4 to 0.15
 #: and the estimate then finds one type where there are two or three (8 of 22 right vs 21).
 ESTIMATE_TARGET_SUM = 1e4
+#: Valid values of :class:`SCDET`'s arguments, checked when it is created.
+_INIT_RULES = {
+    **INPUT_RULES,
+    "n_novel": Number(low=0, integer=True, optional=True),
+    "max_novel": POSITIVE_INT,
+    "n_hidden": Widths(),
+    "n_latent": POSITIVE_INT,
+    "temperature": POSITIVE,
+    # also the outlier fraction of the n_novel estimate's unexplained-cell test
+    "theta": Number(low=0, high=1, low_open=True, high_open=True),
+}
+#: Valid values of :meth:`SCDET.train`'s arguments, checked before any computation.
+_TRAIN_RULES = {
+    **FIT_RULES,
+    "estimation_interval": POSITIVE_INT,
+    "early_stopping_tol": UNIT_OPEN,
+    "early_stopping_patience": POSITIVE_INT,
+    "early_stopping_min_epochs": NON_NEGATIVE_INT,
+    "warmup_epochs": NON_NEGATIVE_INT,
+    "estimation_cells": OneOf(("target", "all")),
+}
+#: ``train(plan_kwargs=...)`` names that set the objective's hyper-parameters.
+_LOSS_FIELDS = frozenset(f.name for f in fields(SCDETLossConfig))
 
 
 class SCDET(AnnotationMixin, BaseModelClass):
@@ -159,24 +197,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
         confidence_threshold: float | None = None,
         theta: float = 0.05,
     ):
+        check_arguments(SCDET.__init__, locals(), _INIT_RULES)
         super().__init__(adata)
-        if n_novel is not None and (
-            isinstance(n_novel, bool) or not isinstance(n_novel, int | np.integer) or n_novel < 0
-        ):
-            raise ValueError(
-                f"n_novel must be a non-negative integer (the number of novel types in the "
-                f"target) or None to estimate it, got {n_novel!r}."
-            )
-        if not isinstance(max_novel, int | np.integer) or max_novel < 1:
-            raise ValueError(f"max_novel must be a positive integer, got {max_novel!r}.")
-        if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(
-                f"confidence_threshold must be in [0, 1] or None, got {confidence_threshold}."
-            )
-        if not 0.0 < theta < 1.0:
-            raise ValueError(f"theta must be in (0, 1), got {theta}.")
-        if len(tuple(n_hidden)) < 1:
-            raise ValueError("n_hidden needs at least one layer width, e.g. (512, 256).")
         if features is None and n_top_genes is not None:
             features = self._transductive_features(input_type, n_top_genes)
         input_type, features, feature_idx = self._select_inputs(
@@ -266,7 +288,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
 
         Every step takes a reference and a target minibatch
         (:class:`~labeltransfer.dataloaders.RefQueryDataSplitter`) and minimises scDET's
-        objective (:meth:`~labeltransfer.scdet.SCDETModule.scdet_loss`). The class
+        objective (:meth:`~labeltransfer.scdet.SCDETModule.loss`). The class
         distribution is re-estimated every ``estimation_interval`` epochs
         (:class:`~labeltransfer.scdet.DistributionEstimation`). A stratified
         ``1 - train_size`` of the reference is held out: it is not trained on, its accuracy is
@@ -324,18 +346,38 @@ class SCDET(AnnotationMixin, BaseModelClass):
         %(param_accelerator)s
         %(param_devices)s
         plan_kwargs
-            Passed to :class:`~labeltransfer.scdet.SCDETTrainingPlan` (``rho``, ``gamma``,
-            ``alpha``, ``beta``, ``lambda_cls``, ``lambda_con``, ``pseudo_temperature``,
-            ``contrastive_temperature``, ``mask_rate``, ``noise_sd``, ``regularise``).
+            The objective's hyper-parameters, fields of
+            :class:`~labeltransfer.scdet.SCDETLossConfig` (``rho``, ``gamma``, ``alpha``,
+            ``beta``, ``lambda_cls``, ``lambda_con``, ``pseudo_temperature``,
+            ``contrastive_temperature``, ``mask_rate``, ``noise_sd``, ``regularise``; their
+            defaults and ranges are there), and arguments of
+            :class:`~labeltransfer.scdet.SCDETTrainingPlan`.
         datasplitter_kwargs
             Passed to :class:`~labeltransfer.dataloaders.RefQueryDataSplitter`.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``callbacks``,
             ``enable_progress_bar``).
+
+        Raises
+        ------
+        ValueError
+            An argument (or a ``plan_kwargs`` value) is out of its range, checked before
+            any computation.
+        TypeError
+            ``plan_kwargs`` or ``trainer_kwargs`` has a name nothing accepts.
         """
-        check_fit_args(max_epochs=max_epochs, batch_size=batch_size)
-        if estimation_interval < 1:
-            raise ValueError(f"estimation_interval must be >= 1, got {estimation_interval}.")
+        check_arguments(SCDET.train, locals(), _TRAIN_RULES)
+        if self.n_novel_ is None and warmup_epochs < 1:
+            raise ValueError(
+                f"SCDET.train: warmup_epochs must be a positive integer to estimate n_novel, "
+                f"got {warmup_epochs!r}. Pass e.g. warmup_epochs=50 (the default), or create "
+                "the model with n_novel=<number of novel types>."
+            )
+        check_plan_kwargs(plan_kwargs, SCDETTrainingPlan, extra=_LOSS_FIELDS)
+        check_trainer_kwargs(trainer_kwargs, owner="SCDET.train")
+        plan_kwargs = {"lr": lr, "weight_decay": weight_decay, **(plan_kwargs or {})}
+        loss_options = {k: plan_kwargs.pop(k) for k in _LOSS_FIELDS & set(plan_kwargs)}
+        config = replace(plan_kwargs.pop("config", None) or SCDETLossConfig(), **loss_options)
         mask = labelled_mask(self.adata_manager)
         n_query = int((~mask).sum())
         if n_query == 0:
@@ -354,14 +396,12 @@ class SCDET(AnnotationMixin, BaseModelClass):
         )
         splitter.setup()
         n_ref_train = int(splitter.ref_train_idx.size)
-        plan_kwargs = dict(plan_kwargs or {})
         if self.n_novel_ is None:
             self._estimate_n_novel(
                 splitter,
                 warmup_epochs=warmup_epochs,
-                lr=lr,
-                weight_decay=weight_decay,
                 plan_kwargs=plan_kwargs,
+                config=replace(config, warmup=True),
                 accelerator=accelerator,
                 devices=devices,
                 trainer_kwargs=trainer_kwargs,
@@ -372,13 +412,9 @@ class SCDET(AnnotationMixin, BaseModelClass):
                 f"k-means needs at least {n_classes} training cells for {n_classes} classes; "
                 f"got {n_ref_train + n_query}."
             )
-        plan_kwargs = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "reference_fraction": n_ref_train / (n_ref_train + n_query),
-            **plan_kwargs,
-        }
-        plan = SCDETTrainingPlan(self.module, **plan_kwargs)
+        if "reference_fraction" not in loss_options:
+            config = replace(config, reference_fraction=n_ref_train / (n_ref_train + n_query))
+        plan = SCDETTrainingPlan(self.module, config=config, **plan_kwargs)
         estimation = DistributionEstimation(
             estimation_interval,
             stop_tol=early_stopping_tol if early_stopping else None,
@@ -421,23 +457,14 @@ class SCDET(AnnotationMixin, BaseModelClass):
         splitter: RefQueryDataSplitter,
         *,
         warmup_epochs: int,
-        lr: float,
-        weight_decay: float,
         plan_kwargs: dict,
+        config: SCDETLossConfig,
         accelerator: str,
         devices: int | list[int] | str,
         trainer_kwargs: dict,
     ) -> None:
         """Warm the representation up, estimate ``n_novel`` and resize the classifier."""
-        if warmup_epochs < 1:
-            raise ValueError(
-                f"warmup_epochs must be >= 1 to estimate n_novel, got {warmup_epochs}; or "
-                "create the model with n_novel=<number of novel types>."
-            )
-        options = {k: v for k, v in plan_kwargs.items() if k != "warmup"}
-        plan = SCDETTrainingPlan(
-            self.module, lr=lr, weight_decay=weight_decay, warmup=True, **options
-        )
+        plan = SCDETTrainingPlan(self.module, config=config, **plan_kwargs)
         stage_kwargs = {k: trainer_kwargs[k] for k in _WARMUP_TRAINER_KEYS if k in trainer_kwargs}
         stage_kwargs.setdefault("enable_checkpointing", False)
         fit_stage(

@@ -15,6 +15,7 @@ from labeltransfer.base import AnnotationModule
 from labeltransfer.nn import mask_genes, mlp
 
 from ._losses import (
+    SCDETLossConfig,
     distribution_kl,
     logit_adjust,
     sample_pseudo_labels,
@@ -199,29 +200,30 @@ class SCDETModule(AnnotationModule):
             view2 = view2 + noise_sd * torch.randn_like(view2)
         return view1, view2
 
-    def scdet_loss(
+    def loss(
         self,
-        reference: dict[str, torch.Tensor],
-        query: dict[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, torch.Tensor] | None = None,
+        generative_outputs: dict | None = None,
         *,
-        reference_fraction: float = 0.5,
-        lambda_cls: float = 1.0,
-        lambda_con: float = 1.0,
-        pseudo_temperature: float = 0.05,
-        contrastive_temperature: float = 1.0,
-        rho: float = 0.5,
-        gamma: float = 0.5,
-        alpha: float = 0.5,
-        beta: float = 0.5,
-        mask_rate: float = 0.2,
-        noise_sd: float = 0.1,
-        regularise: str = "target",
-        warmup: bool = False,
+        config: SCDETLossConfig | None = None,
+        query: dict[str, torch.Tensor] | None = None,
     ) -> LossOutput:
-        r"""ScDET's objective on a reference and a target minibatch (eq. 11).
+        r"""ScDET's training objective (eq. 11), or the cross-entropy of a labelled minibatch.
 
-        :math:`\mathcal L = \mathcal L_{rec} + \lambda_1 (\mathcal L_r + \mathcal L_t +
-        \mathcal L_{reg}) + \lambda_2 (\mathcal L^u_{CL} + \mathcal L^s_{CL} +
+        scvi's loss hook, in two modes:
+
+        * **training** (``config`` given; :class:`~labeltransfer.scdet.SCDETTrainingPlan`):
+          the objective below on the reference minibatch ``tensors`` and the target
+          minibatch ``query``, with the hyper-parameters of ``config`` (the only source of
+          their values). The network runs on two augmented views of the cells, so
+          ``inference_outputs`` is not used.
+        * **evaluation** (``config=None``, as scvi's ``module(tensors)`` calls it, e.g. for
+          the validation metrics): cross-entropy and accuracy of the labelled cells of
+          ``tensors`` from ``inference_outputs`` (:meth:`AnnotationModule.loss`).
+
+        The objective is :math:`\mathcal L = \mathcal L_{rec} + \lambda_1 (\mathcal L_r +
+        \mathcal L_t + \mathcal L_{reg}) + \lambda_2 (\mathcal L^u_{CL} + \mathcal L^s_{CL} +
         \mathcal L^{soft}_{CL})`:
 
         * :math:`\mathcal L_{rec}`: mean squared error between the decoder output of both
@@ -251,12 +253,35 @@ class SCDETModule(AnnotationModule):
         estimated) only :math:`\mathcal L_{rec}`, :math:`\mathcal L_r`,
         :math:`\mathcal L^u_{CL}` and :math:`\mathcal L^s_{CL}` are used.
 
+        The hyper-parameter names in this description are the fields of
+        :class:`~labeltransfer.scdet.SCDETLossConfig`.
+
+        Parameters
+        ----------
+        tensors
+            Reference (labelled) minibatch.
+        inference_outputs
+            :meth:`inference` of ``tensors``; used in evaluation only.
+        generative_outputs
+            Unused (scvi's signature).
+        config
+            The objective's hyper-parameters; ``None`` for evaluation.
+        query
+            Target minibatch (training only).
+
         Returns
         -------
-        :class:`~scvi.module.base.LossOutput` whose extra metrics are every term, the
-        reference accuracy, the sampled fraction of the target and the fraction of target
+        :class:`~scvi.module.base.LossOutput`. In training its extra metrics are every term,
+        the reference accuracy, the sampled fraction of the target and the fraction of target
         cells predicted as novel.
         """
+        if config is None:
+            return super().loss(tensors, inference_outputs, generative_outputs)
+        if query is None:
+            raise ValueError(
+                "scDET's objective needs a target minibatch: pass query=<target minibatch>."
+            )
+        reference = tensors
         x_ref = self.transform(reference[REGISTRY_KEYS.X_KEY])
         x_tgt = self.transform(query[REGISTRY_KEYS.X_KEY])
         labels = reference[REGISTRY_KEYS.LABELS_KEY].long().ravel()
@@ -264,7 +289,7 @@ class SCDETModule(AnnotationModule):
             raise ValueError("The reference minibatch contains unlabelled cells.")
         n_ref, n_tgt = x_ref.shape[0], x_tgt.shape[0]
         clean = torch.cat([x_ref, x_tgt])
-        view1, view2 = self.augment(clean, mask_rate=mask_rate, noise_sd=noise_sd)
+        view1, view2 = self.augment(clean, mask_rate=config.mask_rate, noise_sd=config.noise_sd)
         n = n_ref + n_tgt
 
         z = self.encoder(torch.cat([view1, view2]))
@@ -280,26 +305,26 @@ class SCDETModule(AnnotationModule):
             F.cross_entropy(logits1[:n_ref], labels) + F.cross_entropy(logits2[:n_ref], labels)
         )
         accuracy = (logits1[:n_ref].argmax(dim=1) == labels).float().mean()
-        if warmup:
+        if config.warmup:
             self_training = regulariser = zero
         else:
             with torch.no_grad():
                 cos = logits.detach() * self.temperature
-                q = torch.softmax(cos / pseudo_temperature, dim=1)
+                q = torch.softmax(cos / config.pseudo_temperature, dim=1)
                 q1, q2 = q[n_ref:n], q[n + n_ref :]
             self_training = 0.5 * (
                 soft_cross_entropy(logits1[n_ref:], q2) + soft_cross_entropy(logits2[n_ref:], q1)
             )
-            if regularise == "all":
-                target = smoothed_distribution(self.class_distribution, rho)
+            if config.regularise == "all":
+                target = smoothed_distribution(self.class_distribution, config.rho)
             else:
-                target = smoothed_distribution(self.target_distribution, rho)
+                target = smoothed_distribution(self.target_distribution, config.rho)
             regulariser = zero
             for view_logits in (logits1, logits2):
                 p = torch.softmax(view_logits, dim=1)
-                if regularise == "all":
-                    mean_p = reference_fraction * p[:n_ref].mean(0) + (
-                        1.0 - reference_fraction
+                if config.regularise == "all":
+                    mean_p = config.reference_fraction * p[:n_ref].mean(0) + (
+                        1.0 - config.reference_fraction
                     ) * p[n_ref:].mean(0)
                 else:
                     mean_p = p[n_ref:].mean(0)
@@ -307,32 +332,37 @@ class SCDETModule(AnnotationModule):
         classification = ref_ce + self_training + regulariser
 
         # contrastive branch
-        unsupervised = unsupervised_contrastive_loss(v1, v2, contrastive_temperature)
+        unsupervised = unsupervised_contrastive_loss(v1, v2, config.contrastive_temperature)
         supervised = supervised_contrastive_loss(
-            v1[:n_ref], v2[:n_ref], labels, contrastive_temperature
+            v1[:n_ref], v2[:n_ref], labels, config.contrastive_temperature
         )
-        if warmup:
+        if config.warmup:
             soft = zero
             sampled_fraction = zero
         else:
             with torch.no_grad():
                 rectified = torch.softmax(
-                    logit_adjust(logits1[n_ref:].detach(), self.class_distribution, gamma), dim=1
+                    logit_adjust(logits1[n_ref:].detach(), self.class_distribution, config.gamma),
+                    dim=1,
                 )
                 in_batch = torch.zeros(self.n_classes, dtype=torch.bool, device=labels.device)
                 in_batch[labels] = True
-                rates = sampling_rates(self.class_distribution, in_batch, alpha, beta)
+                rates = sampling_rates(
+                    self.class_distribution, in_batch, config.alpha, config.beta
+                )
                 keep = sample_pseudo_labels(rectified, rates)
                 one_hot = F.one_hot(labels, self.n_classes).to(rectified.dtype)
                 weights = torch.cat([one_hot, rectified[keep]])
             idx = torch.cat(
                 [torch.arange(n_ref, device=v.device), n_ref + torch.nonzero(keep).ravel()]
             )
-            soft = soft_contrastive_loss(v1[idx], v2[idx], weights, contrastive_temperature)
+            soft = soft_contrastive_loss(v1[idx], v2[idx], weights, config.contrastive_temperature)
             sampled_fraction = keep.float().mean()
         contrastive = unsupervised + supervised + soft
 
-        loss = reconstruction + lambda_cls * classification + lambda_con * contrastive
+        loss = (
+            reconstruction + config.lambda_cls * classification + config.lambda_con * contrastive
+        )
         novel_fraction = (
             (logits1[n_ref:].argmax(dim=1) >= self.n_labels).float().mean() if n_tgt else zero
         )
