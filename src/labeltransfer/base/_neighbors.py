@@ -88,6 +88,33 @@ def _inverted_file(
     return out
 
 
+def _nndescent(x: np.ndarray, k: int, rows: np.ndarray, *, seed: int) -> np.ndarray:
+    """``k`` approximate nearest neighbours (self included) of ``x[rows]`` among ``x``.
+
+    NN-descent (Dong et al. 2011) with :mod:`pynndescent` and the parameters umap-learn (and so
+    :func:`scanpy.pp.neighbors`) uses: ``min(64, 5 + sqrt(n) / 20)`` random-projection trees,
+    ``max(5, log2 n)`` iterations, 60 candidates, low-memory mode. The index holds the
+    ``n x k`` neighbour graph of every point; the rows asked for are read from it.
+    """
+    from pynndescent import NNDescent
+
+    n = x.shape[0]
+    index = NNDescent(
+        x,
+        n_neighbors=k,
+        metric="euclidean",
+        random_state=seed,
+        n_trees=min(64, 5 + round(n**0.5 / 20.0)),
+        n_iters=max(5, round(np.log2(n))),
+        max_candidates=60,
+        low_memory=True,
+        compressed=True,
+        verbose=False,
+    )
+    neighbours, _ = index.neighbor_graph
+    return np.asarray(neighbours[rows], dtype=np.int64)
+
+
 def knn(
     x: np.ndarray,
     k: int,
