@@ -56,7 +56,10 @@ def test_annotate_writes_exactly_the_documented_fields(trained_jind, synthetic_p
     uns = query.uns[KEY]
     assert uns["method"] == "JIND"
     assert uns["rejection"]["rule"] == "per_type"
-    assert set(uns["rejection"]["thresholds"]) == set(types)
+    assert list(uns["rejection"]["types"]) == list(types)
+    np.testing.assert_allclose(
+        uns["rejection"]["thresholds"], trained_jind.rejection_thresholds().to_numpy()
+    )
     assert uns["input_type"] == "counts"
     assert uns["gene_overlap"]["overlap"] == 1.0
     assert uns["n_rejected"] == rejected.sum()

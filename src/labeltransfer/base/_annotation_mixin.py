@@ -515,10 +515,13 @@ class AnnotationMixin:
             return np.zeros(confidence.size, dtype=bool), {"rule": "none"}
         if rejection == "per_type":
             thresholds = self.rejection_["thresholds"]
+            # parallel lists, not a dict: a type name with "/" as a key becomes nested groups
+            # in h5ad and is refused by zarr
             rule = {
                 "rule": "per_type",
                 "theta": self.rejection_["theta"],
-                "thresholds": dict(zip(self.output_classes, map(float, thresholds), strict=True)),
+                "types": list(self.output_classes),
+                "thresholds": [float(t) for t in thresholds],
             }
             return confidence < thresholds[prediction], rule
         if isinstance(rejection, int | float) and not isinstance(rejection, bool):
@@ -596,6 +599,11 @@ class AnnotationMixin:
             gene-overlap report, input type and training summary.
         """
         key = key_added or self._default_key
+        if "/" in key:
+            raise ValueError(
+                f"key_added={key!r} contains '/', which anndata cannot store in a field name "
+                "(h5ad turns it into nested groups, zarr refuses it). Choose a key without '/'."
+            )
         zarr_path = adata if is_zarr_path(adata) else None
         if zarr_path is not None:
             if copy:

@@ -4,16 +4,23 @@
 (and layers) stay on disk as anndata's lazy sparse datasets (or zarr arrays when dense): a
 model reads it :data:`~labeltransfer.base._annotation_mixin.BACKED_CHUNK_SIZE` cells at a
 time, as an h5ad opened in backed mode. :func:`write_annotation` then writes ``obs``, the new
-``obsm`` entries and ``uns[key]`` into the store without touching ``X``.
+``obsm`` entries and ``uns[key]`` into the store without touching ``X``, all or nothing: the
+new elements are written to a staging folder next to the store and swapped in only once all
+of them are written; any failure puts back what was there.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from anndata import AnnData
+from scvi import settings
 
 __all__ = ["is_lazy", "is_zarr_path", "open_zarr", "write_annotation"]
 
@@ -101,22 +108,100 @@ def is_lazy(adata: AnnData) -> bool:
     )
 
 
+def storable_obsm(value: Any, name: str, key: str) -> Any:
+    """Return ``value`` in a form a zarr store can hold.
+
+    zarr refuses ``"/"`` in a node name, and anndata stores each column of a DataFrame as a
+    node named after the column: a DataFrame with such column names (cell types like
+    ``"CD4+/CD25 T Reg"``) is stored as a plain array instead, with a warning saying where
+    the column names are.
+    """
+    if not isinstance(value, pd.DataFrame):
+        return value
+    slashed = [str(c) for c in value.columns if "/" in str(c)]
+    if not slashed:
+        return value
+    warnings.warn(
+        f"Type names with '/' ({slashed[:3]}) cannot be column names in a zarr store, so "
+        f"obsm[{name!r}] is stored there as an array; its columns are uns[{key!r}]['classes'], "
+        "in that order.",
+        UserWarning,
+        stacklevel=settings.warnings_stacklevel,
+    )
+    return value.to_numpy()
+
+
+#: Root files holding the store's own (and consolidated) metadata: zarr v2 and v3.
+_ROOT_METADATA = (".zmetadata", ".zattrs", ".zgroup", "zarr.json")
+
+
 def write_annotation(
     path: str | os.PathLike[str], adata: AnnData, key: str, obsm_keys: list[str]
 ) -> None:
     """Write ``adata.obs``, ``adata.obsm[obsm_keys]`` and ``adata.uns[key]`` into a zarr store.
 
     ``X`` and the other entries of the store are left as they are; the store's consolidated
-    metadata, if any, is rebuilt so that :func:`anndata.read_zarr` sees the new entries.
+    metadata is rebuilt so that :func:`anndata.read_zarr` sees the new entries. The write is
+    all or nothing: everything is first written to a staging folder next to the store, then
+    each element is swapped in by a rename; if anything fails, the renamed elements and the
+    root metadata are put back, so the store is left exactly as it was.
     """
     import zarr
     from anndata.io import write_elem
 
+    root = Path(path)
     group = _open_group(path, mode="r+")
-    write_elem(group, "obs", adata.obs)
-    obsm = group["obsm"] if "obsm" in group else group.create_group("obsm")
-    for name in obsm_keys:
-        write_elem(obsm, name, adata.obsm[name])
-    uns = group["uns"] if "uns" in group else group.create_group("uns")
-    write_elem(uns, key, adata.uns[key])
-    zarr.consolidate_metadata(os.fspath(path))
+    obsm = {name: storable_obsm(adata.obsm[name], name, key) for name in obsm_keys}
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.labeltransfer-", dir=root.parent))
+    except OSError as err:
+        raise OSError(
+            f"Cannot create a staging folder in {os.fspath(root.parent)!r} ({err}): the "
+            "annotation is written there first, so that a failure leaves the store unchanged. "
+            "Make that folder writable, or read the store with `anndata.read_zarr` and "
+            "annotate the AnnData."
+        ) from err
+    try:
+        staged = zarr.open_group(staging / "new", mode="w", zarr_format=group.metadata.zarr_format)
+        write_elem(staged, "obs", adata.obs)
+        write_elem(staged, "obsm", obsm)
+        write_elem(staged, "uns", {key: adata.uns[key]})
+        moves = ["obs"]
+        for parent, names in (("obsm", list(obsm)), ("uns", [key])):
+            moves += [f"{parent}/{n}" for n in names] if parent in group else [parent]
+        _swap_in(root, staging, moves)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(root: Path, staging: Path, moves: list[str]) -> None:
+    """Rename ``staging/new/<m>`` to ``root/<m>`` for each ``m``, then consolidate; or undo."""
+    import zarr
+
+    old = staging / "old"
+    (old / "root").mkdir(parents=True)
+    for name in _ROOT_METADATA:
+        if (root / name).exists():
+            shutil.copy2(root / name, old / "root" / name)
+    done: list[tuple[Path, Path]] = []
+    try:
+        for i, relative in enumerate(moves):
+            target, aside = root / relative, old / str(i)
+            if target.exists():
+                os.replace(target, aside)
+            done.append((target, aside))
+            os.replace(staging / "new" / relative, target)
+        zarr.consolidate_metadata(os.fspath(root))
+    except BaseException:
+        for target, aside in reversed(done):
+            if target.exists():
+                shutil.rmtree(target)
+            if aside.exists():
+                os.replace(aside, target)
+        for name in _ROOT_METADATA:
+            saved = old / "root" / name
+            if saved.exists():
+                os.replace(saved, root / name)
+            elif (root / name).exists():  # created by the failed consolidation
+                (root / name).unlink()
+        raise

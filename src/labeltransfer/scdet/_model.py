@@ -573,7 +573,9 @@ class SCDET(AnnotationMixin, BaseModelClass):
             "novel_groups": self.novel_groups,
             "n_novel": int(self.module.n_novel),
             "n_novel_estimated": self.n_novel_estimate_ is not None,
-            "class_distribution": {c: float(v) for c, v in self.class_distribution().items()},
+            # frequencies in the order of uns[key]["classes"]: a dict keyed by type names
+            # would not survive h5ad/zarr for names with "/"
+            "class_distribution": self.class_distribution().to_numpy(dtype=float),
         }
         if self.n_novel_estimate_ is not None:
             extra["n_novel_estimate"] = {
