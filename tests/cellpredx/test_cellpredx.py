@@ -11,7 +11,7 @@ import torch
 
 import labeltransfer as lt
 from labeltransfer._constants import UNASSIGNED
-from labeltransfer.cellpredx import PRESETS, CellPredXTrainingPlan
+from labeltransfer.cellpredx import PRESETS, CellPredXLossConfig, CellPredXTrainingPlan
 
 from .conftest import EPOCHS, make_mudata
 
@@ -158,17 +158,18 @@ def test_rna_to_rna_with_setup_anndata():
 def test_query_batches_carry_a_knn_neighbour(trained_unpaired):
     model, _ = trained_unpaired
     seen = []
-    loss = model.module.training_loss
+    loss = model.module.loss
 
-    def recording(reference, query=None, **kwargs):
-        seen.append(query)
-        return loss(reference, query, **kwargs)
+    def recording(tensors, *args, query=None, **kwargs):
+        if kwargs.get("config") is not None:  # training steps, not validation
+            seen.append(query)
+        return loss(tensors, *args, query=query, **kwargs)
 
     scvi.settings.seed = 0
     adata = model.adata.copy()
     lt.CellPredX.setup_anndata(adata, labels_key="cell_type")
     clone = lt.CellPredX(adata, preset="rna_atac_unmatched")
-    clone.module.training_loss = recording
+    clone.module.loss = recording
     clone.train(max_epochs=1, enable_progress_bar=False, accelerator="cpu")
     assert seen
     assert all("X_positive" in q for q in seen)
@@ -258,14 +259,17 @@ def test_presets_and_plan_defaults(trained_unpaired):
     atac_model = lt.CellPredX(adata, preset="atac_atac", sc_weight=0.5)
     assert atac_model.loss_weights_["sc_weight"] == 0.5
     assert atac_model.loss_weights_["cl_weight"] == 0.1
-    plan = CellPredXTrainingPlan(atac_model.module)
+    assert atac_model.loss_config == CellPredXLossConfig(
+        cl_weight=0.1, fa_weight=0.0, sc_weight=0.5, temperature=0.8
+    )
+    plan = CellPredXTrainingPlan(atac_model.module, config=atac_model.loss_config)
     optimizer = plan.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.defaults["lr"] == 1e-3
     assert [m.out_features for m in [atac_model.module.encoder]] == [64]
-    with pytest.raises(ValueError, match="Unknown preset"):
+    with pytest.raises(ValueError, match="preset must be one of 'auto', 'rna_atac_matched'"):
         lt.CellPredX(adata, preset="rna_protein")
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature must be a positive number, got 0.0"):
         lt.CellPredX(adata, temperature=0.0)
     with pytest.raises(ValueError, match="confidence_threshold"):
         lt.CellPredX(adata, confidence_threshold=2.0)

@@ -11,6 +11,7 @@ from scipy import sparse
 
 from labeltransfer.cellpredx import (
     AttentionNetwork,
+    CellPredXLossConfig,
     CellPredXModule,
     feature_alignment_loss,
     knn_contrastive_loss,
@@ -106,7 +107,8 @@ def test_module_center_loss_uses_the_attention_network():
         "X": torch.poisson(torch.full((12, 20), 4.0)),
         "X_positive": torch.poisson(torch.full((12, 20), 4.0)),
     }
-    output = module.training_loss(reference, query, sc_weight=1.0, cl_weight=0.0, fa_weight=0.0)
+    config = CellPredXLossConfig(sc_weight=1.0, cl_weight=0.0, fa_weight=0.0, temperature=0.8)
+    output = module.loss(reference, query=query, config=config)
     output.loss.backward()
     assert module.attention.inclusion.weight.grad.abs().sum() > 0
     assert module.centers.grad.abs().sum() > 0
@@ -118,8 +120,12 @@ def test_module_center_loss_uses_the_attention_network():
 
     # with every weight but CE at 0 the loss is the cross-entropy
     module.zero_grad()
-    only_ce = module.training_loss(
-        reference, query, pr_weight=0.0, cl_weight=0.0, fa_weight=0.0, sc_weight=0.0
+    only_ce = module.loss(
+        reference,
+        query=query,
+        config=CellPredXLossConfig(
+            pr_weight=0.0, cl_weight=0.0, fa_weight=0.0, sc_weight=0.0, temperature=0.8
+        ),
     )
     assert only_ce.loss.item() == pytest.approx(only_ce.extra_metrics["ce_loss"].item())
     only_ce.loss.backward()

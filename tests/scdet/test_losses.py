@@ -108,9 +108,9 @@ def test_zero_weight_rows_contribute_no_anchor(views):
 def test_contrastive_loss_rejects_bad_shapes(views):
     a, b = views
     with pytest.raises(ValueError, match="same shape"):
-        contrastive_loss(a, b[:5], torch.eye(6))
+        contrastive_loss(a, b[:5], torch.eye(6), 1.0)
     with pytest.raises(ValueError, match="6 x 6"):
-        contrastive_loss(a, b, torch.eye(5))
+        contrastive_loss(a, b, torch.eye(5), 1.0)
 
 
 def test_logit_adjustment_by_hand():

@@ -2,6 +2,7 @@
 
 from ._data import CellPredXDataSplitter, NeighbourQueryLoader, query_knn_graph
 from ._losses import (
+    CellPredXLossConfig,
     feature_alignment_loss,
     knn_contrastive_loss,
     projection_regularization,
@@ -17,6 +18,7 @@ __all__ = [
     "AttentionNetwork",
     "CellPredX",
     "CellPredXDataSplitter",
+    "CellPredXLossConfig",
     "CellPredXModule",
     "CellPredXTrainingPlan",
     "NeighbourQueryLoader",

@@ -9,16 +9,91 @@ FA and kNN-contrastive losses CellPredX adopts).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from labeltransfer.train._guards import NON_NEGATIVE, POSITIVE, UNIT, Number, check_arguments
+
 __all__ = [
+    "CellPredXLossConfig",
     "feature_alignment_loss",
     "knn_contrastive_loss",
     "projection_regularization",
     "pseudo_label_selection",
     "sparse_center_loss",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellPredXLossConfig:
+    """Hyper-parameters of CellPredX's objective (Eq. 7): the one place of their checks.
+
+    ``L = L_CE + pr_weight L_PR + cl_weight L_CL + fa_weight L_FA + sc_weight L_SC``.
+    :class:`~labeltransfer.CellPredX` builds it from its preset (the paper's values per
+    scenario, :data:`~labeltransfer.cellpredx.PRESETS`), its own arguments and
+    ``train(plan_kwargs=...)`` (every name below is accepted there);
+    :class:`~labeltransfer.cellpredx.CellPredXTrainingPlan` holds it and
+    :meth:`~labeltransfer.cellpredx.CellPredXModule.loss` reads it. Creating it checks every
+    value (``ValueError`` naming the value and its range).
+
+    Parameters
+    ----------
+    cl_weight
+        Weight >= 0 of the kNN contrastive loss (no default: the paper tunes it per
+        scenario; RNA->ATAC matched 0.06, unmatched 1.2, RNA->RNA and ATAC->ATAC 0.1).
+    fa_weight
+        Weight >= 0 of the feature alignment loss (per scenario: 0.05 across modalities, 0
+        within one).
+    sc_weight
+        Weight >= 0 of the sparse center loss (per scenario: 0.01 across modalities, 0.1
+        RNA->RNA, 0.001 ATAC->ATAC).
+    temperature
+        Temperature > 0 of the contrastive loss (per scenario: 0.04 RNA->ATAC matched, 0.8
+        otherwise).
+    pr_weight
+        Weight >= 0 of the projection regularisation (not among the paper's tuned
+        hyper-parameters; 0.1 as the reference implementation's ``ortho_w``).
+    top_p
+        Fraction of query cells aligned by the FA loss, in (0, 1] (the paper's ``p``; 0.8 as
+        the reference implementation and scNCL).
+    pseudo_label_quantile
+        Query cells above this quantile, in [0, 1], of the minibatch's confidences enter the
+        sparse center loss with their pseudo-label (0.75, the reference implementation's).
+    """
+
+    cl_weight: float
+    fa_weight: float
+    sc_weight: float
+    temperature: float
+    pr_weight: float = 0.1
+    top_p: float = 0.8
+    pseudo_label_quantile: float = 0.75
+
+    def __post_init__(self) -> None:
+        check_arguments(type(self), vars(self), _CELLPREDX_LOSS_RULES)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The four loss weights by name (``pr_weight``, ``cl_weight``, ...)."""
+        return {
+            "pr_weight": float(self.pr_weight),
+            "cl_weight": float(self.cl_weight),
+            "fa_weight": float(self.fa_weight),
+            "sc_weight": float(self.sc_weight),
+        }
+
+
+_CELLPREDX_LOSS_RULES = {
+    "cl_weight": NON_NEGATIVE,
+    "fa_weight": NON_NEGATIVE,
+    "sc_weight": NON_NEGATIVE,
+    "temperature": POSITIVE,
+    "pr_weight": NON_NEGATIVE,
+    "top_p": Number(low=0, high=1, low_open=True),
+    "pseudo_label_quantile": UNIT,
+}
 
 
 def projection_regularization(z: torch.Tensor) -> torch.Tensor:
@@ -63,7 +138,7 @@ def projection_regularization(z: torch.Tensor) -> torch.Tensor:
 
 
 def feature_alignment_loss(
-    z_reference: torch.Tensor, z_query: torch.Tensor, top_p: float = 0.8
+    z_reference: torch.Tensor, z_query: torch.Tensor, top_p: float
 ) -> torch.Tensor:
     r"""Feature alignment (FA, Eq. 5, from scJoint/scNCL): pull each query cell to its match.
 
@@ -112,7 +187,7 @@ def feature_alignment_loss(
 
 
 def knn_contrastive_loss(
-    z: torch.Tensor, z_positive: torch.Tensor, temperature: float = 0.8
+    z: torch.Tensor, z_positive: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     r"""Contrastive loss (CL, Eq. 3) keeping each query cell next to a kNN neighbour.
 
@@ -223,7 +298,7 @@ def sparse_center_loss(
 
 
 def pseudo_label_selection(
-    logits: torch.Tensor, quantile: float = 0.75
+    logits: torch.Tensor, quantile: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-labels of the most confident query cells for the sparse center loss.
 

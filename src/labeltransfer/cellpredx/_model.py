@@ -6,6 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import numpy as np
@@ -17,9 +18,21 @@ from scvi.utils._docstrings import devices_dsp
 
 from labeltransfer.base import AnnotationMixin, register_anndata
 from labeltransfer.dataloaders import labelled_mask
-from labeltransfer.train._guards import check_fit_args
+from labeltransfer.train._guards import (
+    FIT_RULES,
+    INPUT_RULES,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    UNIT_OPEN,
+    Number,
+    OneOf,
+    check_arguments,
+    check_plan_kwargs,
+    check_trainer_kwargs,
+)
 
 from ._data import CellPredXDataSplitter, query_knn_graph
+from ._losses import CellPredXLossConfig
 from ._module import CellPredXModule
 from ._mudata import (
     build_training_anndata,
@@ -68,8 +81,40 @@ PRESETS: dict[str, dict[str, float]] = {
         "max_iterations": 200,
     },
 }
-#: Weight of the projection regularisation in every preset (see :class:`CellPredX`).
-PR_WEIGHT = 0.1
+#: Metrics logged every epoch: the names ``early_stopping_monitor`` accepts.
+EARLY_STOPPING_METRICS = (
+    "validation_center_loss",
+    "validation_loss",
+    "validation_accuracy",
+    "train_loss",
+    "train_ce_loss",
+    "train_pr_loss",
+    "train_contrastive_loss",
+    "train_alignment_loss",
+    "train_center_loss",
+    "train_accuracy",
+    "train_pseudo_labelled_fraction",
+)
+#: Valid values of :class:`CellPredX`'s arguments, checked when it is created (the loss
+#: weights and the temperature by :class:`~labeltransfer.cellpredx.CellPredXLossConfig`).
+_INIT_RULES = {
+    **INPUT_RULES,
+    "preset": OneOf(("auto", *PRESETS)),
+    "n_latent": POSITIVE_INT,
+    "n_hidden": Number(low=1, integer=True, optional=True),
+    "theta": UNIT_OPEN,
+}
+#: Valid values of :meth:`CellPredX.train`'s arguments, checked before any computation.
+_TRAIN_RULES = {
+    **FIT_RULES,
+    "max_epochs": Number(low=1, integer=True, optional=True),
+    "n_neighbors": POSITIVE_INT,
+    "n_pcs": POSITIVE_INT,
+    "early_stopping_patience": NON_NEGATIVE_INT,
+    "early_stopping_monitor": OneOf(EARLY_STOPPING_METRICS),
+}
+#: ``train(plan_kwargs=...)`` names that set the objective's hyper-parameters.
+_LOSS_FIELDS = frozenset(f.name for f in fields(CellPredXLossConfig))
 #: Key of ``mdata.uns`` linking a MuData to the training AnnData built by ``setup_mudata``.
 _MUDATA_LINK = "_lt_cellpredx_uuid"
 
@@ -205,39 +250,34 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         theta: float = 0.05,
         calibrate: bool = False,
     ):
+        check_arguments(CellPredX.__init__, locals(), _INIT_RULES)
         record = None
         if is_mudata(adata):
             adata, record = self._linked_anndata(adata)
-        super().__init__(adata)
-        if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(
-                f"confidence_threshold must be in [0, 1] or None, got {confidence_threshold}."
-            )
         if preset == "auto":
             if record is not None:
                 preset = "rna_atac_matched" if record["paired"] else "rna_atac_unmatched"
             else:
                 preset = "rna_rna"
-        if preset not in PRESETS:
-            raise ValueError(
-                f"Unknown preset {preset!r}. Use one of {sorted(PRESETS)} (or 'auto')."
-            )
-        weights = {"pr_weight": PR_WEIGHT, **PRESETS[preset]}
-        for name, value in (
-            ("pr_weight", pr_weight),
-            ("cl_weight", cl_weight),
-            ("fa_weight", fa_weight),
-            ("sc_weight", sc_weight),
-            ("temperature", temperature),
-        ):
-            if value is not None:
-                if value < 0 or (name == "temperature" and value == 0):
-                    raise ValueError(
-                        f"{name} must be {'> 0' if name == 'temperature' else '>= 0'}, got {value}."
-                    )
-                weights[name] = float(value)
+        overrides = {
+            "pr_weight": pr_weight,
+            "cl_weight": cl_weight,
+            "fa_weight": fa_weight,
+            "sc_weight": sc_weight,
+            "temperature": temperature,
+        }
+        tuned = {k: v for k, v in PRESETS[preset].items() if k != "max_iterations"}
+        #: The objective's hyper-parameters: the preset's, with the arguments given here.
+        self.loss_config = CellPredXLossConfig(
+            **{**tuned, **{k: v for k, v in overrides.items() if v is not None}}
+        )
+        super().__init__(adata)
         self.preset_ = preset
-        self.loss_weights_ = weights
+        self.loss_weights_ = {
+            **self.loss_config.weights,
+            "temperature": float(self.loss_config.temperature),
+            "max_iterations": PRESETS[preset]["max_iterations"],
+        }
         self.mudata_setup_ = record
 
         input_type, features, feature_idx = self._select_inputs(
@@ -474,20 +514,37 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         early_stopping_patience
             Patience in epochs (CellPredX: the sparse loss unchanged over 20 rounds).
         early_stopping_monitor
-            Logged metric (lower is better unless it contains ``"accuracy"``). The default,
-            the sparse center loss of the held-out reference cells, becomes the validation
-            cross-entropy when the SC loss is switched off (``sc_weight=0``).
+            Logged metric, one of :data:`EARLY_STOPPING_METRICS` (lower is better unless it
+            contains ``"accuracy"``). The default, the sparse center loss of the held-out
+            reference cells, becomes the validation cross-entropy when the SC loss is
+            switched off (``sc_weight=0``).
         %(param_accelerator)s
         %(param_devices)s
         plan_kwargs
-            Passed to :class:`~labeltransfer.cellpredx.CellPredXTrainingPlan` (overrides the
-            preset's weights, ``top_p``, ``pseudo_label_quantile``, ...).
+            Hyper-parameters of the objective for this training, fields of
+            :class:`~labeltransfer.cellpredx.CellPredXLossConfig` overriding
+            :attr:`loss_config` (the preset's weights, ``top_p``,
+            ``pseudo_label_quantile``, ...), and arguments of
+            :class:`~labeltransfer.cellpredx.CellPredXTrainingPlan`.
         datasplitter_kwargs
             Passed to :class:`~labeltransfer.cellpredx.CellPredXDataSplitter`.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``).
+
+        Raises
+        ------
+        ValueError
+            An argument (or a ``plan_kwargs`` value) is out of its range, checked before
+            any computation.
+        TypeError
+            ``plan_kwargs`` or ``trainer_kwargs`` has a name nothing accepts.
         """
-        check_fit_args(max_epochs=max_epochs, batch_size=batch_size)
+        check_arguments(CellPredX.train, locals(), _TRAIN_RULES)
+        check_plan_kwargs(plan_kwargs, CellPredXTrainingPlan, extra=_LOSS_FIELDS)
+        check_trainer_kwargs(trainer_kwargs, owner="CellPredX.train")
+        plan_kwargs = {"lr": lr, "weight_decay": weight_decay, **(plan_kwargs or {})}
+        loss_options = {k: plan_kwargs.pop(k) for k in _LOSS_FIELDS & set(plan_kwargs)}
+        config = replace(plan_kwargs.pop("config", None) or self.loss_config, **loss_options)
         mask = labelled_mask(self.adata_manager)
         query_idx = np.flatnonzero(~mask)
         n_query = int(query_idx.size)
@@ -498,12 +555,10 @@ class CellPredX(AnnotationMixin, BaseModelClass):
                 "only (CE, PR and SC on reference cells). Register reference and query together "
                 "(lt.data.concat_reference_query or setup_mudata) for domain adaptation."
             )
-        weights = {k: v for k, v in self.loss_weights_.items() if k != "max_iterations"}
-        plan_kwargs = {"lr": lr, "weight_decay": weight_decay, **weights, **(plan_kwargs or {})}
-        plan = CellPredXTrainingPlan(self.module, **plan_kwargs)
+        plan = CellPredXTrainingPlan(self.module, config=config, **plan_kwargs)
 
         knn = None
-        if use_query and plan.loss_weights["cl_weight"] > 0:
+        if use_query and config.cl_weight > 0:
             setup_args = self.adata_manager.registry["setup_args"]
             knn = query_knn_graph(
                 self.adata,
@@ -520,9 +575,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
             steps = math.ceil(max(n_ref_train, n_query if use_query else 0, 1) / batch_size)
             max_epochs = max(1, math.ceil(self.loss_weights_["max_iterations"] / steps))
         if early_stopping:
-            if early_stopping_monitor == "validation_center_loss" and (
-                plan.loss_weights["sc_weight"] == 0
-            ):
+            if early_stopping_monitor == "validation_center_loss" and config.sc_weight == 0:
                 # the center loss is not optimised (an ablation): watch the cross-entropy
                 early_stopping_monitor = "validation_loss"
             trainer_kwargs.setdefault("early_stopping", True)
@@ -550,9 +603,9 @@ class CellPredX(AnnotationMixin, BaseModelClass):
                 "early_stopped": epochs_trained < max_epochs,
                 "n_query": n_query,
                 "preset": self.preset_,
-                "loss_weights": dict(plan.loss_weights),
-                "temperature": plan.temperature,
-                "top_p": plan.top_p,
+                "loss_weights": config.weights,
+                "temperature": float(config.temperature),
+                "top_p": float(config.top_p),
                 "n_neighbors": int(n_neighbors) if knn is not None else 0,
                 "n_pcs": int(n_pcs) if knn is not None else 0,
             }

@@ -13,6 +13,7 @@ from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.base import AnnotationModule
 
 from ._losses import (
+    CellPredXLossConfig,
     feature_alignment_loss,
     knn_contrastive_loss,
     projection_regularization,
@@ -136,52 +137,67 @@ class CellPredXModule(AnnotationModule):
         z = self.encoder(self.transform(x))
         return {"z": z, "logits": self.classifier(z)}
 
-    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Cross-entropy and accuracy of a reference minibatch, plus its sparse center loss.
-
-        Used for validation: ``center_loss`` (true labels, attention weights of the cells) is
-        what early stopping watches (CellPredX stops when the sparse loss stops changing).
-        """
-        output = super().loss(tensors, inference_outputs, generative_outputs)
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        known = labels < self.n_labels
-        z = inference_outputs["z"][known]
-        if z.shape[0] > 1:
-            center = sparse_center_loss(z, self.attention(z), labels[known], self.centers)
-        else:
-            center = z.new_zeros(())
-        output.extra_metrics["center_loss"] = center.detach()
-        return output
-
-    def training_loss(
+    def loss(
         self,
-        reference: dict[str, torch.Tensor],
-        query: dict[str, torch.Tensor] | None = None,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, torch.Tensor] | None = None,
+        generative_outputs: dict | None = None,
         *,
-        pr_weight: float = 0.1,
-        cl_weight: float = 1.2,
-        fa_weight: float = 0.05,
-        sc_weight: float = 0.01,
-        temperature: float = 0.8,
-        top_p: float = 0.8,
-        pseudo_label_quantile: float = 0.75,
+        config: CellPredXLossConfig | None = None,
+        query: dict[str, torch.Tensor] | None = None,
     ) -> LossOutput:
-        """CellPredX's objective (Eq. 7) on a reference and a query minibatch.
+        """CellPredX's training objective (Eq. 7), or the validation loss of a reference minibatch.
 
-        ``L = L_CE + pr_weight L_PR + cl_weight L_CL + fa_weight L_FA + sc_weight L_SC``:
-        cross-entropy on the reference; projection regularisation on both minibatches; the
-        kNN contrastive loss between each query cell and its neighbour (``query[
-        "X_positive"]``); feature alignment of the top-``top_p`` query cells to their most
-        similar reference cells; and the sparse center loss on the reference cells (true
-        labels) and the most confident query cells (pseudo-labels), weighted by the attention
-        network. Without a query minibatch only CE, PR (reference) and SC (reference) remain.
+        scvi's loss hook, in two modes:
+
+        * **training** (``config`` given; :class:`~labeltransfer.cellpredx.CellPredXTrainingPlan`):
+          ``L = L_CE + pr_weight L_PR + cl_weight L_CL + fa_weight L_FA + sc_weight L_SC``
+          with the hyper-parameters of ``config`` (the only source of their values), on the
+          reference minibatch ``tensors`` and the query minibatch ``query``: cross-entropy on
+          the reference; projection regularisation on both minibatches; the kNN contrastive
+          loss between each query cell and its neighbour (``query["X_positive"]``); feature
+          alignment of the top-``top_p`` query cells to their most similar reference cells;
+          and the sparse center loss on the reference cells (true labels) and the most
+          confident query cells (pseudo-labels), weighted by the attention network. Without
+          a query minibatch only CE, PR (reference) and SC (reference) remain.
+          ``inference_outputs`` is not used (both minibatches go through the network here).
+        * **evaluation** (``config=None``, as scvi's ``module(tensors)`` calls it for the
+          validation metrics): cross-entropy and accuracy of the labelled cells from
+          ``inference_outputs``, plus their sparse center loss (true labels, attention
+          weights of the cells) as ``center_loss``: what early stopping watches (CellPredX
+          stops when the sparse loss stops changing).
+
+        Parameters
+        ----------
+        tensors
+            Reference (labelled) minibatch.
+        inference_outputs
+            :meth:`inference` of ``tensors``; used in evaluation only.
+        generative_outputs
+            Unused (scvi's signature).
+        config
+            The objective's hyper-parameters; ``None`` for evaluation.
+        query
+            Query minibatch (training only; ``None`` trains on the reference alone).
 
         Returns
         -------
-        :class:`~scvi.module.base.LossOutput` with extra metrics ``ce_loss``, ``pr_loss``,
-        ``contrastive_loss``, ``alignment_loss``, ``center_loss``, ``accuracy`` (on the
-        reference minibatch) and ``pseudo_labelled_fraction``.
+        :class:`~scvi.module.base.LossOutput`. In training its extra metrics are ``ce_loss``,
+        ``pr_loss``, ``contrastive_loss``, ``alignment_loss``, ``center_loss``, ``accuracy``
+        (on the reference minibatch) and ``pseudo_labelled_fraction``.
         """
+        if config is None:
+            output = super().loss(tensors, inference_outputs, generative_outputs)
+            labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+            known = labels < self.n_labels
+            z = inference_outputs["z"][known]
+            if z.shape[0] > 1:
+                center = sparse_center_loss(z, self.attention(z), labels[known], self.centers)
+            else:
+                center = z.new_zeros(())
+            output.extra_metrics["center_loss"] = center.detach()
+            return output
+        reference = tensors
         x_ref = self.transform(reference[REGISTRY_KEYS.X_KEY])
         labels = reference[REGISTRY_KEYS.LABELS_KEY].long().ravel()
         if (labels >= self.n_labels).any():
@@ -199,10 +215,10 @@ class CellPredXModule(AnnotationModule):
             pr = pr + projection_regularization(z_query)
             if POSITIVE_KEY in query:
                 z_positive = self.encoder(self.transform(query[POSITIVE_KEY]))
-                cl = knn_contrastive_loss(z_query, z_positive, temperature)
-            fa = feature_alignment_loss(z_ref, z_query, top_p)
+                cl = knn_contrastive_loss(z_query, z_positive, config.temperature)
+            fa = feature_alignment_loss(z_ref, z_query, config.top_p)
             selected, pseudo = pseudo_label_selection(
-                self.classifier(z_query), pseudo_label_quantile
+                self.classifier(z_query), config.pseudo_label_quantile
             )
             a_query = self.attention(z_query)
             z_center = torch.cat([z_ref, z_query[selected]])
@@ -210,7 +226,13 @@ class CellPredXModule(AnnotationModule):
             y_center = torch.cat([labels, pseudo[selected]])
             fraction = selected.float().mean()
         sc = sparse_center_loss(z_center, a_center, y_center, self.centers)
-        loss = ce + pr_weight * pr + cl_weight * cl + fa_weight * fa + sc_weight * sc
+        loss = (
+            ce
+            + config.pr_weight * pr
+            + config.cl_weight * cl
+            + config.fa_weight * fa
+            + config.sc_weight * sc
+        )
         accuracy = (logits_ref.argmax(dim=1) == labels).float().mean()
         return LossOutput(
             loss=loss,

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SCDETLossConfig:
     r"""Hyper-parameters of scDET's objective (eq. 11): the one place of their defaults and checks.
 
@@ -130,7 +130,7 @@ def contrastive_loss(
     features_a: torch.Tensor,
     features_b: torch.Tensor,
     weights: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float,
 ) -> torch.Tensor:
     r"""Weighted contrastive loss over the two views of a minibatch (scDET eqs. 1 and 9).
 
@@ -158,7 +158,7 @@ def contrastive_loss(
     weights
         Non-negative ``B x B`` positiveness scores between cells.
     temperature
-        :math:`\tau` (scDET: 1.0).
+        :math:`\tau` (scDET: 1.0; see :class:`SCDETLossConfig`).
 
     Returns
     -------
@@ -195,7 +195,7 @@ def contrastive_loss(
 
 
 def unsupervised_contrastive_loss(
-    features_a: torch.Tensor, features_b: torch.Tensor, temperature: float = 1.0
+    features_a: torch.Tensor, features_b: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """SimCLR NT-Xent: the two views of a cell are the only positive pair (scDET eq. 1)."""
     eye = torch.eye(features_a.shape[0], dtype=features_a.dtype, device=features_a.device)
@@ -206,7 +206,7 @@ def supervised_contrastive_loss(
     features_a: torch.Tensor,
     features_b: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float,
 ) -> torch.Tensor:
     """Supervised contrastive loss: cells with the same label are positives (scDET eq. 1)."""
     labels = labels.long().ravel()
@@ -218,7 +218,7 @@ def soft_contrastive_loss(
     features_a: torch.Tensor,
     features_b: torch.Tensor,
     probabilities: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float,
 ) -> torch.Tensor:
     r"""ScDET's soft contrastive loss (eq. 9).
 
@@ -235,7 +235,7 @@ def soft_contrastive_loss(
     probabilities
         ``B x C`` class distributions (rows sum to 1, or are zero).
     temperature
-        :math:`\tau` (scDET: 1.0).
+        :math:`\tau` (scDET: 1.0; see :class:`SCDETLossConfig`).
     """
     weights = probabilities @ probabilities.T
     return contrastive_loss(features_a, features_b, weights, temperature)

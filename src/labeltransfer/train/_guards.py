@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -119,12 +121,12 @@ class Flag:
 
 @dataclass(frozen=True)
 class Widths:
-    """A non-empty sequence of positive integers (layer widths)."""
+    """A non-empty list, tuple or array of positive integers (layer widths)."""
 
     def accepts(self, value: Any) -> bool:
-        """Whether ``value`` is a list or tuple of positive integers."""
+        """Whether ``value`` is a list, tuple or array of positive integers."""
         return (
-            isinstance(value, list | tuple)
+            isinstance(value, list | tuple | np.ndarray)
             and len(value) > 0
             and all(POSITIVE_INT.accepts(v) for v in value)
         )
