@@ -1,9 +1,9 @@
-"""Helpers shared by the benchmark scripts: peak memory, timing, machine description, children.
+"""Measurement helpers of the benchmark harness: memory, timing, machine, source, children.
 
-Each benchmark configuration should run in a fresh Python process (:func:`run_child`) so that
-the peak resident memory it reports (``VmHWM`` of ``/proc/self/status``, read at the end of the
-child with :func:`peak_rss_mb`) belongs to that configuration alone. The child prints one
-``RESULT {json}`` line per record; :func:`emit` writes it and :func:`run_child` parses it.
+Every benchmark run executes in a fresh Python process (:func:`run_child`) so that the peak
+resident memory it reports (``VmHWM`` of ``/proc/self/status``, :func:`peak_rss_mb`) belongs to
+that run alone. The child prints one ``RESULT {json}`` line per record (:func:`emit`);
+:func:`run_child` parses them.
 """
 
 from __future__ import annotations
@@ -24,11 +24,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src" / "labeltransfer"
 RESULT_PREFIX = "RESULT "
-#: Defaults of every child's environment (the caller's environment wins). scanpy's numba
-#: kernels (normalize_total, neighbours, UMAP) start one spinning worker thread per core that
-#: ``OMP_NUM_THREADS`` does not limit; next to them torch ran ~40x slower on 2 cores.
-CHILD_ENV = {"NUMBA_NUM_THREADS": "1"}
+#: Defaults of every child's environment (the caller's environment wins): one BLAS / OpenMP
+#: thread. scanpy's numba kernels (normalize_total, neighbours, UMAP) start one spinning worker
+#: thread per core that ``OMP_NUM_THREADS`` does not limit; next to them torch ran ~10-40x
+#: slower on the 2-core development machine, hence ``NUMBA_NUM_THREADS`` too.
+CHILD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "NUMBA_NUM_THREADS": "1",
+}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -75,20 +83,33 @@ class Stopwatch:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu
 
+    def record(self) -> dict[str, float]:
+        """``{lap}_s`` and ``{lap}_cpu_s`` of every lap."""
+        return {
+            **{f"{name}_s": value for name, value in self.seconds.items()},
+            **{f"{name}_cpu_s": value for name, value in self.cpu_seconds.items()},
+        }
 
-def epoch_timer():
-    """A Lightning callback recording the wall time of each training epoch (``.epochs``).
 
-    An epoch runs from ``on_train_epoch_start`` to ``on_train_epoch_end``, so it includes the
-    validation loop that Lightning runs at the end of the epoch. Lightning is imported lazily.
+def training_meter():
+    """A Lightning callback measuring a training run: epochs, steps and cells.
+
+    ``.epochs`` holds the wall time of each training epoch (``on_train_epoch_start`` to
+    ``on_train_epoch_end``, so it includes the validation loop Lightning runs at the end of the
+    epoch), ``.validation_s`` the total wall time of the validation loops, ``.steps`` the
+    training batches run and ``.cells`` the cells in them (every ``"X"`` tensor of a batch: a
+    reference + query pair counts both). ``summary(prefix)`` gives them as record fields.
     """
     import lightning.pytorch as pl
 
-    class EpochTimer(pl.Callback):
+    class TrainingMeter(pl.Callback):
         def __init__(self) -> None:
             super().__init__()
             self.epochs: list[float] = []
-            self._start = 0.0
+            self.validation_s = 0.0
+            self.steps = 0
+            self.cells = 0
+            self._start = self._val_start = 0.0
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self._start = time.perf_counter()
@@ -96,25 +117,39 @@ def epoch_timer():
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             self.epochs.append(time.perf_counter() - self._start)
 
-        @property
-        def mean(self) -> float:
-            return sum(self.epochs) / len(self.epochs) if self.epochs else float("nan")
+        def on_validation_epoch_start(self, trainer, pl_module) -> None:
+            self._val_start = time.perf_counter()
 
-    return EpochTimer()
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            self.validation_s += time.perf_counter() - self._val_start
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            parts = batch if isinstance(batch, tuple | list) else [batch]
+            self.steps += 1
+            self.cells += sum(
+                int(part["X"].shape[0]) for part in parts if isinstance(part, dict) and "X" in part
+            )
+
+        def summary(self, prefix: str) -> dict[str, float]:
+            n = len(self.epochs)
+            return {
+                f"{prefix}_epochs": n,
+                f"{prefix}_s_per_epoch": sum(self.epochs) / n if n else math.nan,
+                f"{prefix}_steps_per_epoch": self.steps / n if n else math.nan,
+                f"{prefix}_cells_per_epoch": self.cells / n if n else math.nan,
+            }
+
+    return TrainingMeter()
 
 
-# ----------------------------------------------------------------------------- machine
+# ----------------------------------------------------------------------------- machine, source
 def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
     try:
         match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
     except OSError:
         return platform.processor() or "unknown CPU"
     return match.group(1).strip() if match else (platform.processor() or "unknown CPU")
-
-
-def load_average() -> tuple[float, float, float]:
-    """1, 5 and 15 minute load averages."""
-    return os.getloadavg()
 
 
 def uptime() -> str:
@@ -124,69 +159,90 @@ def uptime() -> str:
             ["uptime"], capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in load_average())
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, library versions and the date (UTC)."""
+    """CPU model, cores, RAM, GPU, library versions and the date (UTC)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    for package in ("torch", "scvi", "lightning", "numpy", "scipy", "anndata", "labeltransfer"):
+    for package in ("torch", "scvi-tools", "lightning", "numpy", "scipy", "anndata", "scanpy"):
         try:
-            from importlib.metadata import version
-
-            info[package] = version("scvi-tools" if package == "scvi" else package)
-        except Exception:  # noqa: BLE001 - a missing package is just not reported
+            info[package] = version(package)
+        except PackageNotFoundError:
             info[package] = None
     try:
         import torch
 
-        info["torch_threads"] = torch.get_num_threads()
-        info["cuda"] = torch.cuda.is_available()
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
-        pass
+        info["gpu"] = None
     return info
 
 
-def describe_machine(info: dict[str, Any] | None = None) -> str:
-    info = info or machine_info()
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line: CPU, cores, RAM, GPU and the main library versions."""
     return (
         f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']:.0f} GiB RAM, "
-        f"{'GPU' if info.get('cuda') else 'no GPU'}; Python {info['python']}, "
-        f"torch {info.get('torch')} (default {info.get('torch_threads')} threads), "
-        f"scvi-tools {info.get('scvi')}, lightning {info.get('lightning')}; {info['date']}"
+        f"{info.get('gpu') or 'no GPU'}; Python {info['python']}, torch {info.get('torch')}, "
+        f"scvi-tools {info.get('scvi-tools')}, lightning {info.get('lightning')}, "
+        f"anndata {info.get('anndata')}, scanpy {info.get('scanpy')}; {info['date']}"
     )
 
 
-def source_fingerprint(root: Path | str) -> dict[str, str]:
-    """SHA-1 over the ``*.py`` files under ``root`` (path and content) and the newest mtime.
+def source_fingerprint(root: Path = SOURCE) -> str:
+    """SHA-1 (12 digits) over the ``*.py`` files under ``root``, path and content.
 
-    Record it at the start and the end of a benchmark: the package is installed editable and
-    shared, so a change of the source during a run would mix two versions of the code.
+    Recorded at the start and the end of a run: the package is installed editable, so a
+    change of the source during a run would mix two versions of the code.
     """
     import hashlib
 
     digest = hashlib.sha1(usedforsecurity=False)
-    newest = 0.0
     for path in sorted(Path(root).rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-        newest = max(newest, path.stat().st_mtime)
-    stamp = datetime.fromtimestamp(newest, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return {"sha1": digest.hexdigest()[:12], "newest_mtime": stamp}
+    return digest.hexdigest()[:12]
+
+
+def source_commit() -> str:
+    """``git rev-parse HEAD`` of the checkout, with ``+dirty`` when ``src/`` has changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+dirty" if dirty else "")
 
 
 # ----------------------------------------------------------------------------- children
+def quiet_child() -> None:
+    """Silence the warnings and the info logs of a benchmark child (its stdout carries results)."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("lightning", "lightning.pytorch", "labeltransfer", "scvi", "celltypist"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def emit(record: dict[str, Any]) -> None:
     """Print one result record for the parent (NaN becomes null)."""
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
-    print(RESULT_PREFIX + json.dumps(clean), flush=True)
+    print(RESULT_PREFIX + json.dumps(clean, default=str), flush=True)
 
 
 def run_child(
@@ -199,9 +255,9 @@ def run_child(
     """Run ``python <args>`` in a fresh process.
 
     ``python`` is the interpreter to use (default: this one, ``sys.executable``), e.g. the
-    ``bin/python`` of another virtual environment holding a third-party implementation.
-    Returns the parsed ``RESULT`` records, the error text (stderr tail with the traceback)
-    when the child failed or printed no record, and the wall time in seconds.
+    ``bin/python`` of a peer's virtual environment. Returns the parsed ``RESULT`` records, the
+    error text (stderr tail with the traceback) when the child failed or printed no record, and
+    the wall time in seconds.
     """
     start = time.perf_counter()
     try:
@@ -227,72 +283,3 @@ def run_child(
     if out.returncode != 0 or not records:
         error = f"exit status {out.returncode}\n" + (out.stderr or out.stdout)[-6000:]
     return records, error, wall
-
-
-# ----------------------------------------------------------------------------- formatting
-def mean_sd(values: Sequence[float], digits: int = 3) -> str:
-    """``mean ± sd`` (sample sd) of the finite values, ``mean`` alone for one, ``n/a`` for none."""
-    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not finite:
-        return "n/a"
-    mean = sum(finite) / len(finite)
-    if len(finite) == 1:
-        return f"{mean:.{digits}f}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
-
-def seed_table(frame, columns: Sequence[str], by: Sequence[str]) -> str:
-    """Markdown table of mean ± sd over seeds of ``columns``, one row per ``by`` group."""
-    lines = [
-        "| " + " | ".join([*by, "seeds", *columns]) + " |",
-        "|" + "---|" * (len(by) + 1 + len(columns)),
-    ]
-    for keys, group in frame.groupby(list(by), sort=False):
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        cells = [mean_sd(group[c].tolist()) if c in group else "n/a" for c in columns]
-        lines.append("| " + " | ".join([*map(str, keys), str(len(group)), *cells]) + " |")
-    return "\n".join(lines)
-
-
-def run_suite(
-    script: str,
-    configs: Sequence[dict[str, Any]],
-    *,
-    source: Path,
-    timeout: float | None = None,
-    env: dict[str, str] | None = None,
-    hidden: str | None = None,
-):
-    """Run ``script --child <config>`` for each config in a fresh process, interleaved logging.
-
-    Returns a DataFrame of every record, stamped with the machine, the uptime at the start and
-    the end, the SHA-1 of ``source`` at the start and the end and the total seconds, and the
-    number of failed configurations. Each record is printed as it arrives (fields whose name
-    contains ``hidden``, if given, are left out of the log line, not of the frame).
-    """
-    import pandas as pd
-
-    start, source_start, t0 = uptime(), source_fingerprint(source), time.perf_counter()
-    rows, failed = [], 0
-    for i, config in enumerate(configs, 1):
-        records, error, wall = run_child(
-            [script, "--child", json.dumps(config)], timeout=timeout, env=env
-        )
-        tag = f"[{i}/{len(configs)}] {config['experiment']} {config['variant']} seed {config['seed']}"
-        if error:
-            failed += 1
-            print(f"{tag}: FAILED after {wall:.0f} s\n{error}", flush=True)
-            continue
-        rows += records
-        shown = {
-            k: v for k, v in records[0].items() if k not in config and not (hidden and hidden in k)
-        }
-        print(f"{tag} ({wall:.0f} s): {json.dumps(shown)}", flush=True)
-    frame = pd.DataFrame(rows)
-    frame["machine"] = describe_machine(machine_info())
-    frame["uptime_start"], frame["uptime_end"] = start, uptime()
-    frame["source_start"] = source_start["sha1"]
-    frame["source_end"] = source_fingerprint(source)["sha1"]
-    frame["total_s"] = time.perf_counter() - t0
-    return frame, failed

@@ -1,4 +1,4 @@
-"""CellTypist child of ``benchmarks/run.py``: runs inside its own virtual environment.
+"""CellTypist child of the harness (``_peers.run_celltypist``): runs in its own environment.
 
 Reads a reference and a query (``log1p`` of counts per 10,000, CellTypist's expected input)
 from h5ad files, trains a CellTypist model on the reference (``celltypist.train`` with
@@ -8,7 +8,7 @@ annotates the query without and with majority voting (``celltypist.annotate``, m
 matrices to an ``.npz`` file and prints one ``RESULT {json}`` line with the timings and the
 peak resident memory. It imports neither labeltransfer nor torch.
 
-Usage (from ``run.py``)::
+Usage (from ``_peers.py``)::
 
     <venv>/bin/python benchmarks/_peers_celltypist.py REF.h5ad QUERY.h5ad OUT.npz LABELS_KEY
 """

@@ -1,7 +1,8 @@
-"""Fast checks of the peer benchmark's task construction and scoring (``benchmarks/run.py``)."""
+"""Checks of the benchmark harness (``benchmarks/``): registries, splits, scoring, one smoke run."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,7 +14,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import _tasks  # noqa: E402
-from _peers import Calls, log1p_normalize, on_genes  # noqa: E402
+from _peers import log1p_normalize, on_genes  # noqa: E402
+from _scoring import Calls, score  # noqa: E402
+from _tools import QUICK_EPOCHS, TOOLS, RunContext  # noqa: E402
+from experiments import SUITES, load_experiment  # noqa: E402
 
 
 def _load_run():
@@ -29,33 +33,99 @@ def _load_run():
 run = _load_run()
 
 
-def test_every_real_task_has_a_novel_variant():
-    assert len(_tasks.TASKS) == 10
-    for base, (_, held_out, _) in _tasks.BASE_TASKS.items():
-        assert (f"{base}_novel" in _tasks.TASKS) == (held_out is not None)
+# ----------------------------------------------------------------------------- registries
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_every_suite_names_registered_tools_and_tasks(suite):
+    experiment = load_experiment(suite)
+    assert bool(experiment.grid) != bool(experiment.configs)
+    for tools, tasks in experiment.grid:
+        assert set(tools) <= set(TOOLS), set(tools) - set(TOOLS)
+        assert set(tasks) <= set(_tasks.TASKS), set(tasks) - set(_tasks.TASKS)
+    if experiment.configs is not None:
+        assert experiment.child is not None
 
 
+def test_every_task_has_a_source():
+    for name, spec in _tasks.TASKS.items():
+        assert spec.source in _tasks.SOURCES, name
+
+
+def test_issue_13_novel_tasks_are_registered_and_in_the_peer_table():
+    held_out = {name: spec.held_out for name, spec in _tasks.TASKS.items() if spec.held_out}
+    assert held_out["kang_novel_b"] == ("B cells",)
+    assert held_out["kang_novel_fcgr3a"] == ("FCGR3A+ Monocytes",)
+    assert held_out["pbmc68k_novel_cd19b"] == ("CD19+ B",)
+    assert held_out["atac_novel_b"] == ("17_B",)
+    for direction in ("c2d", "d2c"):
+        for line in ("H1975", "H2228", "HCC827"):
+            assert held_out[f"cellbench_{direction}_novel_{line.lower()}"] == (line,)
+    peer_tasks = set(load_experiment("small").grid[0][1])
+    assert set(held_out) <= peer_tasks
+    assert "kang_noshift" in peer_tasks
+
+
+# ----------------------------------------------------------------------------- splits
 def test_novel_task_holds_the_type_out_of_the_reference_only(shared_data):
-    task = _tasks.load_task("cellbench_c2d_novel", 0, "small")
-    assert task.held_out == "H2228"
+    task = _tasks.load_task("cellbench_c2d_novel_h2228", 0, "small")
+    assert task.held_out == ("H2228",)
     assert "H2228" not in set(task.reference.obs["cell_type"])
     assert "H2228" in set(task.query.obs["cell_type"])
-    assert task.n_novel == 1
+    assert task.novel_types == ["H2228"]
     assert set(task.reference.obs["batch"]) == {"CEL-seq2"}
     assert set(task.query.obs["batch"]) == {"Drop-seq"}
+    assert task.query.obs["singlet"].dtype == bool
     closed = _tasks.load_task("cellbench_c2d", 0, "small")
     assert closed.n_novel == 0
-    assert closed.held_out is None
+    assert closed.held_out == ()
     assert closed.query.n_obs == task.query.n_obs
 
 
-def test_small_suite_subsamples_kang_per_seed(shared_data):
+def test_budgets_subsample_real_sets_per_seed(shared_data):
     first = _tasks.load_task("kang", 0, "small")
     again = _tasks.load_task("kang", 0, "small")
     other = _tasks.load_task("kang", 1, "small")
     assert first.reference.n_obs == first.query.n_obs == 500
     assert list(first.reference.obs_names) == list(again.reference.obs_names)
     assert list(first.reference.obs_names) != list(other.reference.obs_names)
+    quick = _tasks.load_task("kang", 0, "quick")
+    assert quick.reference.n_obs == quick.query.n_obs == 150
+    full = _tasks.load_task("kang", 0, "full")
+    assert (full.reference.n_obs, full.query.n_obs) == (750, 806)
+
+
+def test_noshift_task_splits_one_batch_70_30(shared_data):
+    task = _tasks.load_task("kang_noshift", 0, "full")
+    assert (task.reference.n_obs, task.query.n_obs) == (525, 225)
+    assert set(task.reference.obs["batch"]) == set(task.query.obs["batch"]) == {"ctrl"}
+    assert not set(task.reference.obs_names) & set(task.query.obs_names)
+    assert not task.shifted
+
+
+def test_atac_task_reads_the_granja_donors(shared_data):
+    task = _tasks.load_task("atac_novel_b", 0, "full")
+    assert set(task.reference.obs["batch"]) == {"BMMC_D6T1"}
+    assert set(task.query.obs["batch"]) == {"BMMC_D5T1"}
+    assert (task.reference.n_obs, task.query.n_obs) == (492 - 45, 108)
+    assert task.novel_types == ["17_B"]
+    assert task.reference.n_vars == 5000
+
+
+def test_kang_samples_task_has_four_domains(shared_data):
+    task = _tasks.load_task("kang_samples", 0, "full")
+    assert task.multi_domain
+    assert set(task.reference.obs["batch"]) == {"ctrl101", "ctrl107"}
+    assert set(task.query.obs["batch"]) == {"stim101", "stim107"}
+
+
+def test_scdet_splits_draw_held_out_types_per_seed(shared_data):
+    inter = [_tasks.load_task("kang_inter2", seed, "full") for seed in (0, 1, 2)]
+    assert all(len(task.held_out) == 2 == task.n_novel for task in inter)
+    assert len({task.held_out for task in inter}) > 1
+    intra = _tasks.load_task("cellbench_intra", 0, "full")
+    assert len(intra.reference_types) == 2
+    assert intra.n_novel == 1
+    assert not set(intra.reference.obs_names) & set(intra.query.obs_names)
+    assert intra.reference.n_obs + intra.query.n_obs == 499
 
 
 def test_pbmc68k_counts_are_integers_matching_raw():
@@ -74,9 +144,9 @@ def test_pbmc68k_counts_are_integers_matching_raw():
 
 
 def test_load_task_rejects_unknown_names():
-    with pytest.raises(ValueError, match="Unknown task"):
+    with pytest.raises(ValueError, match="Unknown task 'kang_ctrl'; use one of kang, "):
         _tasks.load_task("kang_ctrl", 0)
-    with pytest.raises(ValueError, match="Unknown suite"):
+    with pytest.raises(ValueError, match="Unknown budget 'medium'; use one of quick, small, full"):
         _tasks.load_task("kang", 0, "medium")
 
 
@@ -88,31 +158,150 @@ def test_log1p_normalize_and_gene_alignment():
     adata.var_names = ["a", "b"]
     out = log1p_normalize(adata, 4.0)
     np.testing.assert_allclose(out.X.toarray(), np.log1p([[1.0, 3.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(adata.X.toarray(), [[1.0, 3.0], [0.0, 0.0]])  # input unchanged
     dense = on_genes(out, pd.Index(["b", "missing", "a"]))
     np.testing.assert_allclose(dense[0], np.log1p([3.0, 0.0, 1.0]))
 
 
-def test_score_uses_the_package_metrics():
+# ----------------------------------------------------------------------------- scoring
+def _toy_task() -> _tasks.Task:
     from anndata import AnnData
 
-    truth = np.array(["A", "A", "B", "B", "N"])
-    query = AnnData(obs=pd.DataFrame({"cell_type": truth}, index=[f"c{i}" for i in range(5)]))
-    task = _tasks.Task("toy", AnnData(obs=query.obs.iloc[:4]), query, "N", False)
-    probabilities = pd.DataFrame(
-        [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.5, 0.5]],
-        index=query.obs_names,
+    truth = np.array(["A", "A", "B", "B", "N", "N"])
+    query = AnnData(obs=pd.DataFrame({"cell_type": truth}, index=[f"c{i}" for i in range(6)]))
+    return _tasks.Task("toy", AnnData(obs=query.obs.iloc[:4]), query, ("N",), False)
+
+
+def _toy_probabilities(task) -> pd.DataFrame:
+    return pd.DataFrame(
+        [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.5, 0.5], [0.95, 0.05]],
+        index=task.query.obs_names,
         columns=["A", "B"],
     )
-    record = run.score(task, Calls.from_probabilities(probabilities))
+
+
+def test_score_ranks_held_out_cells_by_one_minus_confidence_without_novelty():
+    task = _toy_task()
+    record = score(task, Calls.from_probabilities(_toy_probabilities(task)))
     assert record["raw_accuracy"] == pytest.approx(0.75)
     assert record["rejection_rate"] == 0.0
-    assert record["n_novel"] == 1
-    # the novel cell has the lowest confidence: perfect open-set AUROC
+    assert record["n_novel"] == 2
+    assert record["novelty_score"] == "1 - confidence"
+    # held-out confidences 0.5 and 0.95 against seen 0.9, 0.8, 0.7, 0.6: 4 + 0 of 8 pairs
+    assert record["novel_auroc"] == pytest.approx(0.5)
+    assert record["novel_rejection_rate"] == 0.0
+    assert record["seen_in_novel_groups"] == 0.0
+
+
+def test_score_uses_the_novelty_score_and_counts_novel_groups():
+    task = _toy_task()
+    calls = Calls.from_probabilities(_toy_probabilities(task))
+    calls.novelty = np.array([0.1, 0.2, 0.1, 0.3, 0.8, 0.9])
+    calls.final = np.array(["A", "novel_0", "B", "Unassigned", "novel_0", "novel_0"])
+    calls.rejected = np.array([False, False, False, True, False, False])
+    record = score(task, calls)
+    assert record["novelty_score"] == "novelty"
     assert record["novel_auroc"] == pytest.approx(1.0)
+    assert record["novel_rejection_rate"] == 1.0
+    assert record["rejection_rate"] == pytest.approx(0.5)  # one novel group, one Unassigned
+    assert record["novel_in_groups"] == 1.0
+    assert record["novel_group_purity"] == pytest.approx(2 / 3)
+    assert record["seen_in_novel_groups"] == pytest.approx(0.25)
+    assert record["n_novel_groups"] == 1
+    assert record["open_world_novel_accuracy"] == 1.0
+
+
+# ----------------------------------------------------------------------------- harness
+def test_budgets_cap_the_epochs_of_each_training_part():
+    jind = TOOLS["jind"]
+    assert RunContext("jind", jind, 0, "quick").epochs("align") == QUICK_EPOCHS
+    assert RunContext("jind", jind, 0, "small").epochs("align") == 30
+    assert RunContext("jind", jind, 0, "full").epochs("align") is None
+    assert RunContext("jind", jind, 0, "full", max_epochs=3).epochs("train") == 3
+    assert RunContext("scanvi", TOOLS["scanvi"], 0, "full").epochs("query") == 100
 
 
 def test_small_suite_groups_seeds_full_suite_does_not():
-    small = run._configs("small", [0, 1, 2], ["jind"], ["kang"])
-    full = run._configs("full", [0, 1, 2], ["jind"], ["kang"])
-    assert [c["seeds"] for c in small] == [[0, 1, 2]]
-    assert [c["seeds"] for c in full] == [[0], [1], [2]]
+    peers = load_experiment("small")
+    args = (peers, SUITES["small"], [0, 1, 2], {"jind"}, {"kang"})
+    assert [c["seeds"] for c in run.grid_configs(*args)] == [[0, 1, 2]]
+    args = (peers, SUITES["full"], [0, 1, 2], {"jind"}, {"kang"})
+    assert [c["seeds"] for c in run.grid_configs(*args)] == [[0], [1], [2]]
+
+
+def test_merge_replaces_the_redone_rows_only():
+    old = pd.DataFrame(
+        {"tool": ["jind", "celltypist", "celltypist_mv"], "task": ["kang"] * 3, "seed": [0] * 3}
+    )
+    old["value"] = 1
+    new = pd.DataFrame({"tool": ["celltypist", "celltypist_mv"], "task": ["kang"] * 2})
+    new["seed"], new["value"] = 0, 2
+    config = {"tool": "celltypist", "task": "kang", "seeds": [0]}
+    old_meta = {"failures": [{**config, "error": "boom"}]}
+    new_meta = {
+        "configs": [config],
+        "failures": [],
+        "commit": "abc",
+        "total_s": 1.0,
+        "uptime_start": "up",
+        "source_end": "sha",
+    }
+    frame, meta = run.merge(old, old_meta, new, new_meta)
+    assert sorted(zip(frame["tool"], frame["value"], strict=True)) == [
+        ("celltypist", 2),
+        ("celltypist_mv", 2),
+        ("jind", 1),
+    ]
+    assert meta["failures"] == []
+    assert meta["added"][0]["what"] == ["celltypist kang"]
+
+
+def test_grid_options_are_refused_for_custom_suites(capsys):
+    with pytest.raises(SystemExit, match="--tools, --tasks and --add apply to grid suites"):
+        run.main(["--suite", "scaling", "--tools", "jind"])
+
+
+@pytest.mark.slow
+def test_quick_run_of_one_model_and_one_peer_writes_every_column(shared_data, tmp_path):
+    out = tmp_path / "smoke.csv"
+    argv = ["--suite", "small", "--quick", "--tools", "jind", "logreg"]
+    status = run.main([*argv, "--tasks", "cellbench_c2d_novel_h2228", "--out", str(out)])
+    assert status == 0
+    frame = pd.read_csv(out)
+    assert sorted(frame["tool"]) == ["jind", "logreg"]
+    assert set(frame["task"]) == {"cellbench_c2d_novel_h2228"}
+    expected = {
+        "seed",
+        "budget",
+        "commit",
+        "n_reference",
+        "n_query",
+        "held_out",
+        "raw_accuracy",
+        "rejection_rate",
+        "effective_accuracy",
+        "macro_f1",
+        "kappa",
+        "ece",
+        "novel_auroc",
+        "novel_rejection_rate",
+        "novel_in_groups",
+        "seen_in_novel_groups",
+        "novelty_score",
+        "singlet_accuracy",
+        "train_s",
+        "predict_s",
+        "peak_rss_mb",
+    }
+    assert expected <= set(frame.columns), expected - set(frame.columns)
+    assert (frame["n_query"] == 150).all()
+    assert frame["novel_auroc"].between(0, 1).all()
+    jind = frame[frame["tool"] == "jind"].iloc[0]
+    assert jind["train_epochs"] == QUICK_EPOCHS
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["budget"] == "quick"
+    assert meta["commit"] == frame["commit"].iloc[0]
+    assert meta["machine"]["cores"] >= 1
+    text = out.with_suffix(".md").read_text()
+    assert f"commit `{meta['commit']}`" in text
+    assert "<!-- table:novel_auroc -->" in text

@@ -1,0 +1,246 @@
+"""The peer table (suites ``small`` and ``full``): every model next to every peer on every task.
+
+Tasks: Kang ctrl -> stim, CellBench both ways, ``pbmc68k_reduced`` random 70/30, the Granja
+scATAC donors, each with held-out types (issue 13's novel tasks: Kang B cells and FCGR3A+
+monocytes, each CellBench line in both directions, pbmc68k CD19+ B, scATAC 17_B), a no-shift
+split of Kang, the synthetic RNA -> ATAC task and a 50:1 long-tailed synthetic task.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from _tasks import TASKS
+from _tools import DISPLAY
+from _writer import marked, pivot
+
+from experiments import Experiment
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pandas as pd
+
+#: Longest first, so that parallel children finish together.
+TOOLS = (
+    "scdet",
+    "cellpredx",
+    "scanvi",
+    "scnym",
+    "scnym_original",
+    "jind",
+    "celltypist",
+    "logreg",
+    "knn",
+)
+PEER_TASKS = (
+    "kang",
+    "kang_novel_b",
+    "kang_novel_fcgr3a",
+    "kang_noshift",
+    "cellbench_c2d",
+    "cellbench_c2d_novel_h1975",
+    "cellbench_c2d_novel_h2228",
+    "cellbench_c2d_novel_hcc827",
+    "cellbench_d2c",
+    "cellbench_d2c_novel_h1975",
+    "cellbench_d2c_novel_h2228",
+    "cellbench_d2c_novel_hcc827",
+    "pbmc68k",
+    "pbmc68k_novel_cd19b",
+    "atac",
+    "atac_novel_b",
+    "multiome",
+    "longtail",
+)
+#: (column, title, digits, which tasks: "all", "closed" or "novel")
+METRICS = (
+    ("raw_accuracy", "Raw accuracy (seen cells)", 3, "all"),
+    ("rejection_rate", "Seen-cell rejection rate (rejected or called a novel group)", 3, "all"),
+    ("effective_accuracy", "Effective accuracy (seen cells not rejected)", 3, "all"),
+    ("macro_f1", "Macro-F1", 3, "all"),
+    ("kappa", "Cohen's kappa", 3, "all"),
+    ("singlet_accuracy", "Raw accuracy on demuxlet singlets (CellBench)", 3, "all"),
+    ("ece", "Expected calibration error (10 bins), closed-set tasks", 3, "closed"),
+    ("novel_auroc", "Open-set AUROC (held-out vs seen cells; novelty score)", 3, "novel"),
+    (
+        "novel_rejection_rate",
+        "Held-out cells rejected or put in a novel group (`Unassigned` or `novel_*`)",
+        3,
+        "novel",
+    ),
+    ("novel_in_groups", "Held-out cells in novel groups (`novel_*`)", 3, "novel"),
+    ("novel_group_purity", "Purity of the novel groups (share of held-out cells)", 3, "novel"),
+    ("seen_in_novel_groups", "Seen cells in novel groups", 3, "all"),
+    ("train_s", "Train seconds", 1, "all"),
+    ("predict_s", "Predict seconds (incl. per-query fitting)", 2, "all"),
+    ("peak_rss_mb", "Peak memory (MiB, VmHWM)", 0, "all"),
+)
+
+
+def _kinds(meta: dict[str, Any]) -> dict[str, list[str]]:
+    """Task names by kind: all, closed-set, novel (held-out types), no-shift, real closed-set."""
+    rows = meta["tasks"]
+    closed = [r["task"] for r in rows if not r["novel"]]
+    real = {"kang", "cellbench", "pbmc68k", "granja"}
+    return {
+        "all": [r["task"] for r in rows],
+        "closed": closed,
+        "novel": [r["task"] for r in rows if r["novel"]],
+        "noshift": [t for t in closed if TASKS[t].query is None],
+        "real_closed": [t for t in closed if TASKS[t].source in real],
+        "shifted_closed": [t for t in closed if TASKS[t].shifted and TASKS[t].source in real],
+    }
+
+
+def _open_set_summary(frame: pd.DataFrame, kinds: dict[str, list[str]]) -> str:
+    """One row per tool: the figures of issue 13's acceptance over the tasks of each kind."""
+    import numpy as np
+
+    def per_task(sub: pd.DataFrame, column: str, tasks: list[str]) -> np.ndarray:
+        rows = sub[sub["task"].isin(tasks)]
+        if column not in rows or rows.empty:
+            return np.array([])
+        return rows.groupby("task")[column].mean().dropna().to_numpy()
+
+    def fmt(values: np.ndarray, how) -> str:
+        return f"{how(values):.3f}" if values.size else "–"
+
+    lines = [
+        "| tool | mean AUROC (novel tasks) | worst-task AUROC | held-out caught | seen rejected "
+        "(novel tasks) | seen rejected (no shift) | worst ECE (real closed-set) "
+        "| eff. > raw acc (closed-set tasks) | seen cells in novel groups (shifted closed-set) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tool, name in DISPLAY.items():
+        sub = frame[frame["tool"] == tool]
+        if sub.empty:
+            continue
+        closed = sub[sub["task"].isin(kinds["closed"])]
+        if {"effective_accuracy", "raw_accuracy"} <= set(closed):
+            means = closed.groupby("task")[["effective_accuracy", "raw_accuracy"]].mean()
+            better = f"{int((means.iloc[:, 0] > means.iloc[:, 1]).sum())} of {len(means)}"
+        else:
+            better = "–"
+        noshift = per_task(sub, "rejection_rate", kinds["noshift"])
+        lines.append(
+            f"| {name} | {fmt(per_task(sub, 'novel_auroc', kinds['novel']), np.mean)} "
+            f"| {fmt(per_task(sub, 'novel_auroc', kinds['novel']), np.min)} "
+            f"| {fmt(per_task(sub, 'novel_rejection_rate', kinds['novel']), np.mean)} "
+            f"| {fmt(per_task(sub, 'rejection_rate', kinds['novel']), np.mean)} "
+            f"| {', '.join(f'{v:.3f}' for v in noshift) or '–'} "
+            f"| {fmt(per_task(sub, 'ece', kinds['real_closed']), np.max)} | {better} "
+            f"| {fmt(per_task(sub, 'seen_in_novel_groups', kinds['shifted_closed']), np.max)} |"
+        )
+    return "\n".join(lines)
+
+
+def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+    """Tasks, the open-set summary, then one tools x tasks table per metric."""
+    kinds = _kinds(meta)
+    seeds = ", ".join(map(str, sorted(frame["seed"].unique()))) if len(frame) else "–"
+    lines = [
+        f"Values are mean ± sd over seeds ({seeds}). Closed-set metrics are on the query cells "
+        "of reference types; open-set metrics score the held-out types with each tool's "
+        "novelty score (`obs[K + '_novelty']` where the tool writes one, else "
+        "`1 - confidence`). Tools without a rejection rule reject nothing. Timings come from "
+        "the machine above and are indicative only: compare them within this table.",
+        "",
+        "## Tasks (seed 0)",
+        "",
+        "| task | what | reference cells | query cells | features | reference types "
+        "| novel types in the query | batch shift |",
+        "|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['task']} | {r['about']} | {r['n_reference']} | {r['n_query']} "
+            f"| {r['n_features']} | {r['n_types']} | {r['novel'] or '–'} "
+            f"| {'yes' if r['shift'] else 'no'} |"
+            for r in meta["tasks"]
+        ],
+        "",
+        "## Open-set summary",
+        "",
+        "Means over the tasks of each kind (each task: mean over seeds). *No shift*: the "
+        "rejection of seen cells on each no-shift task (target 0.02-0.10 at theta = 0.05).",
+        "",
+        *marked("open_set_summary", _open_set_summary(frame, kinds)),
+    ]
+    for column, title, digits, which in METRICS:
+        if column not in frame or frame[column].isna().all():
+            continue
+        tasks = [t for t in kinds[which] if t in set(frame.loc[frame[column].notna(), "task"])]
+        lines += [f"## {title}", "", *marked(column, pivot(frame, column, DISPLAY, tasks, digits))]
+    return lines
+
+
+def figures(frame: pd.DataFrame, meta: dict[str, Any], directory: Path) -> list[Path]:
+    """Grouped bar charts (mean ± sd over seeds) of the accuracy and the cost metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tasks = [r["task"] for r in meta["tasks"]]
+    tools = [t for t in DISPLAY if t in set(frame["tool"])]
+    panels = {
+        "accuracy": [
+            ("raw_accuracy", "raw accuracy", False),
+            ("effective_accuracy", "effective accuracy", False),
+            ("rejection_rate", "seen rejection", False),
+            ("ece", "ECE", False),
+            ("novel_auroc", "open-set AUROC", False),
+            ("novel_rejection_rate", "held-out caught", False),
+        ],
+        "cost": [
+            ("train_s", "train s", True),
+            ("predict_s", "predict s", True),
+            ("peak_rss_mb", "peak MiB", True),
+        ],
+    }
+    colors = plt.get_cmap("tab10")
+    width = 0.8 / len(tools)
+    written = []
+    for name, metrics in panels.items():
+        fig, axes = plt.subplots(len(metrics), 1, figsize=(16, 2.4 * len(metrics)), sharex=True)
+        for ax, (column, label, log) in zip(np.atleast_1d(axes), metrics, strict=True):
+            for i, tool in enumerate(tools):
+                values = frame[frame["tool"] == tool]
+                stats = (
+                    values.groupby("task")[column].agg(["mean", "std"]).reindex(tasks)
+                    if column in values
+                    else None
+                )
+                if stats is None:
+                    continue
+                x = np.arange(len(tasks)) + (i - (len(tools) - 1) / 2) * width
+                ax.bar(
+                    x,
+                    stats["mean"],
+                    width,
+                    yerr=stats["std"].fillna(0),
+                    label=DISPLAY[tool],
+                    color=colors(i % 10),
+                    error_kw={"elinewidth": 0.6},
+                )
+            ax.set_ylabel(label)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(axis="y", alpha=0.3)
+        axes[-1].set_xticks(np.arange(len(tasks)), tasks, rotation=35, ha="right")
+        axes[0].legend(ncol=len(tools), fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.02))
+        fig.tight_layout()
+        path = directory / f"run_{meta['suite']}_{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+EXPERIMENT = Experiment(
+    title="Peer benchmark",
+    sections=sections,
+    grid=((TOOLS, PEER_TASKS),),
+    figures=figures,
+)

@@ -1,0 +1,298 @@
+"""Scaling of the four models: train time per epoch, annotation throughput, peak memory, FLOPs.
+
+For each size (10,000, 100,000 and 1,000,000 cells x 2,000 genes) a first child writes one
+synthetic data set (``lt.data.synthetic``: raw counts, CSR float32, 10 seen types plus one
+novel type in the query, library size 500, about 300 non-zero genes per cell; half the cells
+the labelled reference, half the unlabelled query) to an h5ad file. Each model then runs in a
+fresh child (one torch thread) that
+
+1. reads the file and sets the model up on all cells (scDET is told ``n_novel=1``, which
+   skips its warm-up);
+2. resets the peak memory and trains for one epoch (at 1,000,000 cells only the first
+   :data:`MAX_BATCHES` batches run; the training part of the epoch is scaled by
+   ``batches per epoch / batches run`` and the complete validation pass added);
+3. resets the peak again and annotates all cells (in memory).
+
+Every ``nn.Linear`` call is counted by a forward hook (``2 * in * out`` per row): the forward
+arithmetic per cell of ``module.inference`` and the forward arithmetic of a training step;
+training is taken as 3x its forward. Dividing by the measured times gives the achieved FLOP/s,
+next to a ``torch.mm`` of the first layer's shape in the same process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from _common import Stopwatch, peak_rss_mb, reset_peak_rss, rss_mb, training_meter
+
+from experiments import Experiment
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+GENES, TYPES, LIBRARY = 2000, 10, 500.0
+MODELS = ("JIND", "SCNYM", "SCDET", "CellPredX")
+SIZES = {"quick": (2_000,), "small": (10_000, 100_000), "full": (10_000, 100_000, 1_000_000)}
+#: Training batches run at a size (the rest of the epoch is scaled).
+MAX_BATCHES = {1_000_000: 200}
+
+
+def configs(budget: str, seeds: list[int], workdir: Path) -> list[dict[str, Any]]:
+    """Per size: write the data, then run each model on it."""
+    out = []
+    for size in SIZES[budget]:
+        path = str(workdir / f"cells_{size}.h5ad")
+        out.append({"step": "data", "size": size, "path": path})
+        out += [
+            {
+                "step": "model",
+                "model": m,
+                "size": size,
+                "path": path,
+                "max_batches": MAX_BATCHES.get(size),
+            }
+            for m in MODELS
+        ]
+    return out
+
+
+def _write_data(config: dict[str, Any]) -> dict[str, Any]:
+    import labeltransfer as lt
+
+    start = time.perf_counter()
+    n_cells = config["size"]
+    ref, query = lt.data.synthetic(
+        n_reference=n_cells // 2,
+        n_query=n_cells - n_cells // 2,
+        n_genes=GENES,
+        n_types=TYPES,
+        n_novel=1,
+        batch_shift=0.3,
+        library_size=LIBRARY,
+        seed=0,
+    )
+    adata = lt.data.concat_reference_query(ref, query, labels_key="cell_type")
+    del ref, query
+    adata.write_h5ad(config["path"])
+    return {
+        "nnz_per_cell": float(adata.X.nnz / adata.n_obs),
+        "generate_s": time.perf_counter() - start,
+        "file_gib": Path(config["path"]).stat().st_size / 2**30,
+    }
+
+
+class LinearFlops:
+    """Count ``2 * rows * in * out`` for every ``nn.Linear`` call of a module (forward hooks)."""
+
+    def __init__(self, module) -> None:
+        import torch
+
+        self.grad = 0  # calls under autograd (training forward)
+        self.no_grad = 0
+        self._handles = [
+            m.register_forward_hook(self._hook)
+            for m in module.modules()
+            if isinstance(m, torch.nn.Linear)
+        ]
+
+    def _hook(self, layer, inputs, output) -> None:
+        import torch
+
+        x = inputs[0]
+        flops = 2 * (x.numel() // x.shape[-1]) * layer.in_features * layer.out_features
+        if torch.is_grad_enabled():
+            self.grad += flops
+        else:
+            self.no_grad += flops
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _inference_flops_per_cell(model) -> float:
+    """Forward arithmetic of ``module.inference`` per cell, on one minibatch of 256 cells."""
+    import torch
+
+    model.module.eval()
+    loader = model._make_data_loader(adata=model.adata, indices=range(256), batch_size=256)
+    tensors = next(iter(loader))
+    counter = LinearFlops(model.module)
+    with torch.inference_mode():
+        model.module.inference(**model.module._get_inference_input(tensors))
+    counter.remove()
+    return counter.no_grad / 256
+
+
+def _matmul_gflops(rows: int, n_in: int, n_out: int, repeats: int = 20) -> tuple[float, float]:
+    """GFLOP per wall second and per CPU second of ``torch.mm`` at a first layer's shape."""
+    import torch
+
+    a, b = torch.randn(rows, n_in), torch.randn(n_in, n_out)
+    torch.mm(a, b)
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    flops = 2 * rows * n_in * n_out * repeats / 1e9
+    return flops / (time.perf_counter() - start), flops / (time.process_time() - cpu)
+
+
+def _run_model(config: dict[str, Any]) -> dict[str, Any]:
+    import anndata as ad
+    import scvi
+    import torch
+
+    import labeltransfer as lt
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    scvi.settings.seed = 0
+    sw = Stopwatch()
+    name = config["model"]
+    with sw("read"):
+        adata = ad.read_h5ad(config["path"])
+    with sw("setup"):
+        cls = getattr(lt, name)
+        cls.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")
+        model = cls(adata, n_novel=1) if name == "SCDET" else cls(adata)
+    record: dict[str, Any] = {"rss_after_setup_mb": rss_mb(), "peak_rss_setup_mb": peak_rss_mb()}
+    record["peak_reset"] = reset_peak_rss()
+    meter = training_meter()
+    counter = LinearFlops(model.module)
+    extra: dict[str, Any] = {"early_stopping": False} if name in ("SCNYM", "SCDET") else {}
+    if config["max_batches"]:
+        extra["limit_train_batches"] = int(config["max_batches"])
+    with sw("train"):
+        model.train(
+            max_epochs=1, accelerator="cpu", enable_progress_bar=False, callbacks=[meter], **extra
+        )
+    counter.remove()
+    record["peak_rss_train_mb"] = peak_rss_mb()
+    trainer = model.trainer
+    batches_run = int(trainer.num_training_batches)
+    batches_epoch = int(len(trainer.datamodule.train_dataloader()))
+    epoch_measured = meter.epochs[0]
+    val_s = min(meter.validation_s, epoch_measured)
+    scale = batches_epoch / batches_run if batches_run else math.nan
+    record.update(
+        batches_run=batches_run,
+        batches_per_epoch=batches_epoch,
+        batch_size=int(model.training_summary_.get("batch_size") or 0),
+        epoch_measured_s=epoch_measured,
+        validation_s=val_s,
+        epoch_s=(epoch_measured - val_s) * scale + val_s,
+        train_steps_per_s=batches_run / (epoch_measured - val_s),
+        train_forward_flops_per_step=counter.grad / batches_run if batches_run else math.nan,
+        infer_flops_per_cell=_inference_flops_per_cell(model),
+        rss_before_annotate_mb=rss_mb(),  # includes memory training freed but kept
+        peak_reset_annotate=reset_peak_rss(),
+    )
+    with sw("annotate"):
+        model.annotate()
+    record["peak_rss_annotate_mb"] = peak_rss_mb()
+    first = next(m for m in model.module.modules() if isinstance(m, torch.nn.Linear))
+    record["matmul_gflops"], record["matmul_gflops_cpu"] = _matmul_gflops(
+        1024, first.in_features, first.out_features
+    )
+    record.update(sw.record())
+    record.update(
+        n_cells=int(adata.n_obs),
+        annotate_cells_per_s=adata.n_obs / sw.seconds["annotate"],
+        load_1min=os.getloadavg()[0],
+    )
+    return record
+
+
+def child(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write one data set, or run one model on it."""
+    record = {k: config[k] for k in ("step", "size")}
+    if config["step"] == "data":
+        return [{**record, **_write_data(config)}]
+    return [{**record, "model": config["model"], **_run_model(config)}]
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+    """Time and memory per model and size, then the arithmetic and the achieved FLOP/s."""
+    runs = frame[frame["step"] == "model"].copy()
+    if runs.empty:
+        return ["No model run finished."]
+    cpu_train = runs["train_cpu_s"] / runs["train_s"]
+    cpu_annotate = runs["annotate_cpu_s"] / runs["annotate_s"]
+    runs["epoch_cpu_s"] = runs["epoch_s"] * cpu_train
+    runs["annotate_cells_per_cpu_s"] = runs["n_cells"] / runs["annotate_cpu_s"]
+    runs["train_gflops"] = (
+        3 * runs["train_forward_flops_per_step"] * runs["train_steps_per_s"] / 1e9
+    )
+    runs["infer_gflops"] = runs["infer_flops_per_cell"] * runs["annotate_cells_per_s"] / 1e9
+    lines = [
+        "One torch thread per run; every run a fresh process. `(scaled)`: only the first "
+        "batches of the epoch ran (see the top). CPU/wall is the process CPU time over wall "
+        "time: 1.0 means the run had its core to itself, less that it waited for a CPU on a "
+        "shared machine; `epoch CPU s` = epoch s x train CPU/wall and `cells per CPU s` = "
+        "cells / annotation CPU seconds estimate what one idle core would take.",
+        "",
+        "| model | cells | batches run / per epoch | epoch s | epoch CPU s (est.) "
+        "| train steps/s | peak RSS train MiB | annotate s | annotate cells/s "
+        "| annotate cells per CPU s | peak RSS annotate MiB | setup s "
+        "| CPU/wall train, annotate | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r, train, annotate in zip(runs.to_dict("records"), cpu_train, cpu_annotate, strict=True):
+        scaled = "" if r["batches_run"] == r["batches_per_epoch"] else " (scaled)"
+        lines.append(
+            f"| {r['model']} | {r['n_cells']:,.0f} | {r['batches_run']:,.0f} / "
+            f"{r['batches_per_epoch']:,.0f} | {_fmt(r['epoch_s'])}{scaled} "
+            f"| {_fmt(r['epoch_cpu_s'])} | {_fmt(r['train_steps_per_s'])} "
+            f"| {_fmt(r['peak_rss_train_mb'], 0)} | {_fmt(r['annotate_s'])} "
+            f"| {_fmt(r['annotate_cells_per_s'], 0)} | {_fmt(r['annotate_cells_per_cpu_s'], 0)} "
+            f"| {_fmt(r['peak_rss_annotate_mb'], 0)} | {_fmt(r['setup_s'])} "
+            f"| {train:.2f}, {annotate:.2f} | {_fmt(r['load_1min'], 2)} |"
+        )
+    lines += [
+        "",
+        "## Arithmetic per cell and achieved FLOP/s",
+        "",
+        "| model | cells | inference MFLOP/cell | annotate GFLOP/s | train MFLOP/step (fwd) "
+        "| batch size | train GFLOP/s (3x fwd) | torch.mm GFLOP/s (per CPU s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs.to_dict("records"):
+        lines.append(
+            f"| {r['model']} | {r['n_cells']:,.0f} | {r['infer_flops_per_cell'] / 1e6:.2f} "
+            f"| {_fmt(r['infer_gflops'], 2)} | {r['train_forward_flops_per_step'] / 1e6:,.0f} "
+            f"| {r['batch_size']:.0f} | {_fmt(r['train_gflops'], 2)} "
+            f"| {_fmt(r['matmul_gflops'])} ({_fmt(r['matmul_gflops_cpu'])}) |"
+        )
+    data = frame[frame["step"] == "data"]
+    lines += [
+        "",
+        "Data sets: "
+        + "; ".join(
+            f"{r['size']:,.0f} cells, {r['nnz_per_cell']:.0f} non-zero genes per cell, "
+            f"{r['file_gib']:.2f} GiB, written in {r['generate_s']:.0f} s"
+            for r in data.to_dict("records")
+        )
+        + ".",
+        "",
+    ]
+    return lines
+
+
+EXPERIMENT = Experiment(
+    title="Scaling on CPU",
+    sections=sections,
+    configs=configs,
+    child=child,
+    seeds=(0,),
+    sequential=True,
+)
