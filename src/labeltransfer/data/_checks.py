@@ -10,8 +10,9 @@ datasets).
 from __future__ import annotations
 
 import logging
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -27,6 +28,8 @@ CHUNK_SIZE = 10_000
 MAX_LOGNORM = 50.0
 
 InputType = Literal["counts", "lognorm"]
+#: An Ensembl gene id with a version suffix (``ENSG00000141510.16``): group 1 is the id.
+_VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]*G\d{11})\.\d+$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,6 +51,39 @@ def _check_anndata(adata: Any, name: str) -> None:
         raise ValueError(
             f"The {name} AnnData has 0 genes; pass an AnnData with genes in `var` (check the "
             "gene filtering applied before this call)."
+        )
+
+
+def _strip_versions(names: Sequence[str] | pd.Index) -> pd.Index:
+    """Remove ``.N`` version suffixes from Ensembl ids; other names are left untouched."""
+    return pd.Index(
+        pd.Series(pd.Index(names), dtype=object)
+        .astype(str)
+        .str.replace(_VERSION_SUFFIX, r"\1", regex=True),
+        dtype=object,
+    )
+
+
+def _check_unique_genes(var_names: pd.Index, name: str) -> None:
+    """Raise on duplicated gene names, or on one Ensembl id present in several versions."""
+    duplicated = var_names[var_names.duplicated()].unique()
+    if len(duplicated):
+        examples = ", ".join(map(str, duplicated[:5]))
+        raise ValueError(
+            f"The {name} AnnData has {len(duplicated)} duplicated var_names (e.g. {examples}); "
+            "make them unique with `adata.var_names_make_unique()` or aggregate the duplicated "
+            "genes first."
+        )
+    ids = _strip_versions(var_names)
+    versioned = ids[ids.duplicated()].unique()
+    if len(versioned):
+        first = var_names[ids == versioned[0]]
+        raise ValueError(
+            f"The {name} AnnData has {len(versioned)} Ensembl ids in several versions (e.g. "
+            f"{', '.join(map(str, first))}); genes are matched between data sets without the "
+            "version suffix, so these cannot be told apart. Keep one version of each gene, "
+            "e.g. `adata = adata[:, ~adata.var_names.str.replace(r'\\.\\d+$', '', "
+            "regex=True).duplicated()].copy()`, or sum the versions first."
         )
 
 
@@ -276,7 +312,8 @@ def check_input(
     TypeError
         If ``adata`` is not an AnnData.
     ValueError
-        On 0 cells or 0 genes, duplicated ``var_names``, NaN or infinite values, negative
+        On 0 cells or 0 genes, duplicated ``var_names`` (also one Ensembl id in several
+        versions, e.g. ``ENSG00000141510.15`` and ``.16``), NaN or infinite values, negative
         values (scaled data), non-integer values larger than 50 (normalised but not logged) or
         data that do not match ``expect``.
     KeyError
@@ -300,14 +337,7 @@ def check_input(
     matrix = _get_matrix(adata, layer, name)
     where = _matrix_label(layer)
 
-    duplicated = adata.var_names[adata.var_names.duplicated()].unique()
-    if len(duplicated):
-        examples = ", ".join(map(str, duplicated[:5]))
-        raise ValueError(
-            f"The {name} AnnData has {len(duplicated)} duplicated var_names (e.g. {examples}); "
-            "make them unique with `adata.var_names_make_unique()` or aggregate the duplicated "
-            "genes first."
-        )
+    _check_unique_genes(adata.var_names, name)
 
     stats = _scan_matrix(matrix)
     n_nonfinite = stats["n_nan"] + stats["n_inf"]

@@ -20,6 +20,7 @@ from ._checks import (
     _iter_row_chunks,
     _scan_matrix,
     _stack_csr,
+    _strip_versions,
     _to_csr_float32,
 )
 
@@ -29,7 +30,6 @@ IdType = Literal["ensembl", "symbol"]
 
 #: An Ensembl gene id, optionally with a version suffix (``ENSG00000141510.16``).
 ENSEMBL_PATTERN = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
-_VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]*G\d{11})\.\d+$")
 #: Number of missing genes listed in the report and in error messages.
 N_MISSING_EXAMPLES = 20
 
@@ -43,16 +43,6 @@ def _detect_id_type(names: Sequence[str] | pd.Index) -> IdType:
     if len(names) == 0:
         return "symbol"
     return "ensembl" if _is_ensembl(pd.Index(names)).mean() > 0.5 else "symbol"
-
-
-def _strip_versions(names: Sequence[str] | pd.Index) -> pd.Index:
-    """Remove ``.N`` version suffixes from Ensembl ids; other names are left untouched."""
-    return pd.Index(
-        pd.Series(pd.Index(names), dtype=object)
-        .astype(str)
-        .str.replace(_VERSION_SUFFIX, r"\1", regex=True),
-        dtype=object,
-    )
 
 
 def load_id_map(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -283,10 +273,17 @@ def harmonize_genes(
     reference_keys = _strip_versions(ref_genes)
     if reference_keys.has_duplicates:
         dup = reference_keys[reference_keys.duplicated()].unique()
+        if ref_genes.has_duplicates:
+            fix = "make them unique first (e.g. `reference.var_names_make_unique()`)"
+        else:
+            versions = ", ".join(ref_genes[reference_keys == dup[0]])
+            fix = (
+                f"they differ only in their version suffix ({versions}), which genes are "
+                "matched without: keep one version of each gene in the reference"
+            )
         raise ValueError(
             f"reference_genes has {len(dup)} duplicated identifiers (ignoring Ensembl version "
-            f"suffixes), e.g. {', '.join(map(str, dup[:5]))}; make them unique first (e.g. "
-            "`reference.var_names_make_unique()`)."
+            f"suffixes), e.g. {', '.join(map(str, dup[:5]))}; {fix}."
         )
     matrix = _get_matrix(query, layer, name)
     query_names = _query_names(query, gene_symbols, name)
