@@ -14,7 +14,7 @@ from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.data import check_input, harmonize_genes
 from labeltransfer.data._checks import _iter_row_chunks, _nonzero_rows
 
-from ._setup import _warn_duplicated_obs_names
+from ._setup import _INPUT_TYPE_NAMES, _warn_duplicated_obs_names, check_registered_input_type
 
 if TYPE_CHECKING:
     from scvi.model.base import BaseModelClass
@@ -37,14 +37,19 @@ def prepare_query(
     input_type: str,
     gene_symbols: str | None = None,
     id_map: Any = None,
+    layer: str | None = None,
 ) -> tuple[AnnData, dict | None]:
     """Return an AnnData registered with ``model`` whose genes are the reference genes.
 
-    An AnnData already registered with the model is validated and returned as is. Any other
-    AnnData is checked (same expression type as the reference), reindexed to the reference
-    genes with zero-filling (overlap under 50% raises, under 90% warns) and wrapped in a light
-    AnnData that shares its matrix; the user's object is never modified. Cells without any
-    count in the model's genes and duplicated cell names warn (see :func:`empty_cells`).
+    An AnnData already registered with the model (e.g. the reference itself) is validated,
+    checked to still hold the model's input type, and returned as is. Any other AnnData is
+    checked (same expression type as the reference), reindexed to the reference genes with
+    zero-filling (overlap under 50% raises, under 90% warns) and wrapped in a light AnnData
+    that shares its matrix; the user's object is never modified. Cells without any count in
+    the model's genes and duplicated cell names warn (see :func:`empty_cells`).
+
+    ``layer`` names the query's layer holding the expression data; ``None`` reads the layer
+    the model was set up with (``X`` if none) and ``"X"`` reads ``X``.
 
     Returns
     -------
@@ -55,14 +60,36 @@ def prepare_query(
             f"Expected an AnnData, got {type(adata).__name__}. Read your data with "
             "`anndata.read_h5ad` (or build an AnnData) first."
         )
+    setup_args = model.adata_manager.registry["setup_args"]
+    model_layer = setup_args.get("layer")
     if model.get_anndata_manager(adata, required=False) is not None:
+        if layer is not None:
+            raise ValueError(
+                f"layer={layer!r} selects the data of a query, but this AnnData is registered "
+                f"with the model, which reads the layer it was set up with ({model_layer!r}; "
+                "None is X). Leave layer= out."
+            )
+        check_registered_input_type(adata, layer=model_layer, input_type=input_type)
         return model._validate_anndata(adata), None
 
-    setup_args = model.adata_manager.registry["setup_args"]
-    layer = setup_args.get("layer")
+    query_layer = model_layer if layer is None else (None if layer == "X" else layer)
+    where = "X" if query_layer is None else f"layers[{query_layer!r}]"
+    if query_layer is not None and query_layer not in adata.layers:
+        given = "the layer the model was set up with" if layer is None else "given as layer="
+        raise KeyError(
+            f"The query has no layer {query_layer!r} ({given}; its layers: "
+            f"{list(adata.layers.keys())}). Name the query's layer that holds "
+            f"{_INPUT_TYPE_NAMES[input_type]} with `layer=` (e.g. "
+            "`model.annotate(query, layer='counts')`), or pass layer='X' to read its X."
+        )
     genes = model.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
     harmonized, overlap = harmonize_genes(
-        adata, list(genes), gene_symbols=gene_symbols, id_map=id_map, layer=layer, name="query"
+        adata,
+        list(genes),
+        gene_symbols=gene_symbols,
+        id_map=id_map,
+        layer=query_layer,
+        name="query",
     )
     # checked after harmonisation, so duplicated names resolved by gene_symbols/id_map pass
     with warnings.catch_warnings():
@@ -70,9 +97,10 @@ def prepare_query(
         report = check_input(harmonized, name="query")
     if report["input_type"] != input_type:
         raise ValueError(
-            f"The query looks {report['input_type']!r} but the model was trained on "
+            f"The query ({where}) looks {report['input_type']!r} but the model was trained on "
             f"{input_type!r} data. Give the query in the same form as the reference "
-            "(raw counts in both, or log-normalised data in both; use `layer=`-registered data)."
+            f"({_INPUT_TYPE_NAMES[input_type]}): name the layer that holds them with `layer=` "
+            f"(e.g. `model.annotate(query, layer='counts')`), or put them in {where}."
         )
     if report["n_zero_cells"]:
         warn_empty_cells(report["n_zero_cells"], report["n_obs"], len(genes))
@@ -87,8 +115,8 @@ def prepare_query(
         warnings.filterwarnings("ignore", message="Observation names are not unique")  # above
         light = AnnData(X=harmonized.X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
     light.uns["_lt_query"] = True  # built here for one call: the model may forget it after
-    if layer is not None:
-        light.layers[layer] = harmonized.X
+    if model_layer is not None:
+        light.layers[model_layer] = harmonized.X
     with warnings.catch_warnings():
         # a query has no labels by design: scvi's "Missing labels key" warning is noise here
         warnings.filterwarnings("ignore", message="Missing labels key")

@@ -645,6 +645,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         batch_size: int | None = None,
         gene_symbols: str | None = None,
         id_map: Any = None,
+        layer: str | None = None,
     ) -> AnnData | MuData | None:
         """Annotate cells and write the standard output fields.
 
@@ -676,6 +677,9 @@ class CellPredX(AnnotationMixin, BaseModelClass):
             Column of ``adata.var`` with gene names (AnnData queries).
         id_map
             Ensembl-to-symbol table (AnnData queries).
+        layer
+            Layer of an AnnData query holding its expression data (the set-up layer by
+            default; ``"X"`` for ``X``). A MuData is read as the model was set up.
 
         Returns
         -------
@@ -690,6 +694,12 @@ class CellPredX(AnnotationMixin, BaseModelClass):
                 batch_size=batch_size,
                 gene_symbols=gene_symbols,
                 id_map=id_map,
+                layer=layer,
+            )
+        if layer is not None:
+            raise ValueError(
+                f"layer={layer!r} is for an AnnData query; a MuData is read from the modalities "
+                "the model was set up with. Leave layer= out."
             )
         record = self._mudata_record()
         mdata = adata.copy() if copy else adata
