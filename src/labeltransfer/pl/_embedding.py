@@ -13,12 +13,13 @@ from matplotlib.lines import Line2D
 
 from labeltransfer._constants import NOVEL_PREFIX, OUTPUT_KEYS, UNASSIGNED
 from labeltransfer.metrics._classification import _as_bool
+from labeltransfer.tl._embedding import embedding_keys
 
 from ._confusion import _natural_key, _savefig
 from ._sankey import _GREY, _palette
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
     from pathlib import Path
 
     from anndata import AnnData
@@ -43,90 +44,18 @@ def _annotation_column(adata: AnnData, column: str, key: str, what: str) -> pd.S
     return adata.obs[column]
 
 
-def _umap_of_embedding(
-    adata: AnnData,
-    key: str,
-    *,
-    n_neighbors: int,
-    random_state: int,
-    neighbors_kwargs: Mapping[str, Any] | None,
-) -> NDArray[np.floating]:
-    """Compute the UMAP of ``obsm[f"X_{key}"]`` into ``obsm[f"X_{key}_umap"]``.
-
-    The neighbour graph goes to ``obsp[f"{key}_neighbors_{{distances,connectivities}}"]`` and
-    ``uns[f"{key}_neighbors"]``, the UMAP parameters to ``uns[f"X_{key}_umap"]``; scanpy's
-    default keys (``obsp["connectivities"]``, ``uns["neighbors"]``, ``obsm["X_umap"]``) and
-    ``uns[key]`` are not touched.
-    """
-    import scanpy as sc
-    from anndata import AnnData
-
-    rep = f"{OUTPUT_KEYS.EMBEDDING_PREFIX}{key}"
-    if rep not in adata.obsm:
-        raise KeyError(
-            f"adata.obsm has no {rep!r} (the model's embedding) to compute a UMAP from. Run "
-            f"`model.annotate(adata, key_added={key!r})` first, or pass `basis=` with an "
-            f"existing 2-D embedding (obsm keys: {list(adata.obsm.keys())})."
-        )
-    z = np.asarray(adata.obsm[rep])
-    if z.ndim != 2 or z.shape[0] != adata.n_obs:
-        raise ValueError(f"obsm[{rep!r}] must be a cells x dimensions array, got {z.shape}.")
-    if not np.isfinite(z).all():
-        n_bad = int((~np.isfinite(z).all(axis=1)).sum())
-        raise ValueError(
-            f"obsm[{rep!r}] has {n_bad} cell(s) with NaN/inf values; annotate those cells or "
-            "subset `adata` to the annotated cells before plotting."
-        )
-    if adata.n_obs < 3:
-        raise ValueError(f"A UMAP needs at least 3 cells, `adata` has {adata.n_obs}.")
-    extra = dict(neighbors_kwargs or {})
-    fixed = sorted(set(extra) & {"use_rep", "key_added", "copy", "n_pcs"})
-    if fixed:
-        raise ValueError(
-            f"neighbors_kwargs cannot set {fixed}: the graph is always built on "
-            f"obsm[{rep!r}] and stored under '{key}_neighbors'."
-        )
-    # scanpy runs on an AnnData holding only the embedding (no copy of X or of the
-    # embedding): sc.pp.neighbors reads any existing uns["neighbors"] even with key_added,
-    # so the user's graph can neither interfere nor be touched
-    light = AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
-    light.obsm[rep] = z
-    neighbors_key = f"{key}_neighbors"
-    kwargs = {"n_neighbors": min(n_neighbors, adata.n_obs - 1), "random_state": random_state}
-    sc.pp.neighbors(light, use_rep=rep, key_added=neighbors_key, **{**kwargs, **extra})
-    umap_key = f"{rep}_umap"
-    sc.tl.umap(light, neighbors_key=neighbors_key, key_added=umap_key, random_state=random_state)
-    for name in (f"{neighbors_key}_distances", f"{neighbors_key}_connectivities"):
-        adata.obsp[name] = light.obsp[name]
-    adata.uns[neighbors_key] = light.uns[neighbors_key]
-    adata.uns[umap_key] = light.uns[umap_key]
-    adata.obsm[umap_key] = light.obsm[umap_key]
-    return np.asarray(adata.obsm[umap_key])
-
-
-def _coordinates(
-    adata: AnnData,
-    key: str,
-    basis: str | None,
-    *,
-    recompute: bool,
-    n_neighbors: int,
-    random_state: int,
-    neighbors_kwargs: Mapping[str, Any] | None,
-) -> tuple[NDArray[np.float64], str]:
+def _coordinates(adata: AnnData, key: str, basis: str | None) -> tuple[NDArray[np.float64], str]:
     """Return the 2-D coordinates to draw and the axis-label stem (``"UMAP"``, ``"PC"``, ...)."""
     if basis is None:
-        umap_key = f"{OUTPUT_KEYS.EMBEDDING_PREFIX}{key}_umap"
-        if umap_key in adata.obsm and not recompute:
-            coords = np.asarray(adata.obsm[umap_key])
-        else:
-            coords = _umap_of_embedding(
-                adata,
-                key,
-                n_neighbors=n_neighbors,
-                random_state=random_state,
-                neighbors_kwargs=neighbors_kwargs,
+        umap_key = embedding_keys(key)["umap"]
+        if umap_key not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm has no {umap_key!r} (the UMAP of the model's embedding "
+                f"obsm['X_{key}']). Compute it first with `lt.tl.embedding(adata, {key!r})`, "
+                "or pass `basis=` with an existing 2-D embedding (obsm keys: "
+                f"{list(adata.obsm.keys())})."
             )
+        coords = np.asarray(adata.obsm[umap_key])
         stem = "UMAP"
     else:
         if basis not in adata.obsm and f"X_{basis}" in adata.obsm:
@@ -134,9 +63,9 @@ def _coordinates(
         if basis not in adata.obsm:
             raise KeyError(
                 f"basis {basis!r} is not a key of adata.obsm (available: "
-                f"{list(adata.obsm.keys())}); pass one of them, or basis=None to use (and "
-                f"compute if needed) the UMAP of the model's embedding "
-                f"obsm['X_{key}_umap']."
+                f"{list(adata.obsm.keys())}); pass one of them, or basis=None to draw the UMAP "
+                f"of the model's embedding obsm['X_{key}_umap'] (computed by "
+                f"`lt.tl.embedding(adata, {key!r})`)."
             )
         coords = np.asarray(adata.obsm[basis])
         name = basis.removeprefix("X_")
@@ -263,10 +192,6 @@ def embedding_confidence(
     background: bool = True,
     size: float | None = None,
     cmap: str = "viridis",
-    n_neighbors: int = 15,
-    neighbors_kwargs: Mapping[str, Any] | None = None,
-    recompute: bool = False,
-    random_state: int = 0,
     ax: Axes | Sequence[Axes] | None = None,
     save: str | Path | None = None,
 ) -> list[Axes]:
@@ -277,15 +202,10 @@ def embedding_confidence(
     colour bar, with the rejected cells (``obs[f"{key}_rejected"]``) ringed in red. In the
     confidence panel the least confident cells are drawn last, on top.
 
-    The coordinates are ``obsm[basis]`` when ``basis`` is given; otherwise
-    ``obsm[f"X_{key}_umap"]``, which is computed when missing (or when ``recompute``) from the
-    model's embedding ``obsm[f"X_{key}"]`` with :func:`scanpy.pp.neighbors` (``use_rep``) and
-    :func:`scanpy.tl.umap`. The result is **stored in adata** (no copy of ``adata`` is made):
-    ``obsm[f"X_{key}_umap"]`` and its parameters ``uns[f"X_{key}_umap"]``, the neighbour graph
-    in ``obsp[f"{key}_neighbors_distances"]``, ``obsp[f"{key}_neighbors_connectivities"]`` and
-    ``uns[f"{key}_neighbors"]``. scanpy's default fields (``obsm["X_umap"]``,
-    ``obsp["connectivities"]``, ``obsp["distances"]``, ``uns["neighbors"]``) are left
-    untouched, and later calls reuse the stored UMAP.
+    The coordinates are ``obsm[basis]`` when ``basis`` is given; otherwise the UMAP of the
+    model's embedding ``obsm[f"X_{key}_umap"]``, computed beforehand by
+    :func:`lt.tl.embedding(adata, key) <labeltransfer.tl.embedding>`. Like every ``lt.pl``
+    function, it only draws: ``adata`` is not changed.
 
     Parameters
     ----------
@@ -314,16 +234,6 @@ def embedding_confidence(
         ``[0.5, 50]``.
     cmap
         Colour map of the confidence.
-    n_neighbors
-        Neighbours of the kNN graph when the UMAP is computed (scanpy's default).
-    neighbors_kwargs
-        Further arguments of :func:`scanpy.pp.neighbors` when the UMAP is computed, e.g.
-        ``{"metric": "cosine"}``.
-    recompute
-        Recompute and overwrite ``obsm[f"X_{key}_umap"]`` even when it exists (e.g. after
-        annotating again with the same key).
-    random_state
-        Seed of the neighbour search and of the UMAP layout.
     ax
         Axes to draw into, one per panel (two with ``show_labels``, else one); default: a
         new figure.
@@ -338,14 +248,16 @@ def embedding_confidence(
     Raises
     ------
     KeyError
-        If a field of the annotation (or ``basis``) is missing; the message names the
-        ``model.annotate(adata, key_added=key)`` call that writes it.
+        If a field of the annotation, the UMAP or ``basis`` is missing; the message names the
+        call that writes it (``model.annotate(adata, key_added=key)``,
+        ``lt.tl.embedding(adata, key)``).
     ValueError
-        If ``mask``/``groups`` leave no cell, or the embedding has NaN values.
+        If ``mask``/``groups`` leave no cell.
 
     Examples
     --------
     >>> model.annotate(adata, key_added="scnym")  # doctest: +SKIP
+    >>> lt.tl.embedding(adata, "scnym")  # doctest: +SKIP
     >>> lt.pl.embedding_confidence(  # doctest: +SKIP
     ...     adata, "scnym", mask=adata.obs["lt_role"] == "query"
     ... )
@@ -378,15 +290,7 @@ def embedding_confidence(
             "and a finite confidence); "
             "check them (e.g. the `lt_role` values) or leave them out."
         )
-    coords, stem = _coordinates(
-        adata,
-        key,
-        basis,
-        recompute=recompute,
-        n_neighbors=n_neighbors,
-        random_state=random_state,
-        neighbors_kwargs=neighbors_kwargs,
-    )
+    coords, stem = _coordinates(adata, key, basis)
 
     n_panels = 2 if show_labels else 1
     legend_width = 0.0
