@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
-from matplotlib.colors import to_rgba
+from anndata.tests.helpers import assert_equal
+from matplotlib.colors import Normalize, to_rgba
+from matplotlib.patches import Rectangle
 from scipy import sparse
 
 import labeltransfer as lt
@@ -52,37 +54,22 @@ def annotated() -> ad.AnnData:
     adata.obs[f"{KEY}_rejected"] = rejected
     adata.obs["lt_role"] = pd.Categorical(np.tile(["reference", "query"], n // 2))
     adata.obsm[f"X_{KEY}"] = z.astype(np.float32)
+    # as lt.tl.embedding(adata, "lt") writes it: the groups apart in two dimensions
+    adata.obsm[f"X_{KEY}_umap"] = z[:, :2] + rng.normal(0, 0.1, (n, 2))
     adata.uns[KEY] = {"method": "SCNYM"}
     return adata
 
 
-def test_embedding_confidence_computes_and_keeps_user_keys(annotated, monkeypatch):
+def test_embedding_confidence_draws_the_stored_umap(annotated):
     adata = annotated
-    user_umap = np.arange(adata.n_obs * 2, dtype=float).reshape(-1, 2)
-    user_graph = sparse.identity(adata.n_obs, format="csr")
-    adata.obsm["X_umap"] = user_umap.copy()
-    adata.obsp["connectivities"] = user_graph.copy()
-    adata.uns["neighbors"] = {"params": {"mine": True}}
+    before = adata.copy()
+    axes = lt.pl.embedding_confidence(adata, KEY)
+    assert_equal(adata, before)  # pl only draws
 
-    # gaussian connectivities skip numba's ~10 s compilation of UMAP's fuzzy simplicial set
-    axes = lt.pl.embedding_confidence(adata, KEY, neighbors_kwargs={"method": "gauss"})
-
-    # the UMAP of the model's embedding is stored under the documented keys
     umap = adata.obsm[f"X_{KEY}_umap"]
-    assert umap.shape == (adata.n_obs, 2)
-    assert np.isfinite(umap).all()
-    assert f"{KEY}_neighbors_connectivities" in adata.obsp
-    params = adata.uns[f"{KEY}_neighbors"]["params"]
-    assert (params["use_rep"], params["method"], params["n_neighbors"]) == ("X_lt", "gauss", 15)
-    assert f"X_{KEY}_umap" in adata.uns  # the UMAP parameters
-    # ... and the user's scanpy fields and the annotation's uns entry are untouched
-    np.testing.assert_array_equal(adata.obsm["X_umap"], user_umap)
-    assert (adata.obsp["connectivities"] != user_graph).nnz == 0
-    assert adata.uns["neighbors"] == {"params": {"mine": True}}
-    assert adata.uns[KEY] == {"method": "SCNYM"}
-
     labels_ax, conf_ax = axes
     assert labels_ax.get_title() == f"Final call ({KEY})"
+    assert labels_ax.get_xlabel() == "UMAP1"
     cells = _collection(labels_ax, "cells")
     np.testing.assert_allclose(cells.get_offsets(), umap)
     colors = cells.get_facecolors()
@@ -100,19 +87,30 @@ def test_embedding_confidence_computes_and_keeps_user_keys(annotated, monkeypatc
     # confidence panel: every cell, least confident on top (drawn last), colour bar 0-1
     points = _collection(conf_ax, "cells")
     conf = adata.obs[f"{KEY}_confidence"].to_numpy()
-    np.testing.assert_allclose(points.get_array(), np.sort(conf)[::-1])
+    order = np.argsort(-conf, kind="stable")
+    np.testing.assert_allclose(points.get_array(), conf[order])
+    np.testing.assert_allclose(points.get_offsets(), umap[order])
     assert points.get_clim() == (0.0, 1.0)
     rings = _collection(conf_ax, "rejected")
     assert len(rings.get_offsets()) == adata.obs[f"{KEY}_rejected"].sum()
 
-    # a second call reuses the stored UMAP instead of recomputing it
-    def _fail(*args, **kwargs):
-        raise AssertionError("the stored UMAP should be reused")
 
-    monkeypatch.setattr(sc.pp, "neighbors", _fail)
-    again = lt.pl.embedding_confidence(adata, KEY, show_labels=False)
+def test_embedding_confidence_needs_the_umap_of_tl_embedding(annotated):
+    adata = annotated
+    del adata.obsm[f"X_{KEY}_umap"]
+    before = adata.copy()
+    with pytest.raises(
+        KeyError, match=r"obsm has no 'X_lt_umap'.*`lt\.tl\.embedding\(adata, 'lt'\)`"
+    ):
+        lt.pl.embedding_confidence(adata, KEY)
+    assert_equal(adata, before)
+    # the tool writes what the plot reads (gaussian connectivities: no numba compilation)
+    lt.tl.embedding(adata, KEY, neighbors_kwargs={"method": "gauss"})
+    axes = lt.pl.embedding_confidence(adata, KEY, show_labels=False)
+    conf = adata.obs[f"{KEY}_confidence"].to_numpy()
     np.testing.assert_allclose(
-        _collection(again[0], "cells").get_offsets().min(axis=0), umap.min(axis=0)
+        _collection(axes[0], "cells").get_offsets(),
+        adata.obsm[f"X_{KEY}_umap"][np.argsort(-conf, kind="stable")],
     )
 
 
@@ -144,7 +142,6 @@ def test_embedding_confidence_basis_mask_and_groups(annotated, tmp_path):
     assert len(_collection(ax, "other cells").get_offsets()) == (~query).sum()
     rejected = adata.obs[f"{KEY}_rejected"].to_numpy()
     assert len(_collection(ax, "rejected").get_offsets()) == (rejected & query).sum()
-    assert f"X_{KEY}_umap" not in adata.obsm  # nothing computed with basis=
 
     # groups restrict both panels to those calls, in given axes
     fig, given = plt.subplots(1, 2)
@@ -162,16 +159,12 @@ def test_embedding_confidence_errors(annotated):
     adata = annotated
     with pytest.raises(KeyError, match=r"annotate\(adata, key_added='other'\)"):
         lt.pl.embedding_confidence(adata, "other")
-    no_embedding = adata.copy()
-    del no_embedding.obsm[f"X_{KEY}"]
-    with pytest.raises(KeyError, match=r"obsm has no 'X_lt'.*key_added='lt'"):
-        lt.pl.embedding_confidence(no_embedding, KEY)
     no_rejected = adata.copy()
     del no_rejected.obs[f"{KEY}_rejected"]
     with pytest.raises(KeyError, match="lt_rejected"):
         lt.pl.embedding_confidence(no_rejected, KEY, basis=f"X_{KEY}")
     lt.pl.embedding_confidence(no_rejected, KEY, basis=f"X_{KEY}", show_rejected=False)
-    with pytest.raises(KeyError, match="basis 'pca' is not a key"):
+    with pytest.raises(KeyError, match=r"basis 'pca' is not a key.*lt\.tl\.embedding"):
         lt.pl.embedding_confidence(adata, KEY, basis="pca")
     with pytest.raises(ValueError, match="No cell to colour"):
         lt.pl.embedding_confidence(adata, KEY, basis=f"X_{KEY}", mask=np.zeros(adata.n_obs, bool))
@@ -182,12 +175,10 @@ def test_embedding_confidence_errors(annotated):
     _, one = plt.subplots()
     with pytest.raises(ValueError, match="ax must hold 2 axes"):
         lt.pl.embedding_confidence(adata, KEY, basis=f"X_{KEY}", ax=one)
-    nan = adata.copy()
-    nan.obsm[f"X_{KEY}"][3, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        lt.pl.embedding_confidence(nan, KEY)
-    with pytest.raises(ValueError, match=r"cannot set \['use_rep'\]"):
-        lt.pl.embedding_confidence(adata, KEY, neighbors_kwargs={"use_rep": "X_pca"})
+    flat = adata.copy()
+    flat.obsm["X_line"] = np.zeros((adata.n_obs, 1))
+    with pytest.raises(ValueError, match="at least 2 columns"):
+        lt.pl.embedding_confidence(flat, KEY, basis="line")
 
 
 # ------------------------------------------------------------------------ marker_dotplot
@@ -242,23 +233,52 @@ def _ticks(labels) -> list[str]:
 
 
 def _dots(ax):
+    """Column, row, area and RGBA colour of each drawn dot (centres at index + 0.5)."""
     coll = ax.collections[0]
     xy = np.asarray(coll.get_offsets())
-    return xy[:, 0].astype(int), xy[:, 1].astype(int), coll.get_sizes(), coll.get_array()
+    x, y = np.floor(xy[:, 0]).astype(int), np.floor(xy[:, 1]).astype(int)
+    return x, y, coll.get_sizes(), coll.get_facecolors()
+
+
+def _figure_texts(ax) -> list[str]:
+    """Texts of every axes of the figure (scanpy puts the brackets in an axes of their own)."""
+    return [t.get_text() for a in ax.figure.axes for t in a.texts]
+
+
+def _titles(ax) -> list[str]:
+    return [a.get_title() for a in ax.figure.axes if a.get_title()]
+
+
+def _shaded(ax) -> list[tuple[float, float, float, float]]:
+    return [
+        (p.get_x(), p.get_y(), p.get_width(), p.get_height())
+        for p in ax.patches
+        if isinstance(p, Rectangle)
+    ]
 
 
 def test_marker_dotplot_from_uns(expression, tmp_path):
     adata, table = expression
+    before = adata.copy()
     path = tmp_path / "dotplot.png"
     ax = lt.pl.marker_dotplot(adata, KEY, n_genes=3, largest_dot=100.0, save=path)
     assert path.stat().st_size > 1000
+    assert_equal(adata, before)  # pl only draws
     # genes in marker-ranking order, one block per group in table order
     columns = ["g3", "g0", "g5", "g11", "g15", "g10", "g24", "g20", "g22"]
     assert _ticks(ax.get_xticklabels()) == columns
     rows = [*GROUPS, "Unassigned"]
     assert _ticks(ax.get_yticklabels()) == rows
-    brackets = [t.get_text() for t in ax.texts]
-    assert brackets == GROUPS
+    assert _figure_texts(ax) == GROUPS  # the bracket labels
+    assert ax.get_ylabel() == KEY
+    # the title, then the titles of the two legends
+    assert _titles(ax) == [
+        f"Top 3 marker genes per type ({KEY})",
+        "cells expressing (%)",
+        "mean log1p CPM",
+    ]
+    # each group's own block is shaded in its row: columns 0-2 of T, 3-5 of B, 6-8 of Mono
+    assert _shaded(ax) == [(0, 0, 3, 1.0), (3, 1, 3, 1.0), (6, 2, 3, 1.0)]
 
     # independent reference: scanpy's log1p CPM, fraction of cells with a count
     norm = adata.copy()
@@ -267,28 +287,53 @@ def test_marker_dotplot_from_uns(expression, tmp_path):
     logcpm = norm[:, columns].X.toarray()
     counts = adata[:, columns].X.toarray()
     calls = adata.obs[KEY].astype(str).to_numpy()
+    mean = np.array([logcpm[calls == r].mean(axis=0) for r in rows])
+    frac = np.array([(counts[calls == r] > 0).mean(axis=0) for r in rows])
+
+    # the DotPlot holds these frames ...
+    dotplot = lt.pl.marker_dotplot(adata, KEY, n_genes=3, largest_dot=100.0, return_fig=True)
+    assert isinstance(dotplot, sc.pl.DotPlot)
+    for frame, expected in [(dotplot.dot_color_df, mean), (dotplot.dot_size_df, frac)]:
+        assert list(frame.index) == rows
+        assert list(frame.columns) == columns
+        np.testing.assert_allclose(frame.to_numpy(), expected, rtol=1e-5)
+    # ... and draws them: area = 100 x fraction, colour = Reds over [0, max mean]
     x, y, sizes, colors = _dots(ax)
     assert len(x) == len(rows) * len(columns)
-    for xi, yi, size, color in zip(x, y, sizes, colors, strict=True):
-        cells = calls == rows[yi]
-        assert size == pytest.approx(100.0 * (counts[cells, xi] > 0).mean())
-        assert color == pytest.approx(logcpm[cells, xi].mean(), rel=1e-5)
+    np.testing.assert_allclose(sizes, 100.0 * frac[y, x], rtol=1e-6)
+    scale = Normalize(0.0, mean.max())
+    np.testing.assert_allclose(colors, matplotlib.colormaps["Reds"](scale(mean[y, x])))
     # each marker is most expressed in its own type (rows 0-2; "Unassigned" has 3 cells)
-    typed = y < len(GROUPS)
     for col in range(len(columns)):
-        at = typed & (x == col)
-        assert y[at][np.argmax(colors[at])] == col // 3
+        assert np.argmax(mean[: len(GROUPS), col]) == col // 3
+
+
+def test_marker_dotplot_returns_a_restylable_dotplot(expression, tmp_path):
+    adata, _ = expression
+    dotplot = lt.pl.marker_dotplot(adata, KEY, n_genes=2, cmap="Blues", return_fig=True)
+    assert dotplot.fig is None  # not drawn yet
+    dotplot.swap_axes().legend(colorbar_title="log1p CPM").savefig(tmp_path / "swapped.png")
+    ax = dotplot.get_axes()["mainplot_ax"]
+    # genes down, groups across; the shading follows
+    assert _ticks(ax.get_yticklabels()) == ["g3", "g0", "g11", "g15", "g24", "g20"]
+    assert _ticks(ax.get_xticklabels()) == [*GROUPS, "Unassigned"]
+    assert ax.get_xlabel() == KEY
+    assert _shaded(ax) == [(0, 0, 1.0, 2), (1, 2, 1.0, 2), (2, 4, 1.0, 2)]
+    assert (tmp_path / "swapped.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match=r"call `\.savefig\(path\)` on the returned DotPlot"):
+        lt.pl.marker_dotplot(adata, KEY, return_fig=True, save=tmp_path / "x.png")
 
 
 def test_marker_dotplot_table_groupby_and_roundtrip(expression, tmp_path):
     adata, table = expression
     # a table without rank is ranked by attribution; groupby the true types; given axes
-    _, given = plt.subplots()
+    fig, given = plt.subplots()
     shuffled = table.drop(columns="rank").sample(frac=1.0, random_state=0)
     ax = lt.pl.marker_dotplot(
         shuffled, KEY, n_genes=2, adata=adata, groupby="cell_type", groups=["Mono", "T"], ax=given
     )
-    assert ax is given
+    assert ax.figure is fig  # drawn in the area of `given`
+    assert not given.axison
     assert _ticks(ax.get_xticklabels()) == ["g24", "g20", "g3", "g0"]
     assert _ticks(ax.get_yticklabels()) == ["Mono", "T", "B"]
     assert ax.get_ylabel() == "cell_type"
@@ -303,30 +348,35 @@ def test_marker_dotplot_table_groupby_and_roundtrip(expression, tmp_path):
     lognorm = adata.copy()
     sc.pp.normalize_total(lognorm, target_sum=1e4)
     sc.pp.log1p(lognorm)
-    ax3 = lt.pl.marker_dotplot(lognorm, KEY, n_genes=1, standard_scale="gene")
-    colors = _dots(ax3)[3]
-    assert colors.min() == 0.0
-    assert colors.max() == 1.0
+    scaled = lt.pl.marker_dotplot(
+        lognorm, KEY, n_genes=1, standard_scale="gene", return_fig=True
+    ).dot_color_df
+    np.testing.assert_allclose(scaled.min(axis=0), 0.0)
+    np.testing.assert_allclose(scaled.max(axis=0), 1.0)
 
 
 def test_marker_dotplot_attributions_only(expression):
     _, table = expression
     ax = lt.pl.marker_dotplot(table, KEY, n_genes=2, largest_dot=50.0)
     assert _ticks(ax.get_yticklabels()) == GROUPS
-    assert _ticks(ax.get_xticklabels()) == ["g3", "g0", "g11", "g15", "g24", "g20"]
-    x, y, sizes, colors = _dots(ax)
+    columns = ["g3", "g0", "g11", "g15", "g24", "g20"]
+    assert _ticks(ax.get_xticklabels()) == columns
+    assert ax.get_ylabel() == ""
     lookup = table.set_index(["group", "gene"])["attribution"]
-    columns = _ticks(ax.get_xticklabels())
-    expected = [lookup[(GROUPS[yi], columns[xi])] for xi, yi in zip(x, y, strict=True)]
-    np.testing.assert_allclose(colors, expected)
-    # only the known (group, gene) pairs get a dot: the six top genes
-    assert len(x) == 6
-    np.testing.assert_allclose(sizes, 50.0 * np.abs(expected) / np.max(np.abs(expected)))
-    assert "attributed to" not in ax.get_title()
+    expected = np.array([[lookup.get((g, c), np.nan) for c in columns] for g in GROUPS])
+    color = lt.pl.marker_dotplot(table, KEY, n_genes=2, return_fig=True).dot_color_df
+    np.testing.assert_allclose(color.to_numpy(), expected)  # NaN where a group has no value
+    # only the known (group, gene) pairs get a visible dot: the six top genes
+    x, y, sizes, _ = _dots(ax)
+    shown = sizes > 0
+    assert shown.sum() == 6
+    attribution = expected[y[shown], x[shown]]
+    np.testing.assert_allclose(sizes[shown], 50.0 * attribution / np.nanmax(expected))
+    assert not any("attributed to" in t for t in _titles(ax))
     # a table of marker_genes(..., target="T") says which type the attributions explain
     towards_t = table.assign(target="T")
     ax = lt.pl.marker_dotplot(towards_t, KEY, n_genes=2)
-    assert ax.get_title().endswith("attributed to T")
+    assert _titles(ax)[0].endswith("attributed to T")
 
 
 def test_marker_dotplot_errors(expression):

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-import matplotlib as mpl
-import matplotlib.pyplot as plt
-import matplotlib.transforms as mtransforms
 import numpy as np
 import pandas as pd
-from matplotlib.patches import Rectangle
-from mpl_toolkits.axes_grid1 import make_axes_locatable
 from scipy import sparse
 
 from labeltransfer._constants import NOVEL_PREFIX, UNASSIGNED
@@ -26,11 +21,13 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from numpy.typing import NDArray
 
+    from ._markerdotplot import MarkerDotPlot
+
 __all__ = ["marker_dotplot"]
 
 _MARKER_COLUMNS = ("group", "gene", "attribution")
-#: Fractions drawn in the size legend.
-_LEGEND_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
+#: Column of the groups in the AnnData handed to scanpy's DotPlot (one row per group).
+_GROUP_COLUMN = "lt_group"
 
 
 @dataclass(frozen=True)
@@ -233,75 +230,60 @@ def _attribution_values(
     )
 
 
-def _draw_brackets(ax: Axes, blocks: list[tuple[str, list[str]]], fontsize: float) -> float:
-    """Brackets with the group names above the column blocks; returns their height in points."""
-    # x in data units, y in points above the top of the axes
-    above = (
-        mtransforms.Affine2D().scale(1.0 / 72.0)
-        + ax.figure.dpi_scale_trans
-        + mtransforms.ScaledTranslation(0.0, 1.0, ax.transAxes)
-    )
-    trans = mtransforms.blended_transform_factory(ax.transData, above)
-    width_pt = ax.get_position().width * ax.figure.get_figwidth() * 72.0
-    n_cols = sum(len(g) for _, g in blocks)
-    col_pt = width_pt / max(n_cols, 1)
-    rotate = any(len(name) * 0.6 * fontsize > len(genes) * col_pt for name, genes in blocks)
-    start = 0
-    for name, genes in blocks:
-        stop = start + len(genes) - 1
-        ax.plot(
-            [start - 0.35, start - 0.35, stop + 0.35, stop + 0.35],
-            [3.0, 7.0, 7.0, 3.0],
-            transform=trans,
-            color="#333333",
-            linewidth=0.8,
-            clip_on=False,
-        )
-        ax.text(
-            (start + stop) / 2.0,
-            9.0,
-            name,
-            transform=trans,
-            ha="left" if rotate else "center",
-            va="bottom",
-            rotation=45 if rotate else 0,
-            rotation_mode="anchor",
-            fontsize=fontsize,
-            clip_on=False,
-        )
-        start = stop + 1
-    longest = max(len(name) for name, _ in blocks)
-    return 9.0 + fontsize * (1.2 + (0.45 * longest if rotate else 0.0))
+def _dot_plot(
+    values: _DotValues,
+    blocks: list[tuple[str, list[str]]],
+    *,
+    title: str,
+    group_label: str | None,
+    cmap: str,
+    largest_dot: float,
+    ax: Axes | None,
+) -> MarkerDotPlot:
+    """Draw ``values`` with scanpy's DotPlot: colour and size frames given, a block per group.
 
+    scanpy reads an AnnData and cleans its ``obs`` in place (``sanitize_anndata``), so it is
+    handed a small one of its own (one observation per row, no expression): the dots come
+    from the two frames, never from the user's AnnData.
+    """
+    from anndata import AnnData
 
-def _legends(
-    ax: Axes, points: Any, values: _DotValues, largest_dot: float, fontsize: float
-) -> Axes:
-    """Colour bar and size legend in a panel at the right of ``ax``."""
-    side = make_axes_locatable(ax).append_axes("right", size=1.25, pad=0.15)
-    side.set_axis_off()
-    side.set_xlim(0, 1)
-    side.set_ylim(0, 1)
-    cax = side.inset_axes((0.08, 0.78, 0.8, 0.07))
-    cbar = ax.figure.colorbar(points, cax=cax, orientation="horizontal")
-    cbar.ax.tick_params(labelsize=fontsize * 0.9)
-    cbar.locator = mpl.ticker.MaxNLocator(nbins=3, steps=[1, 2, 2.5, 5, 10])
-    cbar.update_ticks()
-    cax.set_title(values.color_label, fontsize=fontsize)
-    xs = np.linspace(0.12, 0.88, len(_LEGEND_FRACTIONS))
-    side.scatter(
-        xs,
-        np.full(len(xs), 0.42),
-        s=np.asarray(_LEGEND_FRACTIONS) * largest_dot,
-        c="#8c8c8c",
-        edgecolors="#444444",
-        linewidths=0.4,
-        clip_on=False,
+    from ._markerdotplot import MarkerDotPlot
+
+    columns = [gene for _, genes in blocks for gene in genes]
+    genes = list(pd.unique(pd.Series(columns)))
+    light = AnnData(
+        X=np.zeros((len(values.rows), len(genes)), dtype=np.float32),
+        obs=pd.DataFrame(
+            {_GROUP_COLUMN: pd.Categorical(values.rows, categories=values.rows)},
+            index=[f"row{i}" for i in range(len(values.rows))],
+        ),
+        var=pd.DataFrame(index=genes),
     )
-    for x, f in zip(xs, _LEGEND_FRACTIONS, strict=True):
-        side.text(x, 0.33, f"{100 * f:.0f}", ha="center", va="top", fontsize=fontsize * 0.9)
-    side.text(0.5, 0.55, values.size_label, ha="center", va="bottom", fontsize=fontsize)
-    return side
+    finite = values.color[np.isfinite(values.color)]
+    vmin = values.vmin if values.vmin is not None else min(float(finite.min()), 0.0)
+    vmax = max(float(finite.max()), vmin + 1e-9)
+    spans, start = [], 0
+    for group, block in blocks:
+        spans.append((group, start, start + len(block)))
+        start += len(block)
+    plot = MarkerDotPlot(
+        light,
+        dict(blocks),
+        _GROUP_COLUMN,
+        blocks=spans,
+        group_label=group_label,
+        title=title,
+        dot_color_df=pd.DataFrame(values.color, index=values.rows, columns=columns),
+        dot_size_df=pd.DataFrame(values.fraction, index=values.rows, columns=columns),
+        vmin=vmin,
+        vmax=vmax,
+        ax=ax,
+    )
+    # dot area proportional to the fraction, a full dot = 100% (scanpy's default scales to
+    # the largest fraction with exponent 1.5)
+    plot.style(cmap=cmap, largest_dot=largest_dot, dot_min=0.0, dot_max=1.0, size_exponent=1.0)
+    return plot.legend(colorbar_title=values.color_label, size_title=values.size_label)
 
 
 def marker_dotplot(
@@ -319,7 +301,8 @@ def marker_dotplot(
     largest_dot: float = 180.0,
     ax: Axes | None = None,
     save: str | Path | None = None,
-) -> Axes:
+    return_fig: bool = False,
+) -> Axes | MarkerDotPlot:
     """Dot plot of the top marker genes of each cell type, ordered by their attribution.
 
     The markers come from ``data.uns[key]["markers"]`` (written by
@@ -334,8 +317,13 @@ def marker_dotplot(
     the other groups (novel groups, ``"Unassigned"`` last). The colour of a dot is the mean
     expression of the gene in the cells of the row (``log1p`` of counts per million, the zeros
     included), its area the fraction of those cells with a non-zero value: a dot of area
-    ``largest_dot`` means every cell expresses the gene (as :func:`scanpy.pl.dotplot`, whose
-    gene order this plot takes from the marker ranking instead).
+    ``largest_dot`` means every cell expresses the gene.
+
+    The plot is scanpy's :class:`~scanpy.pl.DotPlot` (layout, brackets, legends), given these
+    colour and size frames (``dot_color_df``, ``dot_size_df``) and the marker ranking as the
+    gene order; with ``return_fig=True`` it is returned undrawn, to restyle with its methods
+    (``.style()``, ``.legend()``, ``.swap_axes()``) before ``.show()`` or ``.savefig()``.
+    ``data`` and ``adata`` are not changed.
 
     A table from ``marker_genes(..., target=t)`` (every group explained towards one type
     ``t``) is drawn the same way; the title then names ``t``.
@@ -375,14 +363,19 @@ def marker_dotplot(
     largest_dot
         Area (points²) of a dot whose fraction is 1.
     ax
-        Axes to draw into; default: a new figure sized to the number of genes and groups. A
-        legend panel is appended at its right.
+        Axes whose area holds the plot (dots, brackets and legends, as scanpy's ``ax``);
+        default: a new figure sized to the number of genes and groups.
     save
         Path to write the figure to (format from the suffix).
+    return_fig
+        Return the :class:`~scanpy.pl.DotPlot` (a subclass that shades each group's own
+        block) without drawing it.
 
     Returns
     -------
-    The axes of the dots (one scatter collection: x = column, y = row).
+    The axes of the dots (one scatter collection: x = column, y = row; centres at
+    ``index + 0.5``); with ``return_fig``, the DotPlot (its ``dot_color_df`` and
+    ``dot_size_df`` hold the values drawn).
 
     Raises
     ------
@@ -390,8 +383,8 @@ def marker_dotplot(
         If the markers, the grouping column or a marker gene are missing; the message names
         the call that writes them.
     ValueError
-        If ``n_genes < 1``, ``groups`` names a group without markers, or the markers table is
-        empty.
+        If ``n_genes < 1``, ``groups`` names a group without markers, the markers table is
+        empty, or ``save`` is given with ``return_fig``.
 
     Examples
     --------
@@ -400,6 +393,11 @@ def marker_dotplot(
     """
     if n_genes < 1:
         raise ValueError(f"n_genes must be at least 1, got {n_genes}.")
+    if return_fig and save is not None:
+        raise ValueError(
+            "`save` draws the figure, `return_fig=True` returns it undrawn: pass one of them "
+            "(with return_fig, call `.savefig(path)` on the returned DotPlot)."
+        )
     if standard_scale not in (None, "gene"):
         raise ValueError(f"standard_scale must be None or 'gene', got {standard_scale!r}.")
     if isinstance(data, pd.DataFrame):
@@ -429,66 +427,6 @@ def marker_dotplot(
     else:
         values = _attribution_values(table, columns, marker_groups)
 
-    n_rows, n_cols = len(values.rows), len(columns)
-    longest_row = max(len(r) for r in values.rows)
-    longest_gene = max(len(g) for g in columns)
-    fontsize = 9.0
-    if ax is None:
-        # cells of 0.32 in; the legend panel needs a dot area at least 1.9 in high
-        width = 0.32 * n_cols + 0.075 * longest_row + 2.2
-        rotate = any(len(name) * 0.6 * fontsize > len(genes) * 0.32 * 72 for name, genes in blocks)
-        longest_group = max(len(name) for name in marker_groups)
-        brackets = (9.0 + fontsize * (1.2 + (0.45 * longest_group if rotate else 0.0))) / 72.0
-        height = max(0.32 * n_rows, 1.9) + 0.075 * longest_gene + brackets + 0.7
-        _, ax = plt.subplots(figsize=(min(width, 40.0), min(height, 40.0)), layout="constrained")
-
-    # shade the block of each marker group in its own row
-    start = 0
-    for group, genes in blocks:
-        if group in values.rows:
-            row = values.rows.index(group)
-            ax.add_patch(
-                Rectangle(
-                    (start - 0.5, row - 0.5),
-                    len(genes),
-                    1.0,
-                    facecolor="#ededed",
-                    edgecolor="none",
-                    zorder=0,
-                )
-            )
-        if start > 0:
-            ax.axvline(start - 0.5, color="#d0d0d0", linewidth=0.6, zorder=0)
-        start += len(genes)
-
-    yy, xx = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    drawn = np.isfinite(values.color).ravel()
-    color = values.color.ravel()[drawn]
-    finite = color[np.isfinite(color)]
-    vmin = values.vmin if values.vmin is not None else min(float(finite.min()), 0.0)
-    vmax = max(float(finite.max()), vmin + 1e-9)
-    points = ax.scatter(
-        xx.ravel()[drawn],
-        yy.ravel()[drawn],
-        s=values.fraction.ravel()[drawn] * largest_dot,
-        c=color,
-        cmap=cmap,
-        vmin=vmin,
-        vmax=vmax,
-        edgecolors="#555555",
-        linewidths=0.3,
-        zorder=2,
-    )
-    ax.set_xticks(np.arange(n_cols), labels=columns, rotation=90, fontsize=fontsize)
-    ax.set_yticks(np.arange(n_rows), labels=values.rows, fontsize=fontsize)
-    ax.tick_params(length=0)
-    ax.set_xlim(-0.5, n_cols - 0.5)
-    ax.set_ylim(n_rows - 0.5, -0.5)
-    for spine in ("top", "right"):
-        ax.spines[spine].set_visible(False)
-    if expression is not None:
-        ax.set_ylabel(key if groupby is None else groupby)
-    bracket_pt = _draw_brackets(ax, blocks, fontsize)
     title = (
         f"Top {n_genes} marker gene{'s' if n_genes > 1 else ''} per type ({key})"
         if expression is not None
@@ -498,7 +436,18 @@ def marker_dotplot(
         targets = table.loc[table["group"].isin(marker_groups), "target"].astype(str).unique()
         if len(targets) == 1 and any(g != targets[0] for g in marker_groups):
             title += f"\nattributed to {targets[0]}"
-    ax.set_title(title, pad=bracket_pt + 6.0)
-    _legends(ax, points, values, largest_dot, fontsize)
-    _savefig(ax.figure, save)
-    return ax
+    plot = _dot_plot(
+        values,
+        blocks,
+        title=title,
+        group_label=(key if groupby is None else groupby) if expression is not None else None,
+        cmap=cmap,
+        largest_dot=largest_dot,
+        ax=ax,
+    )
+    if return_fig:
+        return plot
+    plot.make_figure()
+    dots = plot.get_axes()["mainplot_ax"]
+    _savefig(dots.figure, save)
+    return dots
