@@ -33,6 +33,7 @@ from labeltransfer.train._guards import (
     check_trainer_kwargs,
 )
 
+from ._alignment import alignment_record, select_alignment
 from ._module import JINDModule
 from ._trainingplan import JINDAlignmentPlan
 
@@ -98,8 +99,9 @@ class JIND(AnnotationMixin, BaseModelClass):
     >>> lt.JIND.setup_anndata(ref, labels_key="cell_type")
     >>> model = lt.JIND(ref)
     >>> model.train()
-    >>> model.align(query)  # optional: adversarial alignment of this query
-    >>> model.annotate(query, key_added="jind")
+    >>> model.align(query, name="donor_2")  # optional: adversarial alignment of this query
+    >>> model.annotate(query, key_added="jind")  # uses "donor_2": the same AnnData
+    >>> model.annotate(query[:100].copy(), alignment="donor_2")  # a subset: ask for it
     >>> model.save("jind_reference/")
 
     Notes
@@ -162,7 +164,6 @@ class JIND(AnnotationMixin, BaseModelClass):
         self.alignments_: dict[str, dict[str, Any]] = {}
         self.self_training_: dict[str, Any] | None = None
         self.training_summary_: dict[str, Any] = {}
-        self._loaded_alignment: str | None = None
         self.init_params_ = self._get_init_params(locals())
 
     @devices_dsp.dedent
@@ -253,27 +254,33 @@ class JIND(AnnotationMixin, BaseModelClass):
         self.reference_codes_ = codes.astype(np.float32)
 
     # ------------------------------------------------------------------ alignment
-    def _inference_kwargs(self, adata: AnnData) -> dict[str, Any]:
-        if not self.alignments_:
-            return {}
-        key = fingerprint(adata)
-        for name, alignment in self.alignments_.items():
-            if alignment["fingerprint"] == key:
-                if self._loaded_alignment != name:
-                    self.module.generator.load_state_dict(alignment["generator"])
-                    self._loaded_alignment = name
-                return {"aligned": True}
-        logger.info(
-            "No alignment was learned for this AnnData; predicting without alignment. Call "
-            "model.align(adata) first to correct its batch effect."
+    def _feature_names(self) -> list[str]:
+        genes = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+        return [str(g) for g in np.asarray(genes)[self.module.feature_idx.cpu().numpy()]]
+
+    def _inference_kwargs(self, adata: AnnData, alignment: str | None = "auto") -> dict[str, Any]:
+        """Select the stored alignment for ``adata`` (see :meth:`align`).
+
+        The alignment goes to ``module.inference`` as a copy of the generator holding its
+        weights, so that concurrent calls (threads) with different queries never share one.
+        """
+        name, matched_by = select_alignment(
+            self.alignments_, adata, alignment, self._feature_names()
         )
-        return {}
+        if name is None:
+            return {}
+        generator = copy.deepcopy(self.module.generator)
+        generator.load_state_dict(self.alignments_[name]["generator"])
+        generator.eval().requires_grad_(False)
+        generator.alignment, generator.matched_by = name, matched_by
+        return {"generator": generator}
 
     def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
-        aligned = inference_kwargs.get("aligned", False)
-        extra: dict[str, Any] = {"aligned": aligned}
-        if aligned:
-            extra["alignment"] = self._loaded_alignment
+        generator = inference_kwargs.get("generator")
+        extra: dict[str, Any] = {"aligned": generator is not None}
+        if generator is not None:
+            extra["alignment"] = generator.alignment
+            extra["alignment_matched_by"] = generator.matched_by
         if self.self_training_ is not None:
             extra["self_training"] = self.self_training_
         return extra
@@ -296,16 +303,30 @@ class JIND(AnnotationMixin, BaseModelClass):
         A generator ``G(x, h) = S(x) * h + B(x)`` starting at the identity is trained
         against a discriminator on the stored reference codes (eq. 3-5, RMSProp, batch 512,
         two discriminator steps per generator step). The encoder and classifier are frozen, so
-        the reference model is unchanged and other queries can be aligned later; each
-        alignment is stored under ``name`` and used automatically when the same AnnData is
-        passed to :meth:`annotate`/:meth:`predict`.
+        the reference model is unchanged and other queries can be aligned later.
+
+        Each alignment is stored (and saved with the model) under ``name``, with a fingerprint
+        of the query's content: its shape, cell and gene names and the expression of 256
+        evenly spaced cells. :meth:`annotate`, :meth:`predict`,
+        :meth:`get_latent_representation` and :meth:`self_train` take ``alignment=``:
+
+        - ``"auto"`` (default): the alignment whose fingerprint is this AnnData's (the same
+          data, in memory, backed or as zarr). Another AnnData with the same cell names but
+          other values, or a subset of an aligned query, is predicted *without* alignment,
+          with a warning naming the alignment to pass explicitly;
+        - a name: that alignment, whatever the AnnData (e.g. a subset of the aligned query);
+        - ``None``: no alignment.
+
+        ``uns[key]`` records ``aligned``, ``alignment`` (the name) and
+        ``alignment_matched_by`` (``"fingerprint"`` or ``"requested"``).
 
         Parameters
         ----------
         adata
             Query AnnData (any gene order).
         name
-            Name under which the alignment is stored (``"query_<i>"`` by default).
+            Name under which the alignment is stored (``"query_<i>"`` by default); an
+            alignment of the same name, or of the same data, is replaced.
         max_epochs
             Passes over the query (the paper gives no number). By default
             ``ceil(2000 / batches per epoch)`` clipped to 20-400, i.e. 2,000 discriminator
@@ -346,7 +367,6 @@ class JIND(AnnotationMixin, BaseModelClass):
         if max_epochs is None:
             max_epochs = int(np.clip(math.ceil(2000 / len(loader)), 20, 400))
         self.module.reset_alignment()
-        self._loaded_alignment = None  # the generator no longer holds any stored alignment
         plan = JINDAlignmentPlan(self.module, **(plan_kwargs or {}))
         with frozen(self.module.encoder, self.module.classifier):
             history = fit_stage(
@@ -358,13 +378,14 @@ class JIND(AnnotationMixin, BaseModelClass):
                 devices=devices,
                 **trainer_kwargs,
             )
-        key = fingerprint(adata)
-        for previous in [n for n, a in self.alignments_.items() if a["fingerprint"] == key]:
+        record = alignment_record(adata, self._feature_names())
+        for previous in [
+            n for n, a in self.alignments_.items() if a["fingerprint"] == record["fingerprint"]
+        ]:
             logger.info("Replacing alignment %r of the same AnnData with %r.", previous, name)
             del self.alignments_[previous]
         self.alignments_[name] = {
-            "fingerprint": key,
-            "n_cells": int(adata.n_obs),
+            **record,
             "max_epochs": max_epochs,
             "gene_overlap": overlap,
             "generator": {
@@ -372,7 +393,6 @@ class JIND(AnnotationMixin, BaseModelClass):
             },
             "history": {k: v.reset_index().to_dict("list") for k, v in history.items()},
         }
-        self._loaded_alignment = name
         self._release(registered)
 
     @devices_dsp.dedent
@@ -380,6 +400,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         self,
         adata: AnnData,
         *,
+        alignment: str | None = "auto",
         theta: float = 0.3,
         max_epochs: int = 10,
         batch_size: int = 32,
@@ -393,7 +414,7 @@ class JIND(AnnotationMixin, BaseModelClass):
 
         Query cells whose confidence exceeds the per-type threshold for outlier fraction
         ``theta`` (computed on the held-out reference) become pseudo-labelled training cells;
-        the alignment of this query (if any) is used and kept fixed. The best epoch on a 30%
+        the alignment of this query (if any, chosen by ``alignment``) is used and kept fixed. The best epoch on a 30%
         validation part of those cells is kept. The model is then specific to this query.
         If the fine-tuning fails or is interrupted (Ctrl+C), the reference weights are put back.
 
@@ -401,6 +422,9 @@ class JIND(AnnotationMixin, BaseModelClass):
         ----------
         adata
             Query AnnData.
+        alignment
+            ``"auto"`` (the alignment learned on this AnnData, if any), the name of a stored
+            alignment, or ``None``; see :meth:`align`.
         theta
             Outlier fraction selecting confident cells (JIND+: 0.3).
         max_epochs
@@ -418,7 +442,11 @@ class JIND(AnnotationMixin, BaseModelClass):
         """
         self._check_if_trained(warn=False)
         registered, _ = self._prepare(adata)
-        inference_kwargs = self._inference_kwargs(adata)
+        inference_kwargs = self._inference_kwargs(adata, alignment)
+        generator = inference_kwargs.pop("generator", None)
+        if generator is not None:  # trained on the module's device: its own generator
+            self.module.generator.load_state_dict(generator.state_dict())
+            inference_kwargs["aligned"] = True
         logits, _ = self._forward(
             registered, inference_kwargs=inference_kwargs, return_latent=False
         )
@@ -464,6 +492,7 @@ class JIND(AnnotationMixin, BaseModelClass):
             raise
         self.self_training_ = {
             "fingerprint": fingerprint(adata),
+            "alignment": None if generator is None else generator.alignment,
             "theta": theta,
             "n_confident": int(confident.sum()),
             "best_epoch": best.best_epoch,

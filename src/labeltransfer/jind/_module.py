@@ -24,6 +24,10 @@ class JINDGenerator(nn.Module):
         super().__init__()
         self.scale = mlp((n_input, n_hidden, n_hidden, n_latent))
         self.shift = mlp((n_input, n_hidden, n_hidden, n_latent))
+        #: Name of the stored alignment whose weights a copy made for inference holds, and
+        #: how it was chosen (see ``JIND.align``); ``None`` for the module's own generator.
+        self.alignment: str | None = None
+        self.matched_by: str | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -108,10 +112,22 @@ class JINDModule(AnnotationModule):
                 layer.reset_parameters()
 
     @auto_move_data
-    def inference(self, x: torch.Tensor, aligned: bool = False) -> dict[str, torch.Tensor]:
-        """Latent code ``z`` (aligned with ``G`` if ``aligned``) and class ``logits``."""
+    def inference(
+        self,
+        x: torch.Tensor,
+        aligned: bool = False,
+        generator: JINDGenerator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Latent code ``z`` and class ``logits``.
+
+        ``z`` is aligned by ``generator`` (a generator holding a stored alignment, passed per
+        call so that concurrent calls never share one), or by the module's own generator
+        ``G`` if ``aligned`` (the one :meth:`~labeltransfer.JIND.align` trains).
+        """
         x = self.transform(x)
         z = self.encoder(x)
-        if aligned:
-            z, _ = self.generator(x, z)
+        if generator is None and aligned:
+            generator = self.generator
+        if generator is not None:
+            z, _ = generator(x, z)
         return {"z": z, "logits": self.classifier(z)}
