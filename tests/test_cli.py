@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pytest
 
+from labeltransfer import cli
 from labeltransfer.cli import main
 
 
@@ -188,3 +196,212 @@ def test_cli_scnym_trains_on_reference_and_query(files, capsys):
         _annotate(files, "--reference", reference, "--new-identity-discovery", "--out", str(out))
     with pytest.raises(SystemExit, match="--layer 'counts'"):
         _annotate(files, *common, "--layer", "counts", "--out", str(out))
+
+
+# ------------------------------------------- checks before any data are read or trained
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def no_data_read(monkeypatch):
+    """Fail the test if the command reads an input's data (every check must come first)."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("the command read data before refusing its arguments")
+
+    monkeypatch.setattr(cli, "_read", read)
+
+
+def _base(files) -> list[str]:
+    return [
+        "annotate",
+        "--reference",
+        str(files / "ref.h5ad"),
+        "--query",
+        str(files / "query.h5ad"),
+    ]
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "other spelling"])
+def test_cli_out_equal_to_query_is_refused(files, no_data_read, how):
+    query = files / "query.h5ad"
+    before = _sha256(query)
+    out = {
+        "same path": query,
+        "symlink": files / "link.h5ad",
+        "hard link": files / "hard.h5ad",
+        "other spelling": files / "sub" / ".." / "query.h5ad",
+    }[how]
+    if how == "symlink":
+        out.symlink_to(query)
+    elif how == "hard link":
+        os.link(query, out)
+    elif how == "other spelling":
+        (files / "sub").mkdir()
+    args = [*_base(files), "--labels-key", "cell_type", "--out", str(out)]
+    with pytest.raises(
+        SystemExit, match=r"^error: --out .* is the --query file: the input is never"
+    ):
+        main(args)
+    assert _sha256(query) == before
+
+
+def test_cli_out_equal_to_reference_is_refused(files, no_data_read):
+    reference = files / "ref.h5ad"
+    before = _sha256(reference)
+    args = [*_base(files), "--labels-key", "cell_type", "--out", str(reference)]
+    with pytest.raises(SystemExit, match=r"^error: --out .* is the --reference file"):
+        main(args)
+    assert _sha256(reference) == before
+
+
+def test_cli_save_model_into_a_folder_with_user_files_is_refused(files, no_data_read):
+    folder = files / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    args = [*_base(files), "--labels-key", "cell_type", "--out", str(files / "o.h5ad")]
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(
+            SystemExit,
+            match=r"^error: --save-model .*results is not empty and is not a saved model: it "
+            r"contains 'notes.txt'\. .* never deletes other files",
+        ):
+            main([*args, "--save-model", str(folder), *extra])
+    assert os.listdir(folder) == ["notes.txt"]
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_cli_save_model_replaces_a_saved_model_only_with_overwrite(files, capsys):
+    args = [*_base(files), "--labels-key", "cell_type", "--out", str(files / "o.h5ad")]
+    args += ["--no-align", "--max-epochs", "2", "--accelerator", "cpu"]
+    model = files / "model"
+    assert main([*args, "--save-model", str(model)]) == 0
+    saved = _sha256(model / "model.pt")
+    with pytest.raises(SystemExit, match="already holds a saved model; pass --overwrite"):
+        main([*args, "--save-model", str(model)])
+    assert _sha256(model / "model.pt") == saved
+    assert main([*args, "--save-model", str(model), "--overwrite", "--max-epochs", "3"]) == 0
+    assert os.listdir(model) == ["model.pt"]
+    assert _sha256(model / "model.pt") != saved
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan", "high"])
+def test_cli_bad_rejection_is_one_error_line(files, no_data_read, capsys, value):
+    args = [*_base(files), "--labels-key", "cell_type", "--out", str(files / "o.h5ad")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--rejection", value])
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == (
+        "error: argument --rejection: must be default, per_type, none or a number in [0, 1] "
+        f"(one confidence cut), got {value!r} (`labeltransfer annotate --help` lists the "
+        "options)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labels-key", "nope"], "--labels-key 'nope' is not a column of the reference"),
+        (["--batch-key", "nope"], "--batch-key 'nope' is not a column of the reference"),
+        (["--layer", "counts"], "--layer 'counts' is not a layer of the reference"),
+        (["--true-key", "nope"], "--true-key 'nope' is not a column of the query"),
+        (["--query-where", "batch=zzz"], "no cell has batch == 'zzz'"),
+        (["--query-where", "nope=1"], "--query-where column 'nope' is not in"),
+        (["--key-added", "a/b"], "--key-added 'a/b' cannot contain '/'"),
+        (
+            ["--key-added", "cell_type"],
+            "--key-added 'cell_type' would overwrite \\['cell_type'\\], the --labels-key",
+        ),
+        (["--overwrite"], "--overwrite replaces the folder of --save-model; give --save-model"),
+        (["--model", "scnym", "--align-epochs", "3"], "--align-epochs sets JIND's"),
+        (["--model-dir", "m", "--max-epochs", "3"], "--reference, --max-epochs apply to training"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_cli_arguments_are_checked_before_reading_data(
+    files, no_data_read, capsys, extra, message
+):
+    args = ["annotate", "--reference", str(files / "ref.h5ad"), "--query"]
+    args += [str(files / "query.h5ad"), "--out", str(files / "o.h5ad")]
+    if "--labels-key" not in extra:
+        args += ["--labels-key", "cell_type"]
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        main([*args, *extra])
+    assert "Epoch" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-epochs", "0"], "argument --max-epochs: must be a positive whole number, got '0'"),
+        (["--query-where", "batch"], "argument --query-where: must be KEY=VALUE"),
+        (["--accelerator", "tpu"], "argument --accelerator: invalid choice: 'tpu'"),
+    ],
+)
+def test_cli_parser_errors_are_one_line(files, capsys, extra, message):
+    args = [*_base(files), "--labels-key", "cell_type", "--out", str(files / "o.h5ad")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}")
+    assert err.count("\n") == 1
+
+
+def test_cli_damaged_model_dir_names_the_file(files, trained_jind):
+    trained_jind.save(files / "model")
+    (files / "model" / "model.pt").write_bytes(b"")
+    args = ["annotate", "--model-dir", str(files / "model"), "--query", str(files / "query.h5ad")]
+    args += ["--labels-key", "cell_type", "--out", str(files / "o.h5ad"), "--accelerator", "cpu"]
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: cannot load --model-dir .* as --model jind: '.*model.pt' is damaged "
+        r"and cannot be read \(EOFError: Ran out of input\)",
+    ):
+        main(args)
+    assert not (files / "o.h5ad").exists()
+
+
+def test_cli_help_imports_no_model_stack():
+    code = (
+        "import sys\n"
+        "from labeltransfer.cli import main\n"
+        "try:\n    main(['annotate', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'scvi', 'scanpy', 'anndata') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.fixture
+def restored_logging():
+    """Put back the logging set-up that ``_configure_output`` changes."""
+    names = ["labeltransfer", "scvi", "lightning.pytorch", "lightning.fabric"]
+    names.append("lightning.pytorch.utilities.rank_zero")
+    saved = {
+        name: (list(lg.handlers), lg.propagate, list(lg.filters), lg.level)
+        for name in names
+        for lg in [logging.getLogger(name)]
+    }
+    yield
+    for name, (handlers, propagate, filters, level) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers, lg.propagate, lg.filters = handlers, propagate, filters
+        lg.setLevel(level)
+
+
+def test_cli_output_has_one_line_per_event_and_no_tips(restored_logging, capsys):
+    import scvi
+
+    cli._configure_output()
+    cli._configure_output()  # a second command in one process adds nothing
+    capsys.readouterr()
+    scvi.settings.seed = 0  # Lightning logs "Seed set to 0"
+    logging.getLogger("labeltransfer.data._checks").info("reference: counts data")
+    logging.getLogger("scvi.model.base").info("scvi says")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: try litlogger")
+    err = capsys.readouterr().err
+    assert err == "Seed set to 0\nreference: counts data\nscvi says\n"

@@ -19,6 +19,7 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
 from labeltransfer._constants import OUTPUT_KEYS, REGISTRY_KEYS, UNASSIGNED
+from labeltransfer._model_folder import check_save_target, save_atomically
 from labeltransfer.data import select_features
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.train import BestStateCallback
@@ -27,7 +28,7 @@ from labeltransfer.train._guards import check_fit_args, interruptible
 
 from ._query import EMPTY_CELLS_WARNING, empty_cells, prepare_query, warn_empty_cells
 from ._rejection import fit_temperature, per_type_thresholds
-from ._save_load import check_save_target, quiet_local_load, read_saved_files, save_atomically
+from ._save_load import quiet_local_load, read_saved_files
 from ._setup import register_anndata, resolve_input_type
 from ._uns import h5ad_safe
 from ._zarr import is_lazy, is_zarr_path, open_zarr, write_annotation
