@@ -269,9 +269,9 @@ class AnnotationMixin:
         return {"input_type": self.module.input_type}
 
     def _prepare(self, adata: AnnData | None, **harmonize_kwargs) -> tuple[AnnData, dict | None]:
-        if adata is None:
-            return self.adata, None
-        return prepare_query(self, adata, **self._query_options(), **harmonize_kwargs)
+        """Return ``adata`` registered (``None``: the model's own data, checked like a query)."""
+        target = self.adata if adata is None else adata
+        return prepare_query(self, target, **self._query_options(), **harmonize_kwargs)
 
     def _infer(
         self,
@@ -408,6 +408,7 @@ class AnnotationMixin:
         indices: Sequence[int] | None = None,
         soft: bool = False,
         batch_size: int | None = None,
+        layer: str | None = None,
         **inference_options,
     ) -> np.ndarray | pd.DataFrame:
         """Predict reference cell types (the argmax, before any rejection).
@@ -424,6 +425,9 @@ class AnnotationMixin:
             Return the probability matrix instead of labels.
         batch_size
             Minibatch size for inference (1024 cells by default).
+        layer
+            Layer of the query holding its expression data; by default the layer the model
+            was set up with (``X`` if none). ``"X"`` reads the query's ``X``.
         **inference_options
             Model-specific options: JIND's ``alignment`` (which stored alignment to use,
             see :meth:`~labeltransfer.JIND.align`). The other models take none.
@@ -440,6 +444,7 @@ class AnnotationMixin:
             indices=indices,
             batch_size=batch_size,
             return_latent=False,
+            layer=layer,
             inference_kwargs=inference_kwargs,
         )
         probs = self._probabilities(logits)
@@ -452,6 +457,7 @@ class AnnotationMixin:
         adata: AnnData | str | os.PathLike[str] | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        layer: str | None = None,
         **inference_options,
     ) -> np.ndarray:
         """Return the model's cell embedding (see the model's docstring for which layer).
@@ -465,6 +471,9 @@ class AnnotationMixin:
             Cells of ``adata`` to use; all by default.
         batch_size
             Minibatch size for inference (1024 cells by default).
+        layer
+            Layer of the query holding its expression data; by default the layer the model
+            was set up with (``X`` if none). ``"X"`` reads the query's ``X``.
         **inference_options
             Model-specific options: JIND's ``alignment`` (which stored alignment to use,
             see :meth:`~labeltransfer.JIND.align`). The other models take none.
@@ -475,7 +484,11 @@ class AnnotationMixin:
         """
         adata, inference_kwargs = self._inference_for(adata, inference_options)
         _, latent, _, _ = self._infer(
-            adata, indices=indices, batch_size=batch_size, inference_kwargs=inference_kwargs
+            adata,
+            indices=indices,
+            batch_size=batch_size,
+            layer=layer,
+            inference_kwargs=inference_kwargs,
         )
         return latent
 
@@ -585,6 +598,7 @@ class AnnotationMixin:
         batch_size: int | None = None,
         gene_symbols: str | None = None,
         id_map: Any = None,
+        layer: str | None = None,
         **inference_options,
     ) -> AnnData | None:
         """Annotate cells and write the standard output fields.
@@ -615,6 +629,11 @@ class AnnotationMixin:
         id_map
             Ensembl-to-symbol table (path or DataFrame) used when the query and the reference
             name genes differently.
+        layer
+            Layer of the query holding its expression data (e.g. ``"counts"`` when the
+            model was set up on ``X`` but the query's ``X`` is log-normalised); by default the
+            layer the model was set up with (``X`` if none). ``"X"`` reads the query's ``X``.
+            Not for the registered AnnData, which is read as it was set up.
         **inference_options
             Model-specific options: JIND's ``alignment`` (which stored alignment to use,
             see :meth:`~labeltransfer.JIND.align`). The other models take none.
@@ -670,13 +689,14 @@ class AnnotationMixin:
             )
         if copy:
             target = target.copy()
-        self._check_output_key(target, key)
+        self._check_output_key(target, key, store=zarr_path)
         inference_kwargs = self._inference_kwargs(target, **inference_options)
         logits, latent, overlap, _ = self._infer(
             target if adata is not None else None,
             batch_size=batch_size,
             gene_symbols=gene_symbols,
             id_map=id_map,
+            layer=layer,
             inference_kwargs=inference_kwargs,
         )
         probs = self._probabilities(logits)
@@ -734,8 +754,19 @@ class AnnotationMixin:
         """Model-specific entries of ``uns[key]``."""
         return {}
 
-    def _check_output_key(self, adata: AnnData, key: str) -> None:
-        protected = {self.labels_key, *(c for c in adata.obs.columns if c.startswith("_scvi"))}
+    def _check_output_key(self, adata: AnnData, key: str, store: str | None = None) -> None:
+        """Refuse a ``key_added`` whose fields would overwrite data that are not ours.
+
+        The registered label and batch columns and scvi's ``_scvi_*`` columns are never
+        overwritten. Existing ``obs``/``obsm``/``uns`` entries of the written names are
+        overwritten (with a warning) only when ``uns[key]`` is a previous annotation by a
+        model of this package; anything else (e.g. ``key_added="pca"`` over
+        ``obsm["X_pca"]`` and ``uns["pca"]``) is refused. ``store`` is the path of a zarr
+        store being annotated, whose ``obsm`` and ``uns`` are not loaded in ``adata``.
+        """
+        setup_args = self.adata_manager.registry["setup_args"]
+        registered = {setup_args["labels_key"], setup_args.get("batch_key")} - {None}
+        protected = registered | {c for c in adata.obs.columns if c.startswith("_scvi")}
         written = [
             key + s
             for s in ("", OUTPUT_KEYS.PREDICTION, OUTPUT_KEYS.CONFIDENCE, OUTPUT_KEYS.REJECTED)
@@ -746,14 +777,27 @@ class AnnotationMixin:
                 f"key_added={key!r} would overwrite {sorted(clash) or key!r}, which the model "
                 "registered. Choose another key_added."
             )
-        existing = [c for c in written if c in adata.obs.columns]
-        if existing:
-            warnings.warn(
-                f"Overwriting the previous annotation in {existing} (key_added={key!r}). Pass "
-                "another key_added to keep both.",
-                UserWarning,
-                stacklevel=settings.warnings_stacklevel,
+        obsm_names = [key + OUTPUT_KEYS.PROBABILITIES, OUTPUT_KEYS.EMBEDDING_PREFIX + key]
+        obsm_keys, previous = set(adata.obsm.keys()), adata.uns.get(key)
+        if store is not None:
+            obsm_keys, previous = _stored_outputs(store, key)
+        existing = [f"obs[{c!r}]" for c in written if c in adata.obs.columns]
+        existing += [f"obsm[{n!r}]" for n in obsm_names if n in obsm_keys]
+        existing += [f"uns[{key!r}]"] if previous is not None else []
+        if not existing:
+            return
+        if not (isinstance(previous, dict) and previous.get("method") in _model_names()):
+            raise ValueError(
+                f"key_added={key!r} would overwrite {existing}, which no labeltransfer model "
+                f"wrote (uns[{key!r}]['method'] does not name one). Choose another key_added, "
+                "or delete those entries first if they may go."
             )
+        warnings.warn(
+            f"Overwriting the previous annotation in {existing} (key_added={key!r}). Pass "
+            "another key_added to keep both.",
+            UserWarning,
+            stacklevel=settings.warnings_stacklevel,
+        )
 
     # ------------------------------------------------------------- persistence
     def save(
@@ -893,6 +937,27 @@ class AnnotationMixin:
                 f"that saved it (`pip install labeltransfer=={saved_version}`), or train and "
                 "save the model again with this one."
             ) from err
+
+
+def _model_names() -> set[str]:
+    """Class names of the package's models (every subclass of :class:`AnnotationMixin`)."""
+    names, todo = set(), [AnnotationMixin]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names - {AnnotationMixin.__name__}
+
+
+def _stored_outputs(store: str | os.PathLike[str], key: str) -> tuple[set[str], Any]:
+    """Return the ``obsm`` keys and ``uns[key]`` (``None`` if absent) of a zarr store."""
+    import zarr
+    from anndata.io import read_elem
+
+    group = zarr.open_group(store, mode="r", use_consolidated=False)
+    obsm_keys = set(group["obsm"].keys()) if "obsm" in group else set()
+    uns = group["uns"] if "uns" in group else None
+    return obsm_keys, read_elem(uns[key]) if uns is not None and key in uns else None
 
 
 def _placeholder_adata(registry: dict, var_names: np.ndarray) -> AnnData:
