@@ -214,7 +214,9 @@ def test_model_rejects_counts_declared_as_lognorm(model, pair):
 def test_model_rejects_an_unknown_input_type(model, pair):
     ref = pair[0].copy()
     getattr(lt, model).setup_anndata(ref, labels_key="cell_type")
-    with pytest.raises(ValueError, match="input_type must be 'auto', 'counts' or 'lognorm'"):
+    with pytest.raises(
+        ValueError, match="input_type must be one of 'auto', 'counts', 'lognorm', got 'raw'"
+    ):
         getattr(lt, model)(ref, input_type="raw")
 
 
@@ -226,7 +228,10 @@ def test_model_rejects_an_unknown_input_type(model, pair):
         ({"max_epochs": 0}, "max_epochs must be"),  # Lightning would train nothing
         ({"max_epochs": -1}, "max_epochs must be"),  # Lightning would train forever
         ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
-        ({"max_epochs": 1, "train_size": 1.5}, r"train_size must be in \(0, 1\], got 1.5"),
+        (
+            {"max_epochs": 1, "train_size": 1.5},
+            r"train_size must be a number in \(0, 1\], got 1.5",
+        ),
     ],
 )
 def test_train_rejects_non_positive_epochs_and_batch_size(model, pair, kwargs, match):
