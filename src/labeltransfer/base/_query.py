@@ -11,8 +11,13 @@ import pandas as pd
 from anndata import AnnData
 
 from labeltransfer._constants import REGISTRY_KEYS
-from labeltransfer.data import check_input, harmonize_genes
-from labeltransfer.data._checks import _iter_row_chunks, _nonzero_rows
+from labeltransfer.data import harmonize_genes
+from labeltransfer.data._checks import (
+    _iter_row_chunks,
+    _matrix_label,
+    _nonzero_rows,
+    _validate_matrix,
+)
 
 from ._setup import _INPUT_TYPE_NAMES, _warn_duplicated_obs_names, check_registered_input_type
 
@@ -66,14 +71,14 @@ def prepare_query(
         if layer is not None:
             raise ValueError(
                 f"layer={layer!r} selects the data of a query, but this AnnData is registered "
-                f"with the model, which reads the layer it was set up with ({model_layer!r}; "
-                "None is X). Leave layer= out."
+                f"with the model, which reads its {_matrix_label(model_layer)} as set up. "
+                "Leave layer= out."
             )
         check_registered_input_type(adata, layer=model_layer, input_type=input_type)
         return model._validate_anndata(adata), None
 
     query_layer = model_layer if layer is None else (None if layer == "X" else layer)
-    where = "X" if query_layer is None else f"layers[{query_layer!r}]"
+    where = _matrix_label(query_layer)
     if query_layer is not None and query_layer not in adata.layers:
         given = "the layer the model was set up with" if layer is None else "given as layer="
         raise KeyError(
@@ -91,19 +96,18 @@ def prepare_query(
         layer=query_layer,
         name="query",
     )
-    # checked after harmonisation, so duplicated names resolved by gene_symbols/id_map pass
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*have no non-zero value")  # said below
-        report = check_input(harmonized, name="query")
-    if report["input_type"] != input_type:
+    # checked after harmonisation, so duplicated names resolved by gene_symbols/id_map pass;
+    # check_input's warning about empty cells is replaced by the one below
+    detected, stats = _validate_matrix(harmonized, layer=None, name="query")
+    if detected != input_type:
         raise ValueError(
-            f"The query ({where}) looks {report['input_type']!r} but the model was trained on "
+            f"The query ({where}) looks {detected!r} but the model was trained on "
             f"{input_type!r} data. Give the query in the same form as the reference "
             f"({_INPUT_TYPE_NAMES[input_type]}): name the layer that holds them with `layer=` "
             f"(e.g. `model.annotate(query, layer='counts')`), or put them in {where}."
         )
-    if report["n_zero_cells"]:
-        warn_empty_cells(report["n_zero_cells"], report["n_obs"], len(genes))
+    if stats["n_zero_rows"]:
+        warn_empty_cells(stats["n_zero_rows"], harmonized.n_obs, len(genes))
     _warn_duplicated_obs_names(adata, "query")
     obs = pd.DataFrame(index=adata.obs_names.copy())
     batch_key = setup_args.get("batch_key")

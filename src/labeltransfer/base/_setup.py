@@ -17,7 +17,12 @@ from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, L
 
 from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS, UNASSIGNED
 from labeltransfer.data import check_input, check_labels
-from labeltransfer.data._checks import _iter_row_chunks, _nonzero_rows
+from labeltransfer.data._checks import (
+    _iter_row_chunks,
+    _matrix_label,
+    _nonzero_rows,
+    _validate_matrix,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -284,7 +289,7 @@ def check_registered_input_type(adata: AnnData, *, layer: str | None, input_type
         return
     detected = _detect_input_type(adata, layer=layer, name="registered")
     if detected != input_type:
-        where = "X" if layer is None else f"layers[{layer!r}]"
+        where = _matrix_label(layer)
         raise ValueError(
             f"The data registered with the model ({where}) now look {detected!r}, but the "
             f"model was trained on {input_type!r} data: they were changed after setup (e.g. "
@@ -299,10 +304,11 @@ _INPUT_TYPE_NAMES = {"counts": "raw counts", "lognorm": "log-normalised data"}
 
 
 def _detect_input_type(adata: AnnData, *, layer: str | None, name: str) -> str:
-    """``check_input``'s input type, without its warning about empty cells (setup gave it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*have no non-zero value")
-        return check_input(adata, layer=layer, name=name)["input_type"]
+    """Return ``check_input``'s input type, without its warning and log line (setup gave them).
+
+    No warning filter or logger is changed, so concurrent calls (threads) do not interfere.
+    """
+    return _validate_matrix(adata, layer=layer, name=name)[0]
 
 
 def _has_nonzero(matrix) -> bool:

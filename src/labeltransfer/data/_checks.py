@@ -275,6 +275,69 @@ def _stack_csr(
 # --------------------------------------------------------------------------------------------
 # public checks
 # --------------------------------------------------------------------------------------------
+def _validate_matrix(
+    adata: AnnData,
+    *,
+    layer: str | None,
+    name: str,
+    expect: Literal["auto", "counts", "lognorm"] = "auto",
+) -> tuple[InputType, dict[str, Any]]:
+    """Run the checks of :func:`check_input` that raise; return the input type and statistics.
+
+    The statistics are those of :func:`_scan_matrix`. Nothing is warned or logged, so data
+    whose warnings were given before (e.g. at set-up) can be checked again quietly.
+    """
+    if expect not in ("auto", "counts", "lognorm"):
+        raise ValueError(f"expect must be 'auto', 'counts' or 'lognorm', got {expect!r}.")
+    _check_anndata(adata, name)
+    matrix = _get_matrix(adata, layer, name)
+    where = _matrix_label(layer)
+
+    _check_unique_genes(adata.var_names, name)
+
+    stats = _scan_matrix(matrix)
+    n_nonfinite = stats["n_nan"] + stats["n_inf"]
+    if n_nonfinite:
+        raise ValueError(
+            f"The {name} data ({where}) contain {n_nonfinite} non-finite values "
+            f"({stats['n_nan']} NaN, {stats['n_inf']} inf); remove or impute them (e.g. drop "
+            "the affected cells, or replace them with 0 via `X.data[~np.isfinite(X.data)] = 0` "
+            "on a copy)."
+        )
+    if stats["n_negative"]:
+        raise ValueError(
+            f"The {name} data ({where}) contain {stats['n_negative']} negative values (min "
+            f"{stats['min']:.4g}); they look scaled or z-scored (e.g. after `sc.pp.scale`). "
+            "Pass raw counts or log-normalised data instead, e.g. via `layer='counts'` or "
+            "`adata.raw.to_adata()`."
+        )
+
+    if stats["is_integer"]:
+        detected: InputType = "counts"
+    elif stats["max"] <= MAX_LOGNORM:
+        detected = "lognorm"
+    else:
+        raise ValueError(
+            f"The {name} data ({where}) are non-integer with a maximum of {stats['max']:.4g} > "
+            f"{MAX_LOGNORM:g}: this looks like normalised but not log-transformed data (CPM/TPM). "
+            "Log-transform it first (`sc.pp.log1p(adata)`) or pass raw counts (e.g. "
+            "`layer='counts'`)."
+        )
+    if expect == "counts" and detected != "counts":
+        raise ValueError(
+            f"expect='counts' but the {name} data ({where}) are not integers (e.g. "
+            f"{stats['non_integer_example']!r}); pass raw counts (e.g. `layer='counts'`), or "
+            "use expect='lognorm' / 'auto' for log-normalised data."
+        )
+    if expect == "lognorm" and detected != "lognorm":
+        raise ValueError(
+            f"expect='lognorm' but the {name} data ({where}) are all whole numbers (max "
+            f"{stats['max']:.4g}), which looks like raw counts; use expect='counts' / 'auto', or "
+            "pass the log-normalised layer via `layer=`."
+        )
+    return detected, stats
+
+
 def check_input(
     adata: AnnData,
     *,
@@ -331,55 +394,8 @@ def check_input(
     >>> check_input(adata)["input_type"]
     'counts'
     """
-    if expect not in ("auto", "counts", "lognorm"):
-        raise ValueError(f"expect must be 'auto', 'counts' or 'lognorm', got {expect!r}.")
-    _check_anndata(adata, name)
-    matrix = _get_matrix(adata, layer, name)
+    detected, stats = _validate_matrix(adata, layer=layer, name=name, expect=expect)
     where = _matrix_label(layer)
-
-    _check_unique_genes(adata.var_names, name)
-
-    stats = _scan_matrix(matrix)
-    n_nonfinite = stats["n_nan"] + stats["n_inf"]
-    if n_nonfinite:
-        raise ValueError(
-            f"The {name} data ({where}) contain {n_nonfinite} non-finite values "
-            f"({stats['n_nan']} NaN, {stats['n_inf']} inf); remove or impute them (e.g. drop "
-            "the affected cells, or replace them with 0 via `X.data[~np.isfinite(X.data)] = 0` "
-            "on a copy)."
-        )
-    if stats["n_negative"]:
-        raise ValueError(
-            f"The {name} data ({where}) contain {stats['n_negative']} negative values (min "
-            f"{stats['min']:.4g}); they look scaled or z-scored (e.g. after `sc.pp.scale`). "
-            "Pass raw counts or log-normalised data instead, e.g. via `layer='counts'` or "
-            "`adata.raw.to_adata()`."
-        )
-
-    if stats["is_integer"]:
-        detected: InputType = "counts"
-    elif stats["max"] <= MAX_LOGNORM:
-        detected = "lognorm"
-    else:
-        raise ValueError(
-            f"The {name} data ({where}) are non-integer with a maximum of {stats['max']:.4g} > "
-            f"{MAX_LOGNORM:g}: this looks like normalised but not log-transformed data (CPM/TPM). "
-            "Log-transform it first (`sc.pp.log1p(adata)`) or pass raw counts (e.g. "
-            "`layer='counts'`)."
-        )
-    if expect == "counts" and detected != "counts":
-        raise ValueError(
-            f"expect='counts' but the {name} data ({where}) are not integers (e.g. "
-            f"{stats['non_integer_example']!r}); pass raw counts (e.g. `layer='counts'`), or "
-            "use expect='lognorm' / 'auto' for log-normalised data."
-        )
-    if expect == "lognorm" and detected != "lognorm":
-        raise ValueError(
-            f"expect='lognorm' but the {name} data ({where}) are all whole numbers (max "
-            f"{stats['max']:.4g}), which looks like raw counts; use expect='counts' / 'auto', or "
-            "pass the log-normalised layer via `layer=`."
-        )
-
     if stats["n_zero_rows"]:
         warnings.warn(
             f"{stats['n_zero_rows']} of {adata.n_obs} {name} cells have no non-zero value in "
