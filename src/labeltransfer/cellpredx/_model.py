@@ -175,7 +175,9 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         ``None``: the feature extractor is one linear layer (reference implementation; the
         paper does not give its depth). An integer adds a hidden ReLU layer of that width.
     pr_weight, cl_weight, fa_weight, sc_weight, temperature
-        Override the preset's loss weights and contrastive temperature.
+        Override the preset's loss weights and contrastive temperature. With the preset they
+        make :attr:`loss_config`, a :class:`~labeltransfer.cellpredx.CellPredXLossConfig`
+        (which checks them when the model is created).
     confidence_threshold
         The default rejection rule: cells whose confidence (softmax probability of the
         predicted type) is below it are ``"Unassigned"`` (CellPredX: 0.95, "Unknown" in the

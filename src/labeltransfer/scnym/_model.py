@@ -288,8 +288,9 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         early_stopping_patience
             Patience in epochs. The paper gives none; 40 is the reference implementation's.
         early_stopping_monitor
-            Logged validation metric (lower is better unless it contains ``"accuracy"``);
-            the reference implementation monitors the validation loss.
+            Logged metric, one of :data:`EARLY_STOPPING_METRICS` (lower is better unless it
+            contains ``"accuracy"``); the reference implementation monitors the validation
+            loss.
         warmup_fraction
             Early stopping and best-epoch selection start after this fraction of
             ``max_epochs`` (scNym: 5%%, i.e. 20 of 400 epochs).
