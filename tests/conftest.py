@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -8,7 +9,29 @@ import numpy as np
 import pytest
 import scvi
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+#: The small real data sets: ``../shared/data`` beside the clone, or $LABELTRANSFER_DATA (the
+#: variable the tutorials read too).
+SHARED_DATA = Path(
+    os.environ.get("LABELTRANSFER_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+
+
+def require_shared_data() -> Path:
+    """Return :data:`SHARED_DATA`; skip the test without it, or fail it under ``CI=true``.
+
+    A user's fresh clone has no ``../shared``: the real-data tests skip with a reason that
+    says where the data go. CI must never skip them, so there a missing folder fails.
+    """
+    if SHARED_DATA.is_dir():
+        return SHARED_DATA
+    reason = (
+        f"the real data sets are not at {SHARED_DATA}: put the project's shared data in "
+        "../shared/data beside the clone (or set LABELTRANSFER_DATA to their folder) to run "
+        "this test"
+    )
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"CI=true and {reason}.", pytrace=False)
+    pytest.skip(reason)
 
 
 def pytest_addoption(parser):
@@ -29,9 +52,8 @@ def accelerator(request) -> str:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.fail(f"{SHARED_DATA} is missing: clone the project with ../shared beside it.")
-    return SHARED_DATA
+    """The folder of the real data sets (see :func:`require_shared_data`)."""
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")
