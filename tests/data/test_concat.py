@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -11,8 +10,6 @@ import pytest
 from scipy import sparse
 
 from labeltransfer.data import concat_reference_query, synthetic
-
-DATA = Path(__file__).parents[2] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +143,8 @@ def test_concat_input_type_mismatch(pair):
         concat_reference_query(reference, lognorm, labels_key="cell_type")
 
 
-def test_concat_real_data_writes(tmp_path):
-    kang = ad.read_h5ad(DATA / "kang_ifnb_small.h5ad")
+def test_concat_real_data_writes(tmp_path, shared_data):
+    kang = ad.read_h5ad(shared_data / "kang_ifnb_small.h5ad")
     kang.obs_names_make_unique()
     kang.obs["flag"] = kang.obs["donor"].astype(str) == "101"  # bool column, only in reference
     reference = kang[kang.obs["batch"] == "ctrl"].copy()

@@ -16,8 +16,6 @@ from scipy import sparse
 from labeltransfer.data._gene_activity import add_gene_activity, gene_activity, overlap_pairs
 from labeltransfer.data._genes import read_gene_coordinates
 
-HG38 = Path(__file__).parents[2] / ".." / "shared" / "data" / "hs_genes_hg38.tsv.gz"
-
 # Toy genome (0-based, half-open). Regions with Signac defaults (2 kb upstream, 0 downstream):
 #   G1 + chr1 [10000, 11000) -> [8000, 11000)
 #   G2 - chr1 [20000, 21000) -> [20000, 23000)   (upstream of a '-' gene is past its end)
@@ -442,10 +440,9 @@ def test_duplicated_gene_names_keep_widest():
     assert out.index.is_unique
 
 
-@pytest.mark.skipif(not HG38.exists(), reason="shared gene table not available")
-def test_hg38_table():
+def test_hg38_table(shared_data):
     with pytest.warns(UserWarning, match="without coordinates"):
-        genes = read_gene_coordinates(HG38)
+        genes = read_gene_coordinates(shared_data / "hs_genes_hg38.tsv.gz")
     assert len(genes) > 19_000
     assert genes.index.is_unique
     assert genes.loc["A1BG", "strand"] == "-"

@@ -16,8 +16,6 @@ from scipy import sparse
 import labeltransfer.data._checks as checks_module
 from labeltransfer.data import harmonize_genes, load_id_map
 
-DATA = Path(__file__).parents[2] / ".." / "shared" / "data"
-ID_MAP = DATA / "hs_ensembl2symbol.tsv.gz"
 REPORT_KEYS = {
     "n_reference_genes",
     "n_query_genes",
@@ -33,13 +31,18 @@ REPORT_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def cellbench() -> ad.AnnData:
-    return ad.read_h5ad(DATA / "cellbench_3cl.h5ad")
+def cellbench(shared_data) -> ad.AnnData:
+    return ad.read_h5ad(shared_data / "cellbench_3cl.h5ad")
 
 
 @pytest.fixture(scope="module")
-def id_map() -> pd.DataFrame:
-    return load_id_map(ID_MAP)
+def id_map_path(shared_data) -> Path:
+    return shared_data / "hs_ensembl2symbol.tsv.gz"
+
+
+@pytest.fixture(scope="module")
+def id_map(id_map_path) -> pd.DataFrame:
+    return load_id_map(id_map_path)
 
 
 @pytest.fixture
@@ -196,7 +199,7 @@ def test_type_mismatch_needs_id_map():
         harmonize_genes(query, ["TSPAN6", "DPM1"])
 
 
-def test_symbols_to_ensembl_real_table(cellbench, id_map):
+def test_symbols_to_ensembl_real_table(cellbench, id_map, id_map_path):
     genes = ["TSPAN6", "DPM1", "SCYL3", "CFH", "GAPDH", "ACTB", "EGFR", "KRAS", "VIM"]
     query = cellbench[:40, genes[::-1]].copy()
     ids = cellbench.var.loc[genes, "gene_ids"].tolist()
@@ -204,7 +207,7 @@ def test_symbols_to_ensembl_real_table(cellbench, id_map):
     extra = ["ENSG00000000005", "ENSG00000001084"]  # TNMD, GCLC: not in the query
     reference = [f"{g}.{i + 1}" for i, g in enumerate(ids)] + extra
     with pytest.warns(UserWarning, match="Only 9 of 11"):
-        out, report = harmonize_genes(query, reference, id_map=ID_MAP)
+        out, report = harmonize_genes(query, reference, id_map=id_map_path)
     assert list(out.var_names) == reference
     expected = cellbench[:40, genes].X.toarray()
     np.testing.assert_array_equal(out.X.toarray()[:, :9], expected)

@@ -12,8 +12,11 @@ from scipy import sparse
 from labeltransfer.data._gene_activity import gene_activity
 from labeltransfer.data._synthetic_atac import synthetic_multiome
 
-HG38 = Path(__file__).parents[2] / ".." / "shared" / "data" / "hs_genes_hg38.tsv.gz"
-needs_hg38 = pytest.mark.skipif(not HG38.exists(), reason="shared gene table not available")
+
+@pytest.fixture(scope="module")
+def hg38(shared_data) -> Path:
+    """The shared gene table (the test skips without ``../shared/data``, fails on CI)."""
+    return shared_data / "hs_genes_hg38.tsv.gz"
 
 
 def _log1p_cpm(X) -> np.ndarray:
@@ -38,9 +41,8 @@ def _centroid_accuracy(rna, ga, atac_types: np.ndarray) -> float:
     return float((pred == atac_types).mean())
 
 
-@needs_hg38
-def test_paired_structure_and_real_loci():
-    mdata = synthetic_multiome(n_cells=300, n_genes=120, n_background_peaks=300, genome_table=HG38)
+def test_paired_structure_and_real_loci(hg38):
+    mdata = synthetic_multiome(n_cells=300, n_genes=120, n_background_peaks=300, genome_table=hg38)
     assert isinstance(mdata, md.MuData)
     rna, atac = mdata.mod["rna"], mdata.mod["atac"]
     assert list(rna.obs_names) == list(atac.obs_names)
@@ -56,7 +58,7 @@ def test_paired_structure_and_real_loci():
     assert "simulat" in mdata.uns["synthetic"]["simulation"]
     assert mdata.uns["synthetic"]["coordinates"].startswith("real")
     # genes are real hg38 protein-coding loci
-    table = pd.read_csv(HG38, sep="\t", low_memory=False).drop_duplicates("symbol")
+    table = pd.read_csv(hg38, sep="\t", low_memory=False).drop_duplicates("symbol")
     table = table.set_index("symbol").loc[rna.var_names]
     assert (table["chrom"].to_numpy() == rna.var["chrom"].to_numpy()).all()
     assert (table["start"].to_numpy() == rna.var["start"].to_numpy()).all()
@@ -80,13 +82,12 @@ def test_paired_structure_and_real_loci():
     )
 
 
-@needs_hg38
-def test_gene_activity_carries_cell_type_signal():
-    mdata = synthetic_multiome(n_cells=1000, n_genes=300, genome_table=HG38, modality_shift=0.5)
+def test_gene_activity_carries_cell_type_signal(hg38):
+    mdata = synthetic_multiome(n_cells=1000, n_genes=300, genome_table=hg38, modality_shift=0.5)
     rna, atac = mdata.mod["rna"], mdata.mod["atac"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # genes without coordinates in the table
-        ga_table = gene_activity(atac, genes=HG38)
+        ga_table = gene_activity(atac, genes=hg38)
     ga_rna = gene_activity(atac, genes=rna)  # 10x-style var['interval'], no strand
     truth = atac.obs["cell_type"].to_numpy()
     chance = 1 / 5
