@@ -576,13 +576,17 @@ def test_cli_reports_library_errors_without_a_traceback(cli_files):
     )
 
 
-def test_cli_rejects_zero_epochs(cli_files):
-    _cli_fails(
-        cli_files,
-        "error: max_epochs must be a positive integer, got 0",
-        *("--reference", str(cli_files / "ref.h5ad"), "--query", str(cli_files / "query.h5ad")),
-        *("--max-epochs", "0"),
-    )
+def test_cli_rejects_zero_epochs(cli_files, capsys):
+    from labeltransfer.cli import main
+
+    argv = ["annotate", "--reference", str(cli_files / "ref.h5ad"), "--query"]
+    argv += [str(cli_files / "query.h5ad"), "--labels-key", "cell_type", "--max-epochs", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(cli_files / "out.h5ad")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --max-epochs: must be a positive whole number, got '0'")
+    assert not (cli_files / "out.h5ad").exists()
 
 
 @pytest.mark.filterwarnings("ignore:Variable names are not unique")

@@ -294,8 +294,9 @@ def _check_annotate_args(args: argparse.Namespace) -> None:
             raise _fail(f"the --model-dir folder {args.model_dir} does not exist.")
         if not (model_dir / "model.pt").is_file():
             raise _fail(
-                f"--model-dir {args.model_dir} is not a saved model: it has no model.pt. Pass "
-                "the folder written by --save-model (or `model.save(...)`)."
+                f"cannot load --model-dir {args.model_dir} as --model {args.model}: "
+                f"{args.model_dir!r} is not a saved model: it has no model.pt. Pass the folder "
+                "written by --save-model (or `model.save(...)`)."
             )
     _check_outputs(args)
 
