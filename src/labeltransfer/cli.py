@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     import pandas as pd
     from anndata import AnnData
 
-logger = logging.getLogger("labeltransfer")
-
 #: Models of ``--model``: name -> class name in ``labeltransfer``.
 MODELS = {"jind": "JIND", "scnym": "SCNYM"}
 #: Accelerators of ``--accelerator`` (Lightning's names).
