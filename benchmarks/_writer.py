@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import pandas as pd
+    from experiments import Experiment
 
 
 # ----------------------------------------------------------------------------- tables
@@ -48,10 +49,12 @@ def mean_sd(values: Sequence[Any], digits: int = 3) -> str:
 
 
 def digits_of(column: str) -> int:
-    """Decimals shown for ``column``: 0 for counts and MiB, 2 for seconds, else 3."""
+    """Decimals shown for ``column``: 0 for counts and MiB, 2 for seconds, 1 for ms, else 3."""
     if column.endswith(("_s", "_s_per_epoch")):
         return 2
-    if column.endswith(("_mb", "epochs", "epoch")) or column.startswith("n_"):
+    if column.startswith("ms_"):
+        return 1
+    if column.endswith(("_mb", "epochs", "epoch")) or column.startswith("n_") or "_n_" in column:
         return 0
     return 3
 
@@ -97,6 +100,15 @@ def pivot(
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def number(value: Any, digits: int = 1) -> str:
+    """``value`` with thousands separators and ``digits`` decimals; ``–`` when missing."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
 def marked(name: str, table: str) -> list[str]:
@@ -148,14 +160,19 @@ def failures(meta: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def write(
-    frame: pd.DataFrame, meta: dict[str, Any], out: Path, title: str, body: list[str]
-) -> str:
-    """Write ``out`` (.csv), its .json and its .md; return the markdown."""
+def write(frame: pd.DataFrame, meta: dict[str, Any], out: Path, experiment: Experiment) -> str:
+    """Write ``out`` (.csv), its .json and its .md (the experiment's tables); return the md."""
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out.with_suffix(".csv"), index=False, float_format="%.5g")
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    lines = [*header(title, meta, out), *body, *failures(meta), "<!-- tables-end -->"]
+    lines = [
+        *header(experiment.title, meta, out),
+        experiment.about.strip(),
+        "",
+        *experiment.sections(frame, meta),
+        *failures(meta),
+        "<!-- tables-end -->",
+    ]
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
     return text

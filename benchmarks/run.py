@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         if experiment.grid:
             ran = set(frame["task"]) if "task" in frame else set()
             meta["tasks"] = describe_tasks([t for t in TASKS if t in ran], budget)
-    text = write(frame, meta, out, experiment.title, experiment.sections(frame, meta))
+    text = write(frame, meta, out, experiment)
     if experiment.figures is not None and not frame.empty:
         figures = out.parent if args.quick or args.out else FIGURES
         experiment.figures(frame, meta, figures)

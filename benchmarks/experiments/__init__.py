@@ -32,6 +32,8 @@ class Experiment:
     """What a suite runs and how its results are shown."""
 
     title: str
+    #: what the suite measures (markdown; the module docstring), written under the header
+    about: str
     sections: Callable[[pd.DataFrame, dict[str, Any]], list[str]]
     #: ``(tools, tasks)`` blocks of a grid experiment
     grid: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()

@@ -2,7 +2,7 @@
 
 1. A first child writes a synthetic query of 1,000,000 cells x 2,000 genes (raw counts, CSR,
    about 665 non-zero genes per cell) in each format, in chunks of 100,000 cells joined with
-   :func:`anndata.experimental.concat_on_disk`, so the whole matrix is never in memory.
+   `anndata.experimental.concat_on_disk`, so the whole matrix is never in memory.
 2. For each format, a fresh child trains ``lt.JIND`` (5 epochs) on a 20,000-cell reference of
    the same generator, then annotates the query: h5ad through
    ``anndata.read_h5ad(path, backed="r+")``, ``model.annotate(query)`` and ``query.write()``;
@@ -155,6 +155,7 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
 
 EXPERIMENT = Experiment(
     title="Annotating a backed h5ad and a zarr query",
+    about=__doc__,
     sections=sections,
     configs=configs,
     child=child,

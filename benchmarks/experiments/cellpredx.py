@@ -80,6 +80,7 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
 
 EXPERIMENT = Experiment(
     title="CellPredX benchmark",
+    about=__doc__,
     sections=sections,
     grid=(
         (ABLATIONS, ("multiome",)),

@@ -115,6 +115,7 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
 
 EXPERIMENT = Experiment(
     title="JIND benchmark",
+    about=__doc__,
     sections=sections,
     grid=((("jind_noalign", "jind", "jind_plus"), SHIFT_TASKS), (("jind",), NOSHIFT_TASKS)),
     extra=diagnostics,

@@ -240,6 +240,7 @@ def figures(frame: pd.DataFrame, meta: dict[str, Any], directory: Path) -> list[
 
 EXPERIMENT = Experiment(
     title="Peer benchmark",
+    about=__doc__,
     sections=sections,
     grid=((TOOLS, PEER_TASKS),),
     figures=figures,

@@ -9,7 +9,7 @@ fresh child (one torch thread) that
 1. reads the file and sets the model up on all cells (scDET is told ``n_novel=1``, which
    skips its warm-up);
 2. resets the peak memory and trains for one epoch (at 1,000,000 cells only the first
-   :data:`MAX_BATCHES` batches run; the training part of the epoch is scaled by
+   200 batches run (`MAX_BATCHES`); the training part of the epoch is scaled by
    ``batches per epoch / batches run`` and the complete validation pass added);
 3. resets the peak again and annotates all cells (in memory).
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from _common import Stopwatch, peak_rss_mb, reset_peak_rss, rss_mb, training_meter
+from _writer import number
 
 from experiments import Experiment
 
@@ -215,12 +216,6 @@ def child(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**record, "model": config["model"], **_run_model(config)}]
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:,.{digits}f}"
-
-
 def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     """Time and memory per model and size, then the arithmetic and the achieved FLOP/s."""
     runs = frame[frame["step"] == "model"].copy()
@@ -236,7 +231,8 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     runs["infer_gflops"] = runs["infer_flops_per_cell"] * runs["annotate_cells_per_s"] / 1e9
     lines = [
         "One torch thread per run; every run a fresh process. `(scaled)`: only the first "
-        "batches of the epoch ran (see the top). CPU/wall is the process CPU time over wall "
+        "batches of the epoch ran; its training part was multiplied by batches per epoch / "
+        "batches run and the complete validation pass added. CPU/wall is the process CPU time over wall "
         "time: 1.0 means the run had its core to itself, less that it waited for a CPU on a "
         "shared machine; `epoch CPU s` = epoch s x train CPU/wall and `cells per CPU s` = "
         "cells / annotation CPU seconds estimate what one idle core would take.",
@@ -251,12 +247,12 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
         scaled = "" if r["batches_run"] == r["batches_per_epoch"] else " (scaled)"
         lines.append(
             f"| {r['model']} | {r['n_cells']:,.0f} | {r['batches_run']:,.0f} / "
-            f"{r['batches_per_epoch']:,.0f} | {_fmt(r['epoch_s'])}{scaled} "
-            f"| {_fmt(r['epoch_cpu_s'])} | {_fmt(r['train_steps_per_s'])} "
-            f"| {_fmt(r['peak_rss_train_mb'], 0)} | {_fmt(r['annotate_s'])} "
-            f"| {_fmt(r['annotate_cells_per_s'], 0)} | {_fmt(r['annotate_cells_per_cpu_s'], 0)} "
-            f"| {_fmt(r['peak_rss_annotate_mb'], 0)} | {_fmt(r['setup_s'])} "
-            f"| {train:.2f}, {annotate:.2f} | {_fmt(r['load_1min'], 2)} |"
+            f"{r['batches_per_epoch']:,.0f} | {number(r['epoch_s'])}{scaled} "
+            f"| {number(r['epoch_cpu_s'])} | {number(r['train_steps_per_s'])} "
+            f"| {number(r['peak_rss_train_mb'], 0)} | {number(r['annotate_s'])} "
+            f"| {number(r['annotate_cells_per_s'], 0)} | {number(r['annotate_cells_per_cpu_s'], 0)} "
+            f"| {number(r['peak_rss_annotate_mb'], 0)} | {number(r['setup_s'])} "
+            f"| {train:.2f}, {annotate:.2f} | {number(r['load_1min'], 2)} |"
         )
     lines += [
         "",
@@ -269,9 +265,9 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     for r in runs.to_dict("records"):
         lines.append(
             f"| {r['model']} | {r['n_cells']:,.0f} | {r['infer_flops_per_cell'] / 1e6:.2f} "
-            f"| {_fmt(r['infer_gflops'], 2)} | {r['train_forward_flops_per_step'] / 1e6:,.0f} "
-            f"| {r['batch_size']:.0f} | {_fmt(r['train_gflops'], 2)} "
-            f"| {_fmt(r['matmul_gflops'])} ({_fmt(r['matmul_gflops_cpu'])}) |"
+            f"| {number(r['infer_gflops'], 2)} | {r['train_forward_flops_per_step'] / 1e6:,.0f} "
+            f"| {r['batch_size']:.0f} | {number(r['train_gflops'], 2)} "
+            f"| {number(r['matmul_gflops'])} ({number(r['matmul_gflops_cpu'])}) |"
         )
     data = frame[frame["step"] == "data"]
     lines += [
@@ -290,6 +286,7 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
 
 EXPERIMENT = Experiment(
     title="Scaling on CPU",
+    about=__doc__,
     sections=sections,
     configs=configs,
     child=child,

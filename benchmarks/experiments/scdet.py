@@ -143,6 +143,7 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
 
 EXPERIMENT = Experiment(
     title="scDET benchmark",
+    about=__doc__,
     sections=sections,
     grid=(
         (("scdet", "scnym_kmeans"), ("kang_intra", "cellbench_intra", "kang_inter2")),

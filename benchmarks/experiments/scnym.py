@@ -158,6 +158,7 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
 
 EXPERIMENT = Experiment(
     title="scNym benchmark",
+    about=__doc__,
     sections=sections,
     grid=(
         (ABLATIONS, ("kang",)),

@@ -97,6 +97,7 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
 
 EXPERIMENT = Experiment(
     title="scNym: labeltransfer next to the original implementation",
+    about=__doc__,
     sections=sections,
     grid=((("scnym", "scnym_original"), TASKS),),
 )
