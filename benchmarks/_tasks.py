@@ -90,59 +90,66 @@ class TaskSpec:
     shifted: bool
     about: str
     held_out: tuple[str, ...] = ()
+    #: in the peer table (suites ``small`` and ``full``)
+    peer_table: bool = False
     n_random_held_out: int = 0
     intra: bool = False
     #: obs column of the source used as the task's ``batch`` (the domains a model sees)
     domain: str = "batch"
 
 
+def _kang(about: str, held_out: tuple[str, ...] = (), **kwargs: Any) -> TaskSpec:
+    return TaskSpec(
+        "kang", "ctrl", "stim", True, f"Kang PBMC ctrl -> stim{about}", held_out, **kwargs
+    )
+
+
 def _cellbench(ref: str, query: str, held_out: tuple[str, ...] = ()) -> TaskSpec:
     about = f"CellBench three cell lines, {ref} -> {query}"
     if held_out:
         about += f", {held_out[0]} held out"
-    return TaskSpec("cellbench", ref, query, True, about, held_out)
+    return TaskSpec("cellbench", ref, query, True, about, held_out, peer_table=True)
+
+
+def _granja(about: str, held_out: tuple[str, ...] = ()) -> TaskSpec:
+    return TaskSpec(
+        "granja",
+        "BMMC_D6T1",
+        "BMMC_D5T1",
+        True,
+        f"Granja 2019 scATAC peaks, donor D6T1 -> D5T1{about}",
+        held_out,
+        peer_table=True,
+    )
 
 
 _C2D, _D2C = ("CEL-seq2", "Drop-seq"), ("Drop-seq", "CEL-seq2")
 _LINES = ("H1975", "H2228", "HCC827")
+_PBMC68K = "pbmc68k_reduced (bulk_labels), random 70% -> 30%"
 
-#: Every task by name.
+#: Every task by name; ``peer_table=True``: in the peer table.
 TASKS: dict[str, TaskSpec] = {
-    "kang": TaskSpec("kang", "ctrl", "stim", True, "Kang PBMC, ctrl -> stim"),
-    "kang_novel_b": TaskSpec(
-        "kang", "ctrl", "stim", True, "Kang ctrl -> stim, B cells held out", ("B cells",)
+    "kang": _kang("", peer_table=True),
+    "kang_novel_b": _kang(", B cells held out", ("B cells",), peer_table=True),
+    "kang_novel_fcgr3a": _kang(
+        ", FCGR3A+ monocytes held out", ("FCGR3A+ Monocytes",), peer_table=True
     ),
-    "kang_novel_fcgr3a": TaskSpec(
-        "kang",
-        "ctrl",
-        "stim",
-        True,
-        "Kang ctrl -> stim, FCGR3A+ monocytes held out",
-        ("FCGR3A+ Monocytes",),
+    "kang_noshift": TaskSpec(
+        "kang", "ctrl", None, False, "Kang PBMC ctrl, random 70% -> 30%", peer_table=True
     ),
-    "kang_noshift": TaskSpec("kang", "ctrl", None, False, "Kang ctrl, random 70% -> 30%"),
-    "kang_samples": TaskSpec(
-        "kang",
-        "ctrl",
-        "stim",
-        True,
-        "Kang ctrl -> stim, the two donors' samples as four domains",
-        domain="sample",
-    ),
-    "kang_inter2": TaskSpec(
-        "kang",
-        "ctrl",
-        "stim",
-        True,
-        "Kang ctrl -> stim, two types drawn per seed held out",
-        n_random_held_out=2,
-    ),
+    "kang_samples": _kang(", the two donors' samples as four domains", domain="sample"),
+    "kang_inter2": _kang(", two types drawn per seed held out", n_random_held_out=2),
     "kang_intra": TaskSpec(
-        "kang", None, None, False, "Kang, half of the types novel (scDET intra-data)", intra=True
+        "kang",
+        None,
+        None,
+        False,
+        "Kang PBMC, half of the types novel (scDET intra-data)",
+        intra=True,
     ),
     "cellbench_c2d": _cellbench(*_C2D),
-    "cellbench_d2c": _cellbench(*_D2C),
     **{f"cellbench_c2d_novel_{line.lower()}": _cellbench(*_C2D, (line,)) for line in _LINES},
+    "cellbench_d2c": _cellbench(*_D2C),
     **{f"cellbench_d2c_novel_{line.lower()}": _cellbench(*_D2C, (line,)) for line in _LINES},
     "cellbench_noshift": TaskSpec(
         "cellbench", "CEL-seq2", None, False, "CellBench CEL-seq2, random 70% -> 30%"
@@ -155,29 +162,36 @@ TASKS: dict[str, TaskSpec] = {
         "CellBench, half of the lines novel (scDET intra-data)",
         intra=True,
     ),
-    "pbmc68k": TaskSpec("pbmc68k", "all", None, False, "pbmc68k_reduced, random 70% -> 30%"),
+    "pbmc68k": TaskSpec("pbmc68k", "all", None, False, _PBMC68K, peer_table=True),
     "pbmc68k_novel_cd19b": TaskSpec(
-        "pbmc68k", "all", None, False, "pbmc68k_reduced 70% -> 30%, CD19+ B held out", ("CD19+ B",)
+        "pbmc68k",
+        "all",
+        None,
+        False,
+        f"{_PBMC68K}, CD19+ B held out",
+        ("CD19+ B",),
+        peer_table=True,
     ),
-    "atac": TaskSpec(
-        "granja", "BMMC_D6T1", "BMMC_D5T1", True, "Granja 2019 scATAC peaks, donor D6T1 -> D5T1"
-    ),
-    "atac_novel_b": TaskSpec(
-        "granja",
-        "BMMC_D6T1",
-        "BMMC_D5T1",
-        True,
-        "Granja scATAC D6T1 -> D5T1, 17_B held out",
-        ("17_B",),
-    ),
+    "atac": _granja(""),
+    "atac_novel_b": _granja(", 17_B held out", ("17_B",)),
     "multiome": TaskSpec(
-        "multiome", "rna", "atac", True, "synthetic unpaired RNA -> ATAC (gene activity)"
+        "multiome",
+        "rna",
+        "atac",
+        True,
+        "synthetic unpaired RNA -> ATAC (gene activity)",
+        peer_table=True,
     ),
     "multiome_novel": TaskSpec(
         "multiome_novel", "rna", "atac", True, "synthetic RNA -> ATAC, one ATAC-only type"
     ),
     "longtail": TaskSpec(
-        "longtail", "reference", "query", False, "synthetic, 6 types at 50:1 in the reference"
+        "longtail",
+        "reference",
+        "query",
+        False,
+        "synthetic, 6 types at 50:1 in the reference",
+        peer_table=True,
     ),
     "subtype_longtail": TaskSpec(
         "subtype_longtail",

@@ -46,6 +46,8 @@ class Tool:
     small_epochs: Mapping[str, int] = field(default_factory=dict)
     full_epochs: Mapping[str, int] = field(default_factory=dict)
     uses_torch: bool = True
+    #: in the peer table (suites ``small`` and ``full``)
+    peer_table: bool = False
     #: the peer's own environment (``_envs.ENVS``), created by the parent before the runs
     env: str | None = None
     #: further records the run yields, name -> display name (CellTypist: majority voting)
@@ -76,13 +78,19 @@ class RunContext:
         return caps.get(part)
 
 
-def _lt(display: str, recipe: Recipe, small: Mapping[str, int], **caps: Any) -> Tool:
-    """A labeltransfer model variant."""
+def _lt(
+    display: str,
+    recipe: Recipe,
+    small: Mapping[str, int],
+    full: Mapping[str, int] | None = None,
+    peer_table: bool = False,
+) -> Tool:
+    """A labeltransfer model variant (``small``, ``full``: its epoch caps)."""
 
     def run(task: Task, ctx: RunContext):
         return run_labeltransfer(recipe, task, ctx)
 
-    return Tool(display, run, "model", small, caps.get("full", {}))
+    return Tool(display, run, "model", small, full or {}, peer_table=peer_table)
 
 
 _JIND = {"train": 20, "align": 30, "self_train": 10}
@@ -101,12 +109,14 @@ _CELLPREDX_PLANS = {
 
 #: Every tool by name, in table order (models first).
 TOOLS: dict[str, Tool] = {
-    "jind": _lt("JIND", Recipe("JIND", align=True), _JIND),
+    "jind": _lt("JIND", Recipe("JIND", align=True), _JIND, peer_table=True),
     "jind_noalign": _lt("JIND, no alignment", Recipe("JIND"), _JIND),
     "jind_plus": _lt(
         "JIND+ (align + self-train)", Recipe("JIND", align=True, self_train=True), _JIND
     ),
-    "scnym": _lt("scNym", Recipe("SCNYM", init=new_identity_when_held_out), {"train": 25}),
+    "scnym": _lt(
+        "scNym", Recipe("SCNYM", init=new_identity_when_held_out), {"train": 25}, peer_table=True
+    ),
     **{
         f"scnym_{name}": _lt(f"scNym, {name}", Recipe("SCNYM", plan_kwargs=plan), {"train": 25})
         for name, plan in _SCNYM_PLANS.items()
@@ -114,7 +124,7 @@ TOOLS: dict[str, Tool] = {
     "scnym_kmeans": _lt(
         "scNym 0.5 cut + k-means", Recipe("SCNYM", kmeans_novel=True), {"train": 25}
     ),
-    "scdet": _lt("scDET", Recipe("SCDET", init=true_n_novel), {"train": 25}),
+    "scdet": _lt("scDET", Recipe("SCDET", init=true_n_novel), {"train": 25}, peer_table=True),
     "scdet_auto": _lt(
         "scDET, n_novel estimated",
         Recipe("SCDET", init=estimated_n_novel),
@@ -126,27 +136,35 @@ TOOLS: dict[str, Tool] = {
         Recipe("SCDET", init=true_n_novel, plan_kwargs={"gamma": 0.0, "alpha": 0.0, "beta": 0.0}),
         {"train": 25},
     ),
-    "cellpredx": _lt("CellPredX", Recipe("CellPredX"), {"train": 40}),
+    "cellpredx": _lt("CellPredX", Recipe("CellPredX"), {"train": 40}, peer_table=True),
     **{
         f"cellpredx_{name}": _lt(
             f"CellPredX, {name}", Recipe("CellPredX", plan_kwargs=plan), {"train": 40}
         )
         for name, plan in _CELLPREDX_PLANS.items()
     },
-    "scanvi": Tool("scANVI", run_scanvi, "peer", {"scvi": 30, "query": 20}, {"query": 100}),
+    "scanvi": Tool(
+        "scANVI", run_scanvi, "peer", {"scvi": 30, "query": 20}, {"query": 100}, peer_table=True
+    ),
     "celltypist": Tool(
         "CellTypist",
         run_celltypist,
         "peer",
         uses_torch=False,
         env="celltypist",
+        peer_table=True,
         extra_records={"celltypist_mv": "CellTypist+MV"},
     ),
     "scnym_original": Tool(
-        "scNym (original)", run_scnym_original, "peer", {"train": 25}, env="scnym_original"
+        "scNym (original)",
+        run_scnym_original,
+        "peer",
+        {"train": 25},
+        env="scnym_original",
+        peer_table=True,
     ),
-    "logreg": Tool("logreg", run_sklearn, "peer", uses_torch=False),
-    "knn": Tool("kNN", run_sklearn, "peer", uses_torch=False),
+    "logreg": Tool("logreg", run_sklearn, "peer", uses_torch=False, peer_table=True),
+    "knn": Tool("kNN", run_sklearn, "peer", uses_torch=False, peer_table=True),
 }
 #: Display name of every record name, in table order; a tool may yield several records.
 DISPLAY: dict[str, str] = {}

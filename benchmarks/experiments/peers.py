@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from _tasks import TASKS
 from _tools import DISPLAY
+from _tools import TOOLS as TOOL_REGISTRY
 from _writer import marked, pivot
 
 from experiments import Experiment
@@ -21,38 +22,9 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-#: Longest first, so that parallel children finish together.
-TOOLS = (
-    "scdet",
-    "cellpredx",
-    "scanvi",
-    "scnym",
-    "scnym_original",
-    "jind",
-    "celltypist",
-    "logreg",
-    "knn",
-)
-PEER_TASKS = (
-    "kang",
-    "kang_novel_b",
-    "kang_novel_fcgr3a",
-    "kang_noshift",
-    "cellbench_c2d",
-    "cellbench_c2d_novel_h1975",
-    "cellbench_c2d_novel_h2228",
-    "cellbench_c2d_novel_hcc827",
-    "cellbench_d2c",
-    "cellbench_d2c_novel_h1975",
-    "cellbench_d2c_novel_h2228",
-    "cellbench_d2c_novel_hcc827",
-    "pbmc68k",
-    "pbmc68k_novel_cd19b",
-    "atac",
-    "atac_novel_b",
-    "multiome",
-    "longtail",
-)
+#: The tools and tasks flagged ``peer_table`` in the registries.
+TOOLS = tuple(name for name, tool in TOOL_REGISTRY.items() if tool.peer_table)
+PEER_TASKS = tuple(name for name, spec in TASKS.items() if spec.peer_table)
 #: (column, title, digits, which tasks: "all", "closed" or "novel")
 METRICS = (
     ("raw_accuracy", "Raw accuracy (seen cells)", 3, "all"),
