@@ -379,6 +379,18 @@ def test_marker_dotplot_attributions_only(expression):
     assert _titles(ax)[0].endswith("attributed to T")
 
 
+def test_marker_dotplot_unassigned_with_markers_is_one_row(expression):
+    adata, table = expression
+    # e.g. a Wilcoxon ranking of every call, "Unassigned" included (as the scDET tutorial)
+    extra = pd.DataFrame(
+        {"group": "Unassigned", "target": "Unassigned", "rank": [1], "gene": ["g7"]}
+    ).assign(attribution=0.5)
+    ax = lt.pl.marker_dotplot(pd.concat([extra, table]), KEY, n_genes=1, adata=adata)
+    assert _ticks(ax.get_yticklabels()) == ["Unassigned", *GROUPS]
+    assert _ticks(ax.get_xticklabels()) == ["g7", "g3", "g11", "g24"]
+    assert _shaded(ax)[0] == (0, 0, 1, 1.0)
+
+
 def test_marker_dotplot_errors(expression):
     adata, table = expression
     bare = adata.copy()

@@ -143,7 +143,10 @@ def _expression_matrix(
 
 
 def _row_order(labels: pd.Series, marker_groups: list[str]) -> list[str]:
-    """Marker groups first (in block order), then the other groups, ``Unassigned`` last."""
+    """Marker groups first (in block order), then the other groups, ``Unassigned`` last.
+
+    ``Unassigned`` with markers of its own is a marker group: it keeps its block's place.
+    """
     present = pd.Series(labels.dropna().astype(str)).unique()
     if isinstance(labels.dtype, pd.CategoricalDtype):
         others = [str(c) for c in labels.cat.categories if str(c) in set(present)]
@@ -153,7 +156,8 @@ def _row_order(labels: pd.Series, marker_groups: list[str]) -> list[str]:
     rest = [c for c in others if c not in set(first) and c != UNASSIGNED]
     novel = [c for c in rest if c.startswith(NOVEL_PREFIX)]
     rest = [c for c in rest if c not in set(novel)] + novel
-    return first + rest + ([UNASSIGNED] if UNASSIGNED in set(present) else [])
+    last = [UNASSIGNED] if UNASSIGNED in set(present) and UNASSIGNED not in first else []
+    return first + rest + last
 
 
 def _expression_values(
