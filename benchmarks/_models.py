@@ -132,33 +132,32 @@ def run_labeltransfer(recipe: Recipe, task: Task, ctx: RunContext) -> dict[str, 
     sw = Stopwatch()
     if recipe.model == "JIND":
         model, info = _jind(recipe, task, query, ctx, sw)
-        out = query
+        annotated = out = query
     elif recipe.model == "CellPredX" and task.atac is not None:
-        model, mdata, info = _cellpredx_mudata(recipe, task, ctx, sw)
-        query = mdata
-        out = mdata["atac"][task.query.obs_names]
+        model, annotated, info = _cellpredx_mudata(recipe, task, ctx, sw)
+        out = annotated["atac"][task.query.obs_names]
     else:
         cls = getattr(lt, recipe.model)
         batch_key = "batch" if task.multi_domain else None
         meter = training_meter()
         with sw("train"):
-            query = lt.data.concat_reference_query(
+            annotated = lt.data.concat_reference_query(
                 task.reference.copy(), query, labels_key=TRUE_KEY, batch_key=batch_key
             )
-            cls.setup_anndata(query, labels_key=TRUE_KEY, batch_key=batch_key)
-            model = cls(query, **_init(recipe, task))
+            cls.setup_anndata(annotated, labels_key=TRUE_KEY, batch_key=batch_key)
+            model = cls(annotated, **_init(recipe, task))
             model.train(**_train_kwargs(recipe, ctx, meter))
         with sw("predict"):
             model.annotate(key_added=KEY)
         info = meter.summary("train")
-        out = query[(query.obs["lt_role"] == "query").to_numpy()]
+        out = annotated[(annotated.obs["lt_role"] == "query").to_numpy()]
         out.obs_names = task.query.obs_names
     calls = Calls.from_annotated(out)
     if recipe.kmeans_novel:
         _kmeans_novel(calls, out.obsm[f"X_{KEY}"], task.n_novel, ctx.seed)
     info.update(sw.record())
     info["best_epoch"] = model.training_summary_.get("best_epoch")
-    ctx.model, ctx.adata = model, query
+    ctx.model, ctx.adata = model, annotated
     return {ctx.name: (calls, info)}
 
 
