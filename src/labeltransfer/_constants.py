@@ -18,6 +18,7 @@ class _OUTPUT_KEYS_NT(NamedTuple):
     PREDICTION: str = "_prediction"
     CONFIDENCE: str = "_confidence"
     REJECTED: str = "_rejected"
+    NOVELTY: str = "_novelty"
     PROBABILITIES: str = "_probabilities"
     EMBEDDING_PREFIX: str = "X_"
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import labeltransfer as lt
-from labeltransfer.base import _annotation_mixin
+from labeltransfer.base import _inference
 
 
 def test_backed_query_gives_the_in_memory_annotation(model_and_query, tmp_path, monkeypatch):
@@ -17,7 +17,7 @@ def test_backed_query_gives_the_in_memory_annotation(model_and_query, tmp_path, 
     query.write_h5ad(path)
     expected = model.annotate(ad.read_h5ad(path), key_added="jind", copy=True)
 
-    monkeypatch.setattr(_annotation_mixin, "BACKED_CHUNK_SIZE", 37)  # several uneven chunks
+    monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)  # several uneven chunks
     backed = ad.read_h5ad(path, backed="r+")
     model.annotate(backed, key_added="jind")
     assert backed.isbacked  # X was never loaded into the object
@@ -76,7 +76,7 @@ def test_backed_query_warns_once_about_cells_without_counts(
     matrix[[3, 50, 90], :] = 0  # one empty cell in each of three chunks
     query.X = matrix.tocsr()
     query.write_h5ad(tmp_path / "q.h5ad")
-    monkeypatch.setattr(_annotation_mixin, "BACKED_CHUNK_SIZE", 37)
+    monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)
     backed = ad.read_h5ad(tmp_path / "q.h5ad", backed="r")
     with pytest.warns(UserWarning, match="query cells have no counts") as record:
         model.annotate(backed, key_added="jind")

@@ -19,7 +19,7 @@ import scvi
 import torch
 
 import labeltransfer as lt
-import labeltransfer.base._annotation_mixin as mixin_module
+import labeltransfer.base._save_load as mixin_module
 from labeltransfer.train import BestStateCallback
 
 TRAIN = {"accelerator": "cpu", "enable_progress_bar": False}

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from anndata.abc import CSRDataset
 
-from labeltransfer.base import _annotation_mixin
+from labeltransfer.base import _inference
 from labeltransfer.base._zarr import is_lazy, open_zarr
 
 FIELDS = ("jind", "jind_prediction", "jind_confidence", "jind_rejected")
@@ -31,7 +31,7 @@ def test_zarr_query_is_annotated_in_chunks_and_written_back(
         return out
 
     monkeypatch.setattr(type(open_zarr(path).X), "__getitem__", spy)
-    monkeypatch.setattr(_annotation_mixin, "BACKED_CHUNK_SIZE", 37)  # several uneven chunks
+    monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)  # several uneven chunks
     assert model.annotate(path, key_added="jind") is None
     assert reads
     assert max(reads) <= 37  # X was read 37 cells at a time, never whole

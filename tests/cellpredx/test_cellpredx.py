@@ -45,7 +45,13 @@ def test_annotate_mudata_writes_the_documented_fields(trained_unpaired, unpaired
     atac_obsm, global_obs = set(mdata["atac"].obsm), set(mdata.obs)
     assert model.annotate(mdata) is None
     atac = mdata["atac"]
-    written = {KEY, f"{KEY}_prediction", f"{KEY}_confidence", f"{KEY}_rejected"}
+    written = {
+        KEY,
+        f"{KEY}_prediction",
+        f"{KEY}_confidence",
+        f"{KEY}_rejected",
+        f"{KEY}_novelty",
+    }
     assert set(atac.obs) - atac_obs == written
     assert set(atac.obsm) - atac_obsm == {f"{KEY}_probabilities", f"X_{KEY}"}
     assert KEY in atac.uns
@@ -55,17 +61,25 @@ def test_annotate_mudata_writes_the_documented_fields(trained_unpaired, unpaired
     assert "gene_activity" not in mdata.mod  # annotate does not add modalities
 
     types = model.cell_types
-    assert list(atac.obs[KEY].cat.categories) == [*types, UNASSIGNED]
+    categories = list(atac.obs[KEY].cat.categories)
+    novel = [c for c in categories if c.startswith("novel_")]  # groups of uncovered cells
+    assert categories == [*types, *novel, UNASSIGNED]
     probs = atac.obsm[f"{KEY}_probabilities"]
     assert list(probs.columns) == types
     assert (probs.index == atac.obs_names).all()
     np.testing.assert_allclose(probs.max(axis=1), atac.obs[f"{KEY}_confidence"], rtol=1e-6)
     assert atac.obsm[f"X_{KEY}"].shape == (atac.n_obs, 64)
-    confidence = atac.obs[f"{KEY}_confidence"].to_numpy()
-    np.testing.assert_array_equal(atac.obs[f"{KEY}_rejected"], confidence < 0.95)
     rejected = atac.obs[f"{KEY}_rejected"].to_numpy()
-    assert (atac.obs[KEY][rejected] == UNASSIGNED).all()
-    assert atac.uns[KEY]["rejection"] == {"rule": "global", "threshold": 0.95}
+    calls = atac.obs[KEY].astype(str)
+    assert (calls[rejected].isin([UNASSIGNED, *novel])).all()
+    assert (calls[~rejected] == atac.obs[f"{KEY}_prediction"].astype(str)[~rejected]).all()
+    assert atac.uns[KEY]["rejection"]["rule"] == "openset"
+    assert atac.uns[KEY]["rejection"]["paper"] == 0.95
+    # the paper's rule: confidence < 0.95
+    paper = model.annotate(mdata, key_added="paper", rejection="paper", copy=True)["atac"]
+    confidence = paper.obs["paper_confidence"].to_numpy()
+    np.testing.assert_array_equal(paper.obs["paper_rejected"], confidence < 0.95)
+    assert paper.uns["paper"]["rejection"] == {"rule": "global", "threshold": 0.95}
     assert atac.uns[KEY]["method"] == "CellPredX"
     assert atac.uns[KEY]["preset"] == "rna_atac_unmatched"
     assert atac.uns[KEY]["mudata"]["paired"] is False
@@ -202,7 +216,7 @@ def test_save_load_with_mudata_gives_identical_predictions(
     pd.testing.assert_frame_equal(loaded.predict(fresh, soft=True), before)
     assert loaded.mudata_setup_["genes"] == model.mudata_setup_["genes"]
     assert loaded.preset_ == "rna_atac_unmatched"
-    assert loaded.rejection_["rule"] == 0.95
+    assert loaded.rejection_["paper"] == 0.95
     assert lt.CellPredX(fresh).adata.n_obs == 1200  # the MuData is linked again
 
     without_data = lt.CellPredX.load(tmp_path / "model")

@@ -30,7 +30,11 @@ def test_annotate_writes_exactly_the_documented_fields(trained_jind, synthetic_p
         f"{KEY}_prediction",
         f"{KEY}_confidence",
         f"{KEY}_rejected",
+        f"{KEY}_novelty",
     }
+    novelty = query.obs[f"{KEY}_novelty"].to_numpy()
+    assert novelty.dtype == np.float32
+    assert (novelty >= 0).all()
     assert set(query.obsm) - obsm_before == {f"{KEY}_probabilities", f"X_{KEY}"}
     assert set(query.uns) - uns_before == {KEY}
 
@@ -55,7 +59,8 @@ def test_annotate_writes_exactly_the_documented_fields(trained_jind, synthetic_p
 
     uns = query.uns[KEY]
     assert uns["method"] == "JIND"
-    assert uns["rejection"]["rule"] == "per_type"
+    assert uns["rejection"]["rule"] == "openset"
+    assert uns["rejection"]["paper"] == "per_type"
     assert list(uns["rejection"]["types"]) == list(types)
     np.testing.assert_allclose(
         uns["rejection"]["thresholds"], trained_jind.rejection_thresholds().to_numpy()
@@ -73,7 +78,7 @@ def test_annotated_query_writes_to_h5ad(trained_jind, synthetic_pair, tmp_path):
     trained_jind.annotate(query)
     query.write_h5ad(tmp_path / "q.h5ad")
     back = ad.read_h5ad(tmp_path / "q.h5ad")
-    assert back.uns[KEY]["rejection"]["rule"] == "per_type"
+    assert back.uns[KEY]["rejection"]["rule"] == "openset"
     np.testing.assert_array_equal(back.obs[KEY], query.obs[KEY])
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import scvi
 import torch
+from sklearn.metrics import roc_auc_score
 
 import labeltransfer as lt
 from labeltransfer._constants import NOVEL_PREFIX, UNASSIGNED
@@ -37,7 +38,8 @@ def _report(model, out):
 
 
 def test_seen_types_classified_and_novel_types_clustered(trained_scdet):
-    out = trained_scdet.annotate(copy=True)
+    # scDET's own calls (the paper's rule: no rejection); the shared layer is tested below
+    out = trained_scdet.annotate(copy=True, rejection="paper")
     report = _report(trained_scdet, out)
     # chance is 1/5; a closed-set classifier would score 0 on the novel cells
     assert report["seen_accuracy"] >= 0.9, report
@@ -48,6 +50,21 @@ def test_seen_types_classified_and_novel_types_clustered(trained_scdet):
     ref = ~_query(out)
     truth = out.obs["cell_type_original"].astype(str).to_numpy()[ref]
     assert (out.obs[KEY].astype(str).to_numpy()[ref] == truth).mean() >= 0.95
+
+
+def test_open_set_layer_keeps_novel_classes_and_scores_them_novel(trained_scdet):
+    out = trained_scdet.annotate(copy=True)
+    q = _query(out)
+    truth = out.obs["cell_type_original"].astype(str).to_numpy()[q]
+    novel = ~np.isin(truth, trained_scdet.cell_types)
+    novelty = out.obs[f"{KEY}_novelty"].to_numpy()[q]
+    assert roc_auc_score(novel, novelty) > 0.95
+    calls = out.obs[KEY].astype(str).to_numpy()[q]
+    predicted = out.obs[f"{KEY}_prediction"].astype(str).to_numpy()[q]
+    # a call of one of scDET's novel classes is never turned into Unassigned by the layer
+    own_novel = np.char.startswith(predicted.astype(str), "novel_")
+    assert (calls[own_novel] == predicted[own_novel]).all()
+    assert out.uns[KEY]["rejection"]["n_novel_groups"] == 0  # scDET forms its own
 
 
 def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
@@ -61,6 +78,7 @@ def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
         f"{KEY}_prediction",
         f"{KEY}_confidence",
         f"{KEY}_rejected",
+        f"{KEY}_novelty",
     }
     assert set(out.obsm) - obsm_before == {f"{KEY}_probabilities", f"X_{KEY}"}
     assert set(out.uns) - uns_before == {KEY}
@@ -75,9 +93,10 @@ def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
     assert list(out.obs[f"{KEY}_prediction"].cat.categories) == classes
     assert out.obs[f"{KEY}_confidence"].dtype == np.float32
     assert out.obs[f"{KEY}_rejected"].dtype == bool
-    assert not out.obs[f"{KEY}_rejected"].any()  # scDET assigns every cell by default
+    paper = trained_scdet.annotate(copy=True, rejection="paper")
+    assert not paper.obs[f"{KEY}_rejected"].any()  # the paper's rule assigns every cell
     np.testing.assert_array_equal(
-        out.obs[KEY].astype(str), out.obs[f"{KEY}_prediction"].astype(str)
+        paper.obs[KEY].astype(str), paper.obs[f"{KEY}_prediction"].astype(str)
     )
     probs = out.obsm[f"{KEY}_probabilities"]
     assert isinstance(probs, pd.DataFrame)
@@ -92,7 +111,8 @@ def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
 
     uns = out.uns[KEY]
     assert uns["method"] == "SCDET"
-    assert uns["rejection"] == {"rule": "none"}
+    assert uns["rejection"]["rule"] == "openset"
+    assert paper.uns[KEY]["rejection"] == {"rule": "none"}
     assert list(uns["classes"]) == classes
     assert list(uns["seen_types"]) == seen
     assert list(uns["novel_groups"]) == classes[3:]
@@ -146,7 +166,7 @@ def test_estimated_number_of_novel_types(estimated_scdet, scdet_pair, tmp_path):
     assert estimate["n_novel"] == 2
     assert estimate["warmup_epochs"] == 50
     assert estimate["n_unexplained"] >= 100  # 160 novel query cells
-    out = model.annotate(copy=True)
+    out = model.annotate(copy=True, rejection="paper")
     assert out.uns[KEY]["n_novel_estimated"]
     assert out.uns[KEY]["n_novel_estimate"]["n_novel"] == 2
     report = _report(model, out)

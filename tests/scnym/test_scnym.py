@@ -41,6 +41,7 @@ def test_annotate_writes_exactly_the_documented_fields(trained_scnym, tmp_path):
         f"{KEY}_prediction",
         f"{KEY}_confidence",
         f"{KEY}_rejected",
+        f"{KEY}_novelty",
     }
     assert set(out.obsm) - obsm_before == {f"{KEY}_probabilities", f"X_{KEY}"}
     assert set(out.uns) - uns_before == {KEY}
@@ -71,8 +72,10 @@ def test_annotate_writes_exactly_the_documented_fields(trained_scnym, tmp_path):
 
     uns = out.uns[KEY]
     assert uns["method"] == "SCNYM"
-    assert uns["rejection"] == {"rule": "global", "threshold": 0.5}
-    assert uns["calibration"]["temperature"] == 1.0
+    assert uns["rejection"]["rule"] == "openset"
+    assert uns["rejection"]["paper"] == 0.5
+    assert uns["calibration"]["temperature"] >= 1.0
+    assert {"ece_before", "ece_after"} <= set(uns["calibration"])
     assert uns["input_type"] == "counts"
     assert uns["n_rejected"] == rejected.sum()
     assert uns["seed"] == 0
@@ -81,12 +84,13 @@ def test_annotate_writes_exactly_the_documented_fields(trained_scnym, tmp_path):
     assert uns["training"]["domain_source"] == "batch"
     out.write_h5ad(tmp_path / "annotated.h5ad")
     back = ad.read_h5ad(tmp_path / "annotated.h5ad")
-    assert back.uns[KEY]["rejection"]["threshold"] == 0.5
+    assert back.uns[KEY]["rejection"]["paper"] == 0.5
     np.testing.assert_array_equal(back.obs[KEY], out.obs[KEY])
 
 
 def test_rejection_rules(trained_scnym):
-    out = trained_scnym.annotate(copy=True)
+    out = trained_scnym.annotate(copy=True, rejection="paper")
+    assert out.uns[KEY]["rejection"] == {"rule": "global", "threshold": 0.5}
     confidence = out.obs[f"{KEY}_confidence"].to_numpy()
     np.testing.assert_array_equal(out.obs[f"{KEY}_rejected"], confidence < 0.5)
     trained_scnym.annotate(out, key_added="pt", rejection="per_type")
@@ -95,6 +99,10 @@ def test_rejection_rules(trained_scnym):
     thresholds = trained_scnym.rejection_thresholds().to_numpy()
     prediction = out.obs["pt_prediction"].cat.codes.to_numpy()
     np.testing.assert_array_equal(out.obs["pt_rejected"], confidence < thresholds[prediction])
+    # the default open-set rule rejects what the thresholds reject, and uncovered cells
+    trained_scnym.annotate(out, key_added="os")
+    assert out.uns["os"]["rejection"]["rule"] == "openset"
+    assert (out.obs["os_rejected"] >= out.obs["pt_rejected"]).all()
 
 
 def test_predict_soft_and_other_query(trained_scnym, scnym_pair):
@@ -121,10 +129,10 @@ def test_save_load_identical_predictions(trained_scnym, scnym_pair, tmp_path):
     loaded = lt.SCNYM.load(tmp_path / "model")
     pd.testing.assert_frame_equal(loaded.predict(query, soft=True), before)
     assert loaded.rejection_ is not None
-    assert loaded.rejection_["rule"] == 0.5
+    assert loaded.rejection_["paper"] == 0.5
     assert loaded.domains_ == trained_scnym.domains_
     out = loaded.annotate(query, copy=True)
-    assert out.uns[KEY]["rejection"] == {"rule": "global", "threshold": 0.5}
+    assert out.uns[KEY]["rejection"]["rule"] == "openset"
 
     # loading onto the registered data, and onto data with new batch categories
     adata = trained_scnym.adata.copy()

@@ -39,7 +39,8 @@ def annotated_query(novel_pair):
     lt.JIND.setup_anndata(ref, labels_key="cell_type")
     model = lt.JIND(ref, n_top_genes=200)
     model.train(max_epochs=30, enable_progress_bar=False, accelerator="cpu")
-    model.annotate(query, key_added=KEY)
+    # discover_novel groups the low-confidence cells itself: no novel groups from annotate
+    model.annotate(query, key_added=KEY, novel=False)
     return query
 
 

@@ -2,7 +2,7 @@
 
 :func:`open_zarr` gives an AnnData whose ``obs`` and ``var`` are in memory and whose ``X``
 (and layers) stay on disk as anndata's lazy sparse datasets (or zarr arrays when dense): a
-model reads it :data:`~labeltransfer.base._annotation_mixin.BACKED_CHUNK_SIZE` cells at a
+model reads it :data:`~labeltransfer.base._inference.BACKED_CHUNK_SIZE` cells at a
 time, as an h5ad opened in backed mode. :func:`write_annotation` then writes ``obs``, the new
 ``obsm`` entries and ``uns[key]`` into the store without touching ``X``, all or nothing: the
 new elements are written to a staging folder next to the store and swapped in only once all

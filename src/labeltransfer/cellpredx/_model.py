@@ -179,15 +179,15 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         make :attr:`loss_config`, a :class:`~labeltransfer.cellpredx.CellPredXLossConfig`
         (which checks them when the model is created).
     confidence_threshold
-        The default rejection rule: cells whose confidence (softmax probability of the
-        predicted type) is below it are ``"Unassigned"`` (CellPredX: 0.95, "Unknown" in the
-        paper). ``None`` makes the per-type thresholds the default.
+        The paper's rejection rule, applied with ``annotate(rejection="paper")``: cells whose
+        confidence is below it are ``"Unassigned"`` (CellPredX: 0.95, "Unknown" in the
+        paper). ``None``: the paper rule rejects nothing.
     theta
-        Outlier fraction of the per-type thresholds fitted on the held-out reference
-        (``rejection="per_type"``).
+        Outlier fraction of the per-type confidence thresholds of the default ``"openset"``
+        rule, fitted on the held-out reference.
     calibrate
-        Fit a temperature on the held-out reference. Off by default: the paper thresholds the
-        raw softmax.
+        Fit a temperature on the held-out reference (on by default, as every model; the
+        paper thresholds the raw softmax).
 
     Notes
     -----
@@ -206,9 +206,10 @@ class CellPredX(AnnotationMixin, BaseModelClass):
     decay 5e-4; FA's ``p = 0.8``; 10 neighbours; pseudo-labels of the most confident quarter
     of each query minibatch enter the SC loss; the attention CE-Unit has ``m`` units.
 
-    **Rejection.** As the paper: a cell is ``"Unassigned"`` when its confidence is below 0.95
-    (a float rule in ``rejection_``); the package's per-type thresholds are also fitted and
-    available with ``annotate(rejection="per_type")``.
+    **Rejection.** The default is the package's shared open-set layer (``"openset"``). The
+    paper's rule (a cell is ``"Unassigned"`` when its confidence is below 0.95) is available
+    as ``annotate(rejection="paper")``; measured on real RNA tasks it rejected 80-100% of
+    the cells of types the reference has, which is why it is not the default.
 
     Examples
     --------
@@ -250,7 +251,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         temperature: float | None = None,
         confidence_threshold: float | None = 0.95,
         theta: float = 0.05,
-        calibrate: bool = False,
+        calibrate: bool = True,
     ):
         check_arguments(CellPredX.__init__, locals(), _INIT_RULES)
         record = None
@@ -614,11 +615,11 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         )
 
     # ------------------------------------------------------------------ outputs
-    def _fit_rejection(self, validation_indices: np.ndarray) -> None:
-        """Fit the per-type thresholds; make the 0.95 confidence cut the default rule."""
-        super()._fit_rejection(validation_indices)
-        if self.confidence_threshold is not None:
-            self.rejection_["rule"] = float(self.confidence_threshold)
+    def _paper_rule(self) -> float | str:
+        """Return CellPredX's rule: the global cut on the confidence (0.95), if one is set."""
+        if self.confidence_threshold is None:
+            return "none"
+        return float(self.confidence_threshold)
 
     def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {
@@ -643,6 +644,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         *,
         key_added: str | None = None,
         rejection: Any = "default",
+        novel: str | bool = "auto",
         copy: bool = False,
         batch_size: int | None = None,
         gene_symbols: str | None = None,
@@ -659,8 +661,8 @@ class CellPredX(AnnotationMixin, BaseModelClass):
 
         - the ATAC modality (the gene-activity modality if there is no ATAC modality):
           ``obs[K]``, ``obs[K_prediction]``, ``obs[K_confidence]``, ``obs[K_rejected]``,
-          ``obsm[K_probabilities]``, ``obsm[X_K]`` and ``uns[K]``;
-        - the MuData: the four ``obs`` columns (cells without an ATAC profile get missing
+          ``obs[K_novelty]``, ``obsm[K_probabilities]``, ``obsm[X_K]`` and ``uns[K]``;
+        - the MuData: the five ``obs`` columns (cells without an ATAC profile get missing
           values; ``K_rejected`` is then a nullable boolean) and ``uns[K]``.
 
         Parameters
@@ -670,7 +672,11 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         key_added
             Prefix of the written fields (``"cellpredx"`` by default).
         rejection
-            ``"default"`` (confidence < 0.95), ``"per_type"``, a float or ``None``.
+            ``"default"`` (the shared ``"openset"`` rule), ``"openset"``, ``"per_type"``,
+            ``"paper"`` (confidence < 0.95), a float or ``None``; see
+            :meth:`~labeltransfer.base.AnnotationMixin.annotate`.
+        novel
+            ``"auto"`` (uncovered groups become ``novel_<i>``) or ``False``.
         copy
             Write into a copy and return it.
         batch_size
@@ -692,6 +698,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
                 adata,
                 key_added=key_added,
                 rejection=rejection,
+                novel=novel,
                 copy=copy,
                 batch_size=batch_size,
                 gene_symbols=gene_symbols,
@@ -710,7 +717,9 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         self._check_output_key(mdata.mod[target], key)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Overwriting the previous annotation")
-            super().annotate(query, key_added=key, rejection=rejection, batch_size=batch_size)
+            super().annotate(
+                query, key_added=key, rejection=rejection, novel=novel, batch_size=batch_size
+            )
         write_back(mdata, query, key, target)
         return mdata if copy else None
 

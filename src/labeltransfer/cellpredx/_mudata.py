@@ -400,6 +400,7 @@ def write_back(mdata: MuData, annotated: AnnData, key: str, target: str) -> None
         key + OUTPUT_KEYS.CONFIDENCE,
         key + OUTPUT_KEYS.REJECTED,
     ]
+    obs_keys += [c for c in (key + OUTPUT_KEYS.NOVELTY,) if c in annotated.obs]
     names = mod.obs_names
     for column in obs_keys:
         values = annotated.obs[column].reindex(names)

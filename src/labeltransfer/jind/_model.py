@@ -250,7 +250,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         rng = np.random.RandomState(settings.seed)
         if labelled.size > self.n_reference_codes:
             labelled = np.sort(rng.choice(labelled, self.n_reference_codes, replace=False))
-        _, codes = self._forward(self.adata, indices=labelled)
+        codes = self._forward(self.adata, indices=labelled).latent
         self.reference_codes_ = codes.astype(np.float32)
 
     # ------------------------------------------------------------------ alignment
@@ -447,9 +447,9 @@ class JIND(AnnotationMixin, BaseModelClass):
         if generator is not None:  # trained on the module's device: its own generator
             self.module.generator.load_state_dict(generator.state_dict())
             inference_kwargs["aligned"] = True
-        logits, _ = self._forward(
+        logits = self._forward(
             registered, inference_kwargs=inference_kwargs, return_latent=False
-        )
+        ).logits
         probs = self._probabilities(logits)
         prediction = probs.argmax(axis=1)
         thresholds = self.rejection_thresholds(theta).to_numpy()

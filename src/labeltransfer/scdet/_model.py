@@ -160,8 +160,14 @@ class SCDET(AnnotationMixin, BaseModelClass):
     not absorbed by a frequent one (``plan_kwargs={"gamma": 0}`` turns it off). The
     prediction is their argmax (scDET: "obtain predictions by finding the maximum component
     of the classification probability") and ``obs["scdet_prediction"]`` can be a novel
-    group. They are not temperature-calibrated (the held-out reference has no novel cells to calibrate
-    the novel classes on).
+    group. A temperature fitted on the held-out reference (seen types) softens them all, as
+    every model of the package; it does not change the argmax.
+
+    **Rejection.** The default is the package's shared open-set layer (``"openset"``):
+    calibrated per-type confidence thresholds and seen-type calls the reference does not
+    cover become ``"Unassigned"``; scDET's own novel classes stay its novel groups (the
+    layer forms none of its own). ``annotate(rejection="paper")`` applies the paper's
+    behaviour: no rejection (or ``confidence_threshold`` if set).
 
     **Novel groups** are named by their class index. The distribution estimation gives the
     ``i``-th novel class the frequency of the ``i``-th largest unmatched k-means cluster,
@@ -181,6 +187,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
     _module_cls = SCDETModule
     _default_key = "scdet"
     _default_theta = 0.05
+    _forms_novel_groups = False
 
     def __init__(
         self,
@@ -209,7 +216,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
         self.max_novel = int(max_novel)
         self.theta = theta
         self._default_theta = theta
-        self.calibrate = False
+        self.calibrate = True
         self.confidence_threshold = confidence_threshold
         self.n_novel_estimate_: dict[str, Any] | None = None
         self.distribution_: dict[str, Any] | None = None
@@ -554,12 +561,11 @@ class SCDET(AnnotationMixin, BaseModelClass):
         return torch.cat(features).numpy(), torch.cat(labels).numpy()
 
     # ------------------------------------------------------------- outputs
-    def _fit_rejection(self, validation_indices: np.ndarray) -> None:
-        """Fit the per-type thresholds; the default rule is none (or the global cut)."""
-        super()._fit_rejection(validation_indices)
-        self.rejection_["rule"] = (
-            "none" if self.confidence_threshold is None else float(self.confidence_threshold)
-        )
+    def _paper_rule(self) -> float | str:
+        """Return scDET's rule: none (its novel classes), or a global cut if one is set."""
+        if self.confidence_threshold is None:
+            return "none"
+        return float(self.confidence_threshold)
 
     def class_distribution(self) -> pd.Series:
         r"""Return the last estimated class distribution :math:`\pi` (seen types, then novel groups)."""

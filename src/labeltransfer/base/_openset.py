@@ -1,0 +1,274 @@
+"""The shared open-set layer: reference coverage, novelty score and novel groups.
+
+Every model ends in the same layer (``DESIGN.md``, *Calls a user can trust*). Next to the
+temperature calibration and the per-type confidence thresholds of ``_rejection.py``, it asks
+a question the classifier cannot answer: *does the reference hold cells like this one?*
+
+Why not the model's own latent space. Measured on held-out types (``benchmarks/``, the
+``*_novel`` tasks), distances in the models' embeddings rank a held-out type poorly: JIND's
+aligned code gives an open-set AUROC of 0.24 (Kang, FCGR3A+ monocytes held out) and scNym's
+co-trained embedding 0.78 (Kang, B cells), because alignment and domain-adversarial
+training are built to map every query cell onto the reference types. The layer therefore
+works in a space no training can bend: the principal components of the reference's own
+log-normalised expression (``log1p`` of counts per 10,000) over the model's genes, fitted
+once after training and saved with the model (a bank of at most :data:`BANK_SIZE`
+reference cells, the PCA mean and loadings; about 1 MB).
+
+Coverage by mutual nearest neighbours. Absolute distances grow under any batch shift (a
+stimulated query is far from a control reference), so a threshold on them rejects whole
+shifted types. Mutual nearest neighbours (MNN; Haghverdi et al., *Nat Biotechnol* 2018) are
+relative: a query cell is *covered* when one of its ``k`` nearest reference cells, of the
+type the model predicts, counts it among its own nearest query cells (:data:`N_MUTUAL`). A shifted seen
+type keeps its mutual pairs (its cells are still the nearest query cells of their reference
+type); a type the reference lacks has none, whatever the shift. Each query domain is first
+centred on its own mean (the reference bank on the reference's), which removes a global
+shift. Coverage is smoothed over the cell's :data:`N_NEIGHBORS` nearest query cells, so a
+cell counts as novel when most of its neighbourhood has no mutual reference partner.
+
+The novelty score written to ``obs[key + "_novelty"]`` is that uncovered fraction (0 to 1),
+with ties broken by the calibrated confidence: ``uncovered + (1 - confidence) /
+(N_NEIGHBORS + 1)``, which orders cells within one step of the fraction by confidence and
+never across steps. Cells with an uncovered fraction above :data:`NOVEL_CUT` are rejected,
+and those that form groups of at least ``min_cells`` cells in the query's principal
+components (Leiden, as :func:`labeltransfer.tl.discover_novel`) become ``novel_<i>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from labeltransfer.nn import normalize_input
+
+#: Reference cells kept for coverage (stratified by type).
+BANK_SIZE = 5_000
+#: Values (cells x genes) of the bank cells the PCA is fitted on, densified at once: 10 MB,
+#: e.g. 1,000 cells of 2,500 genes or 500 cells of 5,000 (never fewer than :data:`MIN_FIT`).
+FIT_VALUES = 2_500_000
+MIN_FIT = 300
+#: Fewest bank cells of a reference type (all of its cells when it has fewer).
+MIN_PER_TYPE = 50
+#: Principal components of the coverage space.
+N_COMPONENTS = 30
+#: Neighbours of the mutual-nearest-neighbour test (10 ranked best of 5, 10 and 20 on the
+#: held-out tasks: 5 rejects shifted seen cells, 20 lets novel cells find partners).
+N_MUTUAL = 10
+#: Query neighbours over which coverage is smoothed (and of the novel groups' graph).
+N_NEIGHBORS = 15
+#: Most neighbours a reference cell looks for among query cells (large queries).
+MAX_QUERY_NEIGHBORS = 200
+#: Uncovered fraction of a neighbourhood above which a cell is novel.
+NOVEL_CUT = 0.5
+#: Library size of the coverage space's log-normalisation (counts per 10,000).
+TARGET_SUM = 1e4
+#: Cells per block of the exact distance computations.
+_BLOCK = 4096
+
+
+def expression_features(
+    x: torch.Tensor, feature_idx: torch.Tensor, input_type: str
+) -> torch.Tensor:
+    """``log1p`` counts per 10,000 of the model's genes (log-normalised input as given)."""
+    return normalize_input(x, feature_idx, input_type, TARGET_SUM)
+
+
+def bank_rows(labels: np.ndarray, size: int = BANK_SIZE, seed: int = 0) -> np.ndarray:
+    """Return at most ``size`` sorted positions of ``labels``, stratified by type.
+
+    Each type is kept in proportion but with at least :data:`MIN_PER_TYPE` cells (all the
+    cells of a rarer type).
+    """
+    labels = np.asarray(labels)
+    if labels.size <= size:
+        return np.arange(labels.size)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for value in np.unique(labels):
+        rows = np.flatnonzero(labels == value)
+        n = min(rows.size, max(MIN_PER_TYPE, round(size * rows.size / labels.size)))
+        keep.append(rng.choice(rows, n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+@dataclass
+class ReferenceSpace:
+    """The reference's principal components and a bank of its cells in them.
+
+    Attributes
+    ----------
+    mean
+        Mean of the reference's log-normalised expression, one per model gene.
+    components
+        Loadings, components x model genes.
+    bank
+        Coordinates of the bank cells (centred on the reference).
+    bank_labels
+        Reference type code of each bank cell.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    bank: np.ndarray
+    bank_labels: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray, seed: int = 0) -> ReferenceSpace:
+        """Fit the PCA on log-normalised reference cells (cells x model genes); no bank yet.
+
+        ``features`` is centred in place (it is a temporary array of the caller's).
+        """
+        features = np.asarray(features, dtype=np.float32)
+        mean = features.mean(axis=0)
+        features -= mean
+        n_components = int(min(N_COMPONENTS, features.shape[0] - 1, features.shape[1]))
+        if n_components < 1:
+            raise ValueError(
+                "The open-set layer needs at least 2 reference cells to fit its coverage space."
+            )
+        # through the cells x cells Gram matrix: no copy of the cells x genes matrix
+        values, vectors = np.linalg.eigh(features @ features.T)
+        top = np.argsort(values)[::-1][:n_components]
+        scale = np.sqrt(np.maximum(values[top], 1e-12)).astype(np.float32)
+        components = (vectors[:, top].T.astype(np.float32) @ features) / scale[:, None]
+        empty = np.zeros((0, n_components), dtype=np.float32)
+        return cls(mean, components, empty, np.zeros(0, dtype=np.int64))
+
+    def project(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Coordinates of log-normalised cells (from :func:`expression_features`)."""
+        if isinstance(features, torch.Tensor):
+            mean = torch.as_tensor(self.mean, device=features.device)
+            components = torch.as_tensor(self.components, device=features.device)
+            return ((features.float() - mean) @ components.T).cpu().numpy()
+        return (np.asarray(features, dtype=np.float32) - self.mean) @ self.components.T
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to save with the model."""
+        return {
+            "mean": self.mean,
+            "components": self.components,
+            "bank": self.bank,
+            "bank_labels": self.bank_labels,
+        }
+
+
+def _nearest(bank: np.ndarray, points: np.ndarray, k: int) -> np.ndarray:
+    """Exact ``k`` nearest rows of ``bank`` for each of ``points`` (nearest first)."""
+    k = min(k, len(bank))
+    bank_t = torch.as_tensor(bank, dtype=torch.float32)
+    out = np.empty((len(points), k), dtype=np.int64)
+    for start in range(0, len(points), _BLOCK):
+        block = torch.as_tensor(points[start : start + _BLOCK], dtype=torch.float32)
+        out[start : start + len(block)] = torch.cdist(block, bank_t).topk(k, largest=False)[1]
+    return out
+
+
+def _nearest_reversed(points: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """``k`` nearest ``points`` of each bank row, by blocks of ``points`` (memory bounded)."""
+    k = min(k, len(points))
+    bank_t = torch.as_tensor(bank, dtype=torch.float32)
+    best_d = torch.full((len(bank), 0), float("inf"))
+    best_i = torch.zeros((len(bank), 0), dtype=torch.long)
+    for start in range(0, len(points), 16 * _BLOCK):
+        block = torch.as_tensor(points[start : start + 16 * _BLOCK], dtype=torch.float32)
+        dist = torch.cdist(bank_t, block)
+        take = min(k, block.shape[0])
+        d, i = dist.topk(take, largest=False)
+        best_d = torch.cat([best_d, d], dim=1)
+        best_i = torch.cat([best_i, i + start], dim=1)
+        order = best_d.topk(min(k, best_d.shape[1]), largest=False)[1]
+        best_d, best_i = best_d.gather(1, order), best_i.gather(1, order)
+    return best_i.numpy()
+
+
+def centre_by_group(coords: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Centre each query domain on its own mean; group ``-1`` (reference cells) is kept."""
+    out = np.array(coords, dtype=np.float32, copy=True)
+    for group in np.unique(groups):
+        if group < 0:
+            continue
+        rows = groups == group
+        out[rows] -= out[rows].mean(axis=0)
+    return out
+
+
+def uncovered_fraction(
+    space: ReferenceSpace, coords: np.ndarray, prediction: np.ndarray, *, seed: int = 0
+) -> np.ndarray:
+    """Fraction of each cell's query neighbourhood without a mutual reference partner.
+
+    Parameters
+    ----------
+    space
+        The fitted reference space.
+    coords
+        Query coordinates (centred per domain with :func:`centre_by_group`).
+    prediction
+        Predicted reference type code of each query cell (a code outside the reference's
+        types, e.g. one of scDET's novel classes, never has a partner).
+    seed
+        Random state of the approximate search of very large queries.
+
+    Returns
+    -------
+    One value in ``[0, 1]`` per query cell.
+    """
+    from ._neighbors import knn
+
+    n_query, n_bank = len(coords), len(space.bank)
+    if n_query == 0:
+        return np.zeros(0)
+    k = N_MUTUAL
+    k_query = int(np.clip(round(k * n_query / n_bank), k, MAX_QUERY_NEIGHBORS))
+    to_bank = _nearest(space.bank, coords, k)  # query -> reference
+    to_query = _nearest_reversed(coords, space.bank, k_query)  # reference -> query
+    pairs = np.unique(np.repeat(np.arange(n_bank), to_query.shape[1]) * n_query + to_query.ravel())
+    mutual = np.isin(to_bank * n_query + np.arange(n_query)[:, None], pairs)
+    mutual &= space.bank_labels[to_bank] == np.asarray(prediction)[:, None]
+    covered = mutual.any(axis=1)
+    if n_query < 2:
+        return 1.0 - covered.astype(np.float64)
+    neighbours = knn(coords, min(N_NEIGHBORS, n_query - 1), seed=seed)
+    with_self = np.column_stack([np.arange(n_query), neighbours])
+    return 1.0 - covered[with_self].mean(axis=1)
+
+
+def novelty_score(uncovered: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """Return the written novelty: the uncovered fraction, ties broken by the confidence."""
+    return uncovered + (1.0 - np.asarray(confidence)) / (N_NEIGHBORS + 1)
+
+
+def novel_groups(
+    coords: np.ndarray, candidates: np.ndarray, *, min_cells: int, seed: int = 0
+) -> np.ndarray:
+    """Leiden communities of the candidate cells with at least ``min_cells`` cells.
+
+    Returns one group number per candidate cell (``0, 1, ...`` by decreasing size), ``-1``
+    for cells outside every large enough community.
+    """
+    import igraph as ig
+    import leidenalg
+
+    from ._neighbors import knn
+
+    rows = np.flatnonzero(candidates)
+    groups = np.full(rows.size, -1, dtype=np.int64)
+    if rows.size < max(min_cells, 2):
+        return groups
+    points = coords[rows]
+    k = min(N_NEIGHBORS, rows.size - 1)
+    neighbours = knn(points, k, seed=seed)
+    edges = np.column_stack([np.repeat(np.arange(rows.size), k), neighbours.ravel()])
+    graph = ig.Graph(n=rows.size, edges=edges, directed=False)
+    graph.simplify(multiple=True, loops=True)
+    membership = np.asarray(
+        leidenalg.find_partition(
+            graph, leidenalg.RBConfigurationVertexPartition, resolution_parameter=0.5, seed=seed
+        ).membership
+    )
+    sizes = np.bincount(membership)
+    order = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= min_cells]
+    for number, community in enumerate(order):
+        groups[membership == community] = number
+    return groups

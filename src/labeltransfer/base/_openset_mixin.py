@@ -1,0 +1,297 @@
+"""Calibration, rejection and novelty: the open-set layer every model ends in."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi import settings
+
+from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS
+from labeltransfer.dataloaders import labelled_mask
+from labeltransfer.metrics import expected_calibration_error
+
+from ._openset import (
+    FIT_VALUES,
+    MIN_FIT,
+    NOVEL_CUT,
+    ReferenceSpace,
+    bank_rows,
+    centre_by_group,
+    expression_features,
+    novel_groups,
+    uncovered_fraction,
+)
+from ._rejection import fit_temperature, per_type_thresholds
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+Rejection = str | float | None
+
+#: Rules :meth:`OpenSetMixin._reject` accepts by name.
+RULES = ("openset", "per_type", "paper", "default", "none")
+#: Fewest cells of a novel group; smaller groups of uncovered cells stay ``Unassigned``.
+MIN_NOVEL_GROUP = 10
+#: Fraction of rejected cells above which annotate() warns.
+WARN_REJECTED = 0.5
+
+
+class OpenSetMixin:
+    """Fit and apply the shared open-set layer (``DESIGN.md``, *Calls a user can trust*).
+
+    After training, :meth:`_fit_rejection` fits on the held-out reference cells a temperature
+    (every model, ECE before and after reported), the per-type confidence thresholds that
+    reject a fraction ``theta`` of them, and the reference's coverage space
+    (:mod:`labeltransfer.base._openset`). Everything is stored in attributes saved with the
+    model, so a loaded model applies the layer without the reference data.
+    """
+
+    _default_theta: float = 0.05
+    calibrate: bool = True
+
+    def _paper_rule(self) -> Rejection:
+        """Return the rejection rule of the model's paper (JIND's per-type thresholds here)."""
+        return "per_type"
+
+    # ------------------------------------------------------------------ fitting
+    def _fit_rejection(self, validation_indices: np.ndarray) -> None:
+        """Fit calibration, per-type thresholds and the coverage space after training."""
+        codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        val = np.asarray(validation_indices, dtype=int)
+        labelled = np.flatnonzero(labelled_mask(self.adata_manager))
+        self._fit_reference_space(np.setdiff1d(labelled, val), codes)
+        n_classes = len(self.output_classes)
+        rule = {"rule": "openset", "theta": self._default_theta, "paper": self._paper_rule()}
+        if val.size == 0:
+            warnings.warn(
+                "No held-out reference cells: the confidence thresholds cannot be learned, so "
+                "only cells the reference does not cover are rejected. Train with "
+                "train_size < 1.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+            self.calibration_ = {"temperature": 1.0}
+            self.validation_ = {"confidence": np.zeros(0), "prediction": np.zeros(0, int)}
+            self.rejection_ = {**rule, "thresholds": np.zeros(n_classes)}
+            return
+        logits = self._forward(self.adata, indices=val, return_latent=False).logits
+        truth = codes[val]
+        temperature = fit_temperature(logits, truth) if self.calibrate else 1.0
+        raw = self._probabilities(logits, temperature=1.0)
+        self.calibration_ = {"temperature": temperature}
+        probs = self._probabilities(logits)
+        prediction = probs.argmax(axis=1)
+        confidence = probs.max(axis=1)
+        correct = prediction == truth
+        self.calibration_.update(
+            ece_before=expected_calibration_error(raw.max(axis=1), correct),
+            ece_after=expected_calibration_error(confidence, correct),
+            n_cells=int(val.size),
+        )
+        self.validation_ = {
+            "confidence": confidence,
+            "prediction": prediction,
+            "truth": truth,
+            "accuracy": float(correct.mean()),
+        }
+        thresholds = per_type_thresholds(
+            confidence, prediction, n_classes, theta=self._default_theta
+        )
+        self.rejection_ = {**rule, "thresholds": thresholds}
+
+    @torch.inference_mode()
+    def _fit_reference_space(self, rows: np.ndarray, codes: np.ndarray) -> None:
+        """Fit the coverage space on a stratified bank of the labelled training cells.
+
+        The PCA is fitted on a few hundred of the bank's cells (:data:`FIT_VALUES` values at
+        most); the bank is then projected
+        minibatch by minibatch, so memory never holds the bank's expression.
+        """
+        seed = settings.seed or 0
+        rows = rows[bank_rows(codes[rows], seed=seed)]
+        module = self.module
+        n_fit = max(MIN_FIT, FIT_VALUES // module.n_features)
+        fit_rows = rows[bank_rows(codes[rows], size=n_fit, seed=seed)]
+        features = np.empty((fit_rows.size, module.n_features), dtype=np.float32)
+        start = 0
+        for tensors in self._make_data_loader(adata=self.adata, indices=fit_rows):
+            x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
+            part = expression_features(x, module.feature_idx, module.input_type).cpu().numpy()
+            features[start : start + part.shape[0]] = part
+            start += part.shape[0]
+        space = ReferenceSpace.fit(features, seed=seed)
+        del features
+        self.reference_space_ = space.state()  # _coords projects with it from here on
+        bank = self._forward(
+            self.adata, indices=rows, batch_size=256, return_latent=False, return_coords=True
+        )
+        self.reference_space_.update(bank=bank.coords, bank_labels=codes[rows].astype(np.int64))
+
+    @property
+    def _reference_space(self) -> ReferenceSpace | None:
+        state = getattr(self, "reference_space_", None)
+        return None if state is None else ReferenceSpace(**state)
+
+    def _coords(self, tensors: dict[str, torch.Tensor]) -> np.ndarray | None:
+        """Coverage-space coordinates of a minibatch (``None`` before the space is fitted)."""
+        space = self._reference_space
+        if space is None:
+            return None
+        module = self.module
+        x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
+        return space.project(expression_features(x, module.feature_idx, module.input_type))
+
+    # ------------------------------------------------------------------ applying
+    def rejection_thresholds(self, theta: float | None = None) -> pd.Series:
+        """Per-type confidence thresholds for outlier fraction ``theta`` (the fitted ones by default).
+
+        Parameters
+        ----------
+        theta
+            Outlier fraction; thresholds are recomputed from the stored held-out confidences.
+
+        Returns
+        -------
+        Series indexed by reference type.
+        """
+        self._check_if_trained(warn=False)
+        if theta is None:
+            values = self.rejection_["thresholds"]
+        else:
+            values = per_type_thresholds(
+                self.validation_["confidence"],
+                self.validation_["prediction"],
+                len(self.output_classes),
+                theta=theta,
+            )
+        return pd.Series(values, index=self.output_classes, name="threshold")
+
+    def _resolve_rule(self, rejection: Rejection) -> Rejection:
+        if rejection == "default":
+            rejection = self.rejection_["rule"]
+        if rejection == "paper":
+            rejection = self.rejection_.get("paper", "per_type")
+        if rejection is None or rejection in RULES:
+            return rejection
+        if isinstance(rejection, int | float) and not isinstance(rejection, bool):
+            if not 0.0 <= rejection <= 1.0:
+                raise ValueError(
+                    f"A global rejection threshold must be in [0, 1], got {rejection}."
+                )
+            return float(rejection)
+        raise ValueError(
+            f"Unknown rejection rule {rejection!r}. Use 'openset' (the default: per-type "
+            "confidence thresholds and cells the reference does not cover), 'per_type' "
+            "(confidence thresholds only), 'paper' (the rule of the model's paper), a float in "
+            "[0, 1] (one global cut on the confidence), None (no rejection) or 'default'."
+        )
+
+    def _reject(
+        self,
+        confidence: np.ndarray,
+        prediction: np.ndarray,
+        rejection: Rejection,
+        uncovered: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Rejected cells and the rule's description for ``uns[key]["rejection"]``."""
+        rejection = self._resolve_rule(rejection)
+        if rejection is None or rejection == "none":
+            return np.zeros(confidence.size, dtype=bool), {"rule": "none"}
+        if isinstance(rejection, float):
+            return confidence < rejection, {"rule": "global", "threshold": rejection}
+        thresholds = np.asarray(self.rejection_["thresholds"])
+        # parallel lists, not a dict: a type name with "/" as a key becomes nested groups
+        # in h5ad and is refused by zarr
+        rule = {
+            "rule": rejection,
+            "paper": self.rejection_.get("paper", "per_type"),
+            "theta": self.rejection_["theta"],
+            "types": list(self.output_classes),
+            "thresholds": [float(t) for t in thresholds],
+        }
+        # a model's own novel classes (scDET) are novel by design: only calls of reference
+        # types are rejected
+        seen = prediction < len(self.cell_types)
+        rejected = seen & (confidence < thresholds[prediction])
+        if rejection == "openset" and uncovered is not None:
+            not_covered = seen & (uncovered > NOVEL_CUT)
+            rule.update(novel_cut=NOVEL_CUT, n_uncovered=int(not_covered.sum()))
+            rejected = rejected | not_covered
+        return rejected, rule
+
+    def _coverage_groups(self, adata: AnnData | None, n_cells: int) -> np.ndarray:
+        """Return the domain of each annotated cell, each centred on its own mean.
+
+        ``-1`` (not centred) for the registered reference cells, else the cell's batch when
+        the query has the registered batch column, else one domain.
+        """
+        batch_key = self.adata_manager.registry["setup_args"].get("batch_key")
+        if adata is None:
+            groups = np.zeros(n_cells, dtype=np.int64)
+            if batch_key is not None:
+                groups = pd.factorize(self.adata.obs[batch_key])[0].astype(np.int64)
+            groups[labelled_mask(self.adata_manager)] = -1
+            return groups
+        if batch_key is not None and batch_key in adata.obs:
+            return pd.factorize(adata.obs[batch_key].astype(str))[0].astype(np.int64)
+        return np.zeros(n_cells, dtype=np.int64)
+
+    def _novelty(
+        self, coords: np.ndarray | None, groups: np.ndarray, prediction: np.ndarray
+    ) -> np.ndarray | None:
+        """Uncovered fraction of each cell (``None`` for a model saved before the layer)."""
+        space = self._reference_space
+        if space is None or coords is None:
+            return None
+        centred = centre_by_group(coords, groups)
+        return uncovered_fraction(space, centred, prediction, seed=settings.seed or 0)
+
+    def _open_set_calls(
+        self,
+        calls: np.ndarray,
+        rejected: np.ndarray,
+        coords: np.ndarray | None,
+        groups: np.ndarray,
+        uncovered: np.ndarray | None,
+        novel: str | bool,
+    ) -> tuple[np.ndarray, int]:
+        """Turn uncovered rejected cells in large enough groups into ``novel_<i>`` calls."""
+        if novel is False or uncovered is None or not self._forms_novel_groups:
+            return calls, 0
+        candidates = rejected & (uncovered > NOVEL_CUT)
+        centred = centre_by_group(coords, groups)
+        numbers = novel_groups(
+            centred, candidates, min_cells=MIN_NOVEL_GROUP, seed=settings.seed or 0
+        )
+        rows = np.flatnonzero(candidates)[numbers >= 0]
+        calls[rows] = [f"{NOVEL_PREFIX}{n}" for n in numbers[numbers >= 0]]
+        return calls, int(numbers.max() + 1) if numbers.size else 0
+
+    #: Whether the layer forms ``novel_<i>`` groups (scDET has novel classes of its own).
+    _forms_novel_groups: bool = True
+
+    @staticmethod
+    def _check_novel(novel: str | bool) -> None:
+        if not (novel == "auto" or novel is False):
+            raise ValueError(
+                f"novel must be 'auto' (group uncovered cells into novel_<i>) or False (call "
+                f"them Unassigned), got {novel!r}."
+            )
+
+    def _warn_if_most_rejected(self, rejected: np.ndarray, rule: dict[str, Any]) -> None:
+        rate = float(rejected.mean()) if rejected.size else 0.0
+        if rate <= WARN_REJECTED:
+            return
+        warnings.warn(
+            f"{type(self).__name__} rejected {rate:.0%} of the {rejected.size} cells with the "
+            f"{rule['rule']!r} rule. Check that the query shares the reference's genes and "
+            "types (uns[key]['gene_overlap']); to see the calls anyway, read "
+            "obs[key + '_prediction'] or annotate with rejection='per_type' (confidence "
+            "only) or None.",
+            UserWarning,
+            stacklevel=settings.warnings_stacklevel,
+        )

@@ -1,0 +1,100 @@
+"""The open-set layer's functions on synthetic data with a planted novel type."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import labeltransfer as lt
+from labeltransfer.base import _openset as openset
+
+
+def _space(reference) -> openset.ReferenceSpace:
+    """The reference's coverage space with every reference cell in the bank."""
+    features = _log_cp10k(reference.X)
+    space = openset.ReferenceSpace.fit(features.copy())
+    space.bank = space.project(features)
+    space.bank_labels = reference.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    return space
+
+
+def _log_cp10k(matrix) -> np.ndarray:
+    dense = np.asarray(matrix.todense() if hasattr(matrix, "todense") else matrix, float)
+    return np.log1p(dense / np.maximum(dense.sum(1, keepdims=True), 1) * 1e4)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A shifted query with one type the reference lacks, in the reference's space."""
+    reference, query = lt.data.synthetic(
+        n_reference=800, n_query=600, n_genes=300, n_types=4, n_novel=1, batch_shift=0.5, seed=3
+    )
+    space = _space(reference)
+    coords = openset.centre_by_group(
+        space.project(_log_cp10k(query.X)), np.zeros(query.n_obs, int)
+    )
+    types = list(reference.obs["cell_type"].cat.categories)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    novel = ~np.isin(truth, types)
+    # the classifier's call for a seen cell is its type; a novel cell gets some seen type
+    prediction = np.array([types.index(t) if t in types else 0 for t in truth])
+    return space, coords, prediction, novel
+
+
+def test_bank_keeps_every_type_and_at_most_the_size():
+    labels = np.repeat([0, 1, 2], [9000, 900, 20])
+    rows = openset.bank_rows(labels, size=2000)
+    kept = np.bincount(labels[rows], minlength=3)
+    assert rows.size <= 2000 + 2 * openset.MIN_PER_TYPE
+    assert kept[2] == 20  # a rare type keeps all of its cells
+    assert kept[1] >= openset.MIN_PER_TYPE
+    assert np.all(np.diff(rows) > 0)
+
+
+def test_planted_novel_type_is_uncovered_and_seen_cells_are_not(planted):
+    space, coords, prediction, novel = planted
+    uncovered = openset.uncovered_fraction(space, coords, prediction)
+    assert roc_auc_score(novel, uncovered) > 0.95
+    flagged = uncovered > openset.NOVEL_CUT
+    assert flagged[novel].mean() > 0.8
+    assert flagged[~novel].mean() < 0.05
+
+
+def test_novel_groups_gather_the_planted_type(planted):
+    space, coords, prediction, novel = planted
+    flagged = openset.uncovered_fraction(space, coords, prediction) > openset.NOVEL_CUT
+    groups = openset.novel_groups(coords, flagged, min_cells=10)
+    in_group = np.zeros(novel.size, bool)
+    in_group[np.flatnonzero(flagged)[groups >= 0]] = True
+    assert in_group[novel].mean() > 0.8
+    largest = np.flatnonzero(flagged)[groups == 0]
+    assert novel[largest].mean() > 0.9  # the largest group is the planted type
+
+
+def test_a_query_without_a_new_type_is_covered():
+    reference, query = lt.data.synthetic(
+        n_reference=600, n_query=400, n_genes=300, n_types=4, batch_shift=0.5, seed=5
+    )
+    space = _space(reference)
+    coords = openset.centre_by_group(
+        space.project(_log_cp10k(query.X)), np.zeros(query.n_obs, int)
+    )
+    types = list(reference.obs["cell_type"].cat.categories)
+    prediction = query.obs["cell_type"].astype(str).map(types.index).to_numpy()
+    assert (
+        openset.uncovered_fraction(space, coords, prediction) > openset.NOVEL_CUT
+    ).mean() < 0.05
+
+
+def test_novelty_breaks_ties_by_confidence_without_crossing_steps():
+    uncovered = np.array([0.0, 0.0, 1 / 15, 1 / 15])
+    confidence = np.array([0.99, 0.2, 0.99, 0.2])
+    score = openset.novelty_score(uncovered, confidence)
+    assert np.all(np.diff(score) > 0)
+
+
+def test_projection_matches_for_numpy_and_torch(planted):
+    import torch
+
+    space = planted[0]
+    x = np.random.default_rng(0).random((5, space.mean.size)).astype(np.float32)
+    np.testing.assert_allclose(space.project(x), space.project(torch.as_tensor(x)), atol=1e-5)
