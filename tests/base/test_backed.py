@@ -54,7 +54,8 @@ def test_annotated_queries_are_not_kept_by_the_model(model_and_query):
     """scvi keeps every registered AnnData; a query registered for one call is released."""
     model, query = model_and_query
     store = model._per_instance_manager_store[model.id]
-    before = set(store)
+    class_store = type(model)._setup_adata_manager_store
+    before, class_before = set(store), set(class_store)
     for _ in range(3):
         model.annotate(query, key_added="jind", copy=True)
         model.predict(query)
@@ -62,9 +63,26 @@ def test_annotated_queries_are_not_kept_by_the_model(model_and_query):
     lt.tl.integrated_gradients(model, query, target="type_0", n_steps=5, indices=[0, 1])
     lt.tl.marker_genes(model, query, groupby="cell_type", n_cells=5, n_steps=5, n_top=3)
     assert set(store) == before
+    assert set(class_store) == class_before
     assert model.adata_manager.adata_uuid in store
     model.align(query, max_epochs=1, enable_progress_bar=False, accelerator="cpu")
     assert set(store) == before  # the model's own data stays registered
+    assert set(class_store) == class_before
+
+
+def test_a_query_is_released_when_inference_fails(model_and_query, monkeypatch):
+    model, query = model_and_query
+    store = model._per_instance_manager_store[model.id]
+    class_store = type(model)._setup_adata_manager_store
+    before, class_before = set(store), set(class_store)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "_forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.predict(query)
+    assert (set(store), set(class_store)) == (before, class_before)
 
 
 def test_backed_query_warns_once_about_cells_without_counts(

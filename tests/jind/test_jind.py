@@ -240,7 +240,10 @@ def test_align_self_train_and_reload(synthetic_pair, tmp_path):
     fresh.align(query, max_epochs=2, enable_progress_bar=False, accelerator="cpu")
     assert "query_0" in fresh.alignments_
 
+    stores = (model._per_instance_manager_store[model.id], lt.JIND._setup_adata_manager_store)
+    registered = [set(store) for store in stores]
     model.self_train(query, max_epochs=2, enable_progress_bar=False, accelerator="cpu")
+    assert [set(store) for store in stores] == registered  # query and pseudo-labels released
     assert model.self_training_["n_confident"] > 0
     assert not torch.equal(model.module.encoder.weight, encoder_before)
     with pytest.raises(RuntimeError, match="self_train"):

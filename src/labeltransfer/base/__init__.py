@@ -2,7 +2,7 @@
 
 from ._annotation_mixin import AnnotationMixin
 from ._module import AnnotationModule
-from ._query import fingerprint, prepare_query
+from ._query import fingerprint, prepare_query, register_for_one_call
 from ._rejection import fit_temperature, per_type_thresholds
 from ._setup import register_anndata
 
@@ -14,4 +14,5 @@ __all__ = [
     "per_type_thresholds",
     "prepare_query",
     "register_anndata",
+    "register_for_one_call",
 ]

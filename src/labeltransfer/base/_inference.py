@@ -120,12 +120,14 @@ class InferenceMixin:
         }
         if adata is None or not is_lazy(adata):
             registered, overlap = self._prepare(adata, **harmonize_kwargs)
-            if overlap is not None:  # a query: annotate() rejects its cells without counts
-                empty = empty_cells(self, registered)
-                overlap = {**overlap, "empty": empty if indices is None else empty[indices]}
-            outputs = self._forward(registered, indices=indices, **forward)
+            try:
+                if overlap is not None:  # a query: annotate() rejects its cells without counts
+                    empty = empty_cells(self, registered)
+                    overlap = {**overlap, "empty": empty if indices is None else empty[indices]}
+                outputs = self._forward(registered, indices=indices, **forward)
+            finally:  # also on an error or Ctrl+C
+                self._release(registered)
             names = registered.obs_names
-            self._release(registered)
             return Inference(*outputs, overlap, names if indices is None else names[indices])
         positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         if positions.size == 0:
@@ -141,11 +143,13 @@ class InferenceMixin:
             with warnings.catch_warnings():  # one warning for the whole query, below
                 warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
                 registered, overlap = self._prepare(chunk, **harmonize_kwargs)
-            empty.append(empty_cells(self, registered))
-            part = self._forward(registered, **forward)
+            try:
+                empty.append(empty_cells(self, registered))
+                part = self._forward(registered, **forward)
+            finally:
+                self._release(registered)
             _fill(filled, part, start, positions.size)
             names.append(registered.obs_names)
-            self._release(registered)
             del chunk, registered, part  # before the next chunk is read
         empty = np.concatenate(empty)
         if empty.any():
@@ -159,12 +163,13 @@ class InferenceMixin:
         """Forget a query AnnData registered only for one inference call.
 
         scvi-tools keeps a manager, and so the data, of every AnnData registered with a
-        model; without this, each annotated query (or backed chunk) would stay in memory as
-        long as the model.
+        model or its class; without this, each annotated query (or backed chunk) would stay in
+        memory as long as the process. ``registered`` was registered by
+        :func:`~labeltransfer.base._query.register_for_one_call`, so scvi's public
+        ``deregister_manager`` finds it and removes it from both stores.
         """
         if registered is not self.adata and registered.uns.get("_lt_query", False):
-            store = self._per_instance_manager_store.get(self.id, {})
-            store.pop(registered.uns.get("_scvi_uuid"), None)
+            self.deregister_manager(registered)
 
     @torch.inference_mode()
     def _forward(

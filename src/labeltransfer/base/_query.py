@@ -22,6 +22,7 @@ from labeltransfer.data._checks import (
 from ._setup import _INPUT_TYPE_NAMES, _warn_duplicated_obs_names, check_registered_input_type
 
 if TYPE_CHECKING:
+    from scvi.data import AnnDataManager
     from scvi.model.base import BaseModelClass
 
 
@@ -118,7 +119,6 @@ def prepare_query(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Observation names are not unique")  # above
         light = AnnData(X=harmonized.X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
-    light.uns["_lt_query"] = True  # built here for one call: the model may forget it after
     if model_layer is not None:
         light.layers[model_layer] = harmonized.X
     with warnings.catch_warnings():
@@ -127,8 +127,22 @@ def prepare_query(
         manager = model.adata_manager.transfer_fields(
             light, extend_categories=True, allow_missing_labels=True
         )
-    model._register_manager_for_instance(manager)
+    register_for_one_call(model, manager)
     return light, overlap
+
+
+def register_for_one_call(model: BaseModelClass, manager: AnnDataManager) -> None:
+    """Register the manager of an AnnData built for one call, so the model can release it.
+
+    It is registered with the model's class and with the model, as ``setup_anndata`` and a
+    model's ``__init__`` register the reference: scvi's public
+    :meth:`~scvi.model.base.BaseModelClass.deregister_manager`, which the model's ``_release``
+    calls when the call is done, looks the AnnData up in the class's store and removes it
+    from both. The AnnData is marked (``uns["_lt_query"]``) as one ``_release`` may forget.
+    """
+    manager.adata.uns["_lt_query"] = True
+    type(model).register_manager(manager)
+    model._register_manager_for_instance(manager)
 
 
 #: Start of the warning about query cells without counts (filtered per chunk of a backed query).

@@ -18,7 +18,7 @@ from scvi.utils._docstrings import devices_dsp
 from torch.utils.data import DataLoader, TensorDataset
 
 from labeltransfer._constants import REGISTRY_KEYS
-from labeltransfer.base import AnnotationMixin, fingerprint
+from labeltransfer.base import AnnotationMixin, fingerprint, register_for_one_call
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import frozen
 from labeltransfer.train import AnnotationTrainingPlan, BestStateCallback, fit_stage
@@ -515,9 +515,8 @@ class JIND(AnnotationMixin, BaseModelClass):
         if args.get("batch_key") is not None:
             obs[args["batch_key"]] = registered.obs[args["batch_key"]].astype(str).values
         pseudo = AnnData(X=registered.X, obs=obs, var=registered.var[[]])
-        pseudo.uns["_lt_query"] = True  # registered for this fine-tuning only
         if args.get("layer") is not None:
             pseudo.layers[args["layer"]] = registered.layers[args["layer"]]
         manager = self.adata_manager.transfer_fields(pseudo, extend_categories=True)
-        self._register_manager_for_instance(manager)
+        register_for_one_call(self, manager)  # for this fine-tuning only
         return pseudo
