@@ -1,7 +1,7 @@
 """Bad input at every entry point: a clear error (or a documented warning), input untouched.
 
 One test per case. Set-up, model creation and training cases run for each of the four models
-(they share ``setup_anndata``, ``_select_inputs`` and ``_run_training`` of
+(they share ``setup_anndata``, ``_select_inputs`` and the ``train()`` template of
 :class:`~labeltransfer.base.AnnotationMixin`); query cases use one trained JIND (the query
 preparation is shared too). Then gene activity, a MuData query and the command line. The
 catalogue with every message is ``docs/errors.md``; cases tested elsewhere are referenced there

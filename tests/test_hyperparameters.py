@@ -24,7 +24,6 @@ import labeltransfer as lt
 from labeltransfer.cellpredx import PRESETS, CellPredXLossConfig, CellPredXModule
 from labeltransfer.cellpredx import _model as cellpredx_model
 from labeltransfer.scdet import SCDETLossConfig, SCDETModule, SCDETTrainingPlan
-from labeltransfer.scdet import _model as scdet_model
 from labeltransfer.scnym import _model as scnym_model
 from labeltransfer.train import AnnotationTrainingPlan
 from labeltransfer.train._guards import (
@@ -199,11 +198,11 @@ def models(reference, scnym_adata, scdet_adata, cellpredx_adata, monkeypatch):
         "SCDET_estimating": lt.SCDET(scdet_adata, n_novel=None, n_top_genes=None),
         "CellPredX": lt.CellPredX(cellpredx_adata),
     }
-    _forbid(monkeypatch, lt.JIND, "_run_training")
-    _forbid(monkeypatch, lt.SCNYM, "_run_training")
-    _forbid(monkeypatch, scdet_model, "RefQueryDataSplitter")  # before the n_novel warm-up
+    # the template's first computing step is the data splitter (before scDET's n_novel
+    # warm-up); CellPredX builds its query's kNN graph before it
+    for model_cls in (lt.JIND, lt.SCNYM, lt.SCDET, lt.CellPredX):
+        _forbid(monkeypatch, model_cls, "_splitter_cls")
     _forbid(monkeypatch, cellpredx_model, "query_knn_graph")
-    _forbid(monkeypatch, lt.CellPredX, "_run_training")
     return built
 
 

@@ -1,73 +1,187 @@
-"""Training shared by every model: scvi's TrainRunner around the model's plan and splitter."""
+"""Training shared by every model: one ``train()`` around scvi's TrainRunner.
+
+``TrainingMixin.train`` is a template method, as scvi's SOLO and SysVI forward to the runner:
+it checks the arguments (``train/_guards.py``), counts the query cells, builds the data
+splitter once, sets the early-stopping defaults, fits the model's training plan with scvi's
+:class:`~scvi.train.TrainRunner`, records ``training_summary_`` and fits the open-set layer.
+A model supplies its arguments and their defaults (:attr:`TrainingMixin._train_arguments`,
+from which each model class gets its own documented ``train`` signature), its training plan
+(:meth:`TrainingMixin._training_plan`) and hooks for what only it does.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import logging
+import types
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, ClassVar
 
 from scvi import settings
 from scvi.model._utils import use_distributed_sampler
 from scvi.train import TrainRunner
+from scvi.utils._docstrings import devices_dsp
 
-from labeltransfer.dataloaders import RefQueryDataSplitter
+from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.train import BestStateCallback
 from labeltransfer.train._callbacks import ReturnTrainingState, restore_training_state
-from labeltransfer.train._guards import check_fit_args, interruptible
+from labeltransfer.train._guards import (
+    FIT_RULES,
+    Rule,
+    check_arguments,
+    check_fit_args,
+    check_plan_kwargs,
+    check_trainer_kwargs,
+    interruptible,
+)
+
+logger = logging.getLogger(__name__)
 
 #: Message of the ``KeyboardInterrupt`` raised when ``train()`` is interrupted.
 _INTERRUPTED = (
     "Training was interrupted; the model is left untrained (annotate() and predict() refuse "
     "it). Call model.train() again."
 )
+#: Arguments every model's ``train()`` ends with, after its own (:attr:`_train_arguments`).
+_COMMON_ARGUMENTS: dict[str, tuple[Any, Any]] = {
+    "accelerator": (str, "auto"),
+    "devices": (int | list[int] | str, "auto"),
+    "plan_kwargs": (dict | None, None),
+    "datasplitter_kwargs": (dict | None, None),
+}
+
+
+def _train_signature(cls: type) -> inspect.Signature:
+    """``train(self, max_epochs, *, <the model's arguments>, accelerator, ..., **trainer_kwargs)``."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for i, (name, (annotation, default)) in enumerate(
+        {**cls._train_arguments, **_COMMON_ARGUMENTS}.items()
+    ):
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if i == 0 else keyword
+        params.append(inspect.Parameter(name, kind, default=default, annotation=annotation))
+    params.append(inspect.Parameter("trainer_kwargs", inspect.Parameter.VAR_KEYWORD))
+    return inspect.Signature(params, return_annotation=None)
 
 
 class TrainingMixin:
     """Fit a model's training plan with scvi's runner, then its open-set layer."""
 
-    #: Splitter built by :meth:`_run_training`; a model may use a subclass (CellPredX adds
-    #: the query cells' kNN neighbours to its query minibatches).
+    #: The model's ``train()`` arguments before the common ones: name -> (annotation,
+    #: default), ``max_epochs`` first (the only positional one). A model class that sets it
+    #: gets a ``train`` with this signature and :attr:`_train_doc` as its docstring.
+    _train_arguments: ClassVar[dict[str, tuple[Any, Any]]] = {}
+    #: Docstring of the model's ``train`` (``%(param_accelerator)s`` and
+    #: ``%(param_devices)s`` are filled in by scvi's ``devices_dsp``).
+    _train_doc: ClassVar[str] = ""
+    #: Valid values of the ``train()`` arguments, checked before any computation.
+    _train_rules: ClassVar[dict[str, Rule]] = FIT_RULES
+    #: The training plan class: ``plan_kwargs`` names are checked against it.
+    _plan_cls: ClassVar[type]
+    #: Further accepted ``plan_kwargs`` names (the fields of a loss configuration).
+    _plan_extra: ClassVar[frozenset[str]] = frozenset()
+    #: Value rules of ``plan_kwargs`` entries (their defaults are the plan's).
+    _plan_rules: ClassVar[dict[str, Rule]] = {}
+    #: Whether the model trains on the unlabelled query cells too.
+    _uses_query: ClassVar[bool] = True
+    #: Whether training without query cells is an error (else a warning).
+    _query_required: ClassVar[bool] = False
+    #: The error or warning when no query cell is registered.
+    _no_query_message: ClassVar[str] = ""
+    #: Keep the last epoch's weights instead of the best validation accuracy's.
+    _keep_final_weights: ClassVar[bool] = False
+    #: Splitter built by :meth:`train`; a model may use a subclass (CellPredX adds the query
+    #: cells' kNN neighbours to its query minibatches).
     _splitter_cls: type[RefQueryDataSplitter] = RefQueryDataSplitter
 
-    def _run_training(
-        self,
-        plan: Any,
-        *,
-        max_epochs: int,
-        train_size: float,
-        batch_size: int,
-        use_query: bool = False,
-        warmup_epochs: int = 0,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        datasplitter_kwargs: dict | None = None,
-        **trainer_kwargs,
-    ) -> tuple[RefQueryDataSplitter, BestStateCallback]:
-        """Fit ``plan`` with scvi's TrainRunner, keeping the best-validation-accuracy epoch.
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_train_arguments" not in vars(cls):
+            return
+        # the template's code under the model's own name, signature and docstring
+        template = TrainingMixin.train
+        train = types.FunctionType(
+            template.__code__, template.__globals__, "train", None, template.__closure__
+        )
+        train.__signature__ = _train_signature(cls)
+        train.__qualname__ = f"{cls.__qualname__}.train"
+        train.__module__ = cls.__module__
+        train.__doc__ = cls._train_doc
+        cls.train = devices_dsp.dedent(train)
 
-        Builds the :class:`~labeltransfer.dataloaders.RefQueryDataSplitter` (stratified
-        held-out reference split), validates every epoch when there is a validation set,
-        records the training summary and fits calibration and rejection thresholds on the
-        held-out cells. Returns the splitter and the best-state callback.
+    def train(self, *args, **kwargs) -> None:
+        """Train the model (each model documents its arguments: ``help(Model.train)``).
 
-        A DDP ``strategy`` in ``trainer_kwargs`` shards every set across the processes
-        (``batch_size`` is per process). With a spawning launcher (``"ddp_spawn"``,
-        ``"ddp_notebook"``) the epoch count and the callbacks' states come back to this
-        process with the weights (``ReturnTrainingState`` in ``labeltransfer.train``).
+        The steps every model shares: argument checks (before any computation), the count of
+        query cells (an error or a warning when there are none), the model's set-up
+        (:meth:`_prepare_training`), one stratified
+        :class:`~labeltransfer.dataloaders.RefQueryDataSplitter`, the model's warm-up
+        (:meth:`_before_training`), its training plan (:meth:`_training_plan`), the
+        early-stopping defaults, scvi's TrainRunner keeping the best-validation-accuracy
+        epoch, ``training_summary_`` (updated by :meth:`_after_training`) and the open-set
+        layer fitted on the held-out reference cells.
 
-        An exception or Ctrl+C during the fit leaves the model marked untrained (its module
-        holds the best weights seen so far, but no calibration or thresholds were fitted):
-        the exception propagates, and Ctrl+C raises a ``KeyboardInterrupt``.
+        A DDP ``strategy`` shards every set across the processes (``batch_size`` is per
+        process). With a spawning launcher (``"ddp_spawn"``, ``"ddp_notebook"``) the epoch
+        count and the callbacks' states come back to this process with the weights
+        (``ReturnTrainingState`` in ``labeltransfer.train``). An exception or Ctrl+C during
+        the fit leaves the model marked untrained (its module holds the best weights seen so
+        far, but no calibration or thresholds were fitted): the exception propagates, and
+        Ctrl+C raises a ``KeyboardInterrupt``.
         """
+        owner = type(self).train
+        bound = inspect.signature(owner).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        trainer_kwargs = arguments.pop("trainer_kwargs")
+        plan_kwargs = arguments["plan_kwargs"]
+        check_arguments(owner, arguments, self._train_rules)
+        check_plan_kwargs(plan_kwargs, self._plan_cls, extra=self._plan_extra)
+        check_arguments(self._plan_cls.__init__, dict(plan_kwargs or {}), self._plan_rules)
+        check_trainer_kwargs(trainer_kwargs, owner=owner.__qualname__)
+        self._check_training(arguments)
+        options = self._plan_options(arguments)
+
+        n_query = int((~labelled_mask(self.adata_manager)).sum()) if self._uses_query else 0
+        if self._uses_query and n_query == 0:
+            if self._query_required:
+                raise ValueError(self._no_query_message)
+            logger.warning(self._no_query_message)
+        arguments["n_query"] = n_query
+        arguments["use_query"] = n_query > 0
+        self._prepare_training(arguments, options)
+        max_epochs, batch_size = arguments["max_epochs"], arguments["batch_size"]
         check_fit_args(max_epochs=max_epochs, batch_size=batch_size)
+
         splitter = self._splitter_cls(
             self.adata_manager,
-            train_size=train_size,
-            use_query=use_query,
+            train_size=arguments["train_size"],
+            use_query=arguments["use_query"],
             batch_size=batch_size,
             distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", "auto")),
-            **(datasplitter_kwargs or {}),
+            **{**self._splitter_kwargs(arguments), **(arguments["datasplitter_kwargs"] or {})},
         )
         splitter.setup()  # seeded, so the runner's setup gives the same split
-        best = BestStateCallback("validation_accuracy", mode="max", warmup_epochs=warmup_epochs)
+        self._before_training(splitter, arguments, options, trainer_kwargs)
+        plan = self._training_plan(options)
+
+        warmup = self._warmup_epochs(arguments)
+        if arguments.get("early_stopping") and "early_stopping_monitor" in arguments:
+            monitor = self._early_stopping_monitor(arguments, plan)
+            trainer_kwargs.setdefault("early_stopping", True)
+            trainer_kwargs.setdefault("early_stopping_monitor", monitor)
+            trainer_kwargs.setdefault(
+                "early_stopping_patience", arguments["early_stopping_patience"]
+            )
+            if warmup:
+                trainer_kwargs.setdefault("early_stopping_warmup_epochs", warmup)
+            trainer_kwargs.setdefault(
+                "early_stopping_mode", "max" if "accuracy" in monitor else "min"
+            )
+        # no epoch is "best" on the reference alone for some models: keep the final weights
+        best_warmup = max_epochs if self._keep_final_weights else min(warmup, max_epochs - 1)
+        best = BestStateCallback("validation_accuracy", mode="max", warmup_epochs=best_warmup)
         trainer_kwargs["callbacks"] = [
             *trainer_kwargs.get("callbacks", []),
             best,
@@ -82,12 +196,12 @@ class TrainingMixin:
             training_plan=plan,
             data_splitter=splitter,
             max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
+            accelerator=arguments["accelerator"],
+            devices=arguments["devices"],
             **trainer_kwargs,
         )
         try:
-            with interruptible(_INTERRUPTED):
+            with interruptible(_INTERRUPTED), self._training_context():
                 runner()
         except BaseException:
             self.is_trained_ = False  # never half-trained: annotate() asks for train() again
@@ -102,5 +216,66 @@ class TrainingMixin:
             "n_validation": int(splitter.val_idx.size),
             "batch_size": batch_size,
         }
+        if self._uses_query:
+            epochs_trained = int(self.trainer.current_epoch)
+            self.training_summary_.update(
+                {
+                    "epochs_trained": epochs_trained,
+                    "early_stopped": epochs_trained < max_epochs,
+                    "n_query": n_query,
+                }
+            )
         self._fit_rejection(splitter.val_idx)
-        return splitter, best
+        self.training_summary_.update(self._after_training(arguments, plan))
+
+    # ------------------------------------------------------------------ hooks
+    def _check_training(self, arguments: dict[str, Any]) -> None:
+        """Raise for what the argument rules cannot see (after them, before any computation)."""
+
+    def _plan_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Return the training plan's keyword arguments: ``lr``, ``weight_decay``, ``plan_kwargs``.
+
+        Called before any computation: a model that builds a loss configuration from
+        ``plan_kwargs`` builds (and so validates) it here.
+        """
+        return {
+            "lr": arguments["lr"],
+            "weight_decay": arguments["weight_decay"],
+            **(arguments["plan_kwargs"] or {}),
+        }
+
+    def _prepare_training(self, arguments: dict[str, Any], options: dict[str, Any]) -> None:
+        """Compute what the splitter needs, or ``max_epochs`` (may update ``arguments``)."""
+
+    def _splitter_kwargs(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Return the model's own keyword arguments of :attr:`_splitter_cls`."""
+        return {}
+
+    def _before_training(
+        self,
+        splitter: RefQueryDataSplitter,
+        arguments: dict[str, Any],
+        options: dict[str, Any],
+        trainer_kwargs: dict[str, Any],
+    ) -> None:
+        """Run on the set-up splitter before the plan is built (e.g. a warm-up stage)."""
+
+    def _training_plan(self, options: dict[str, Any]) -> Any:
+        """Build the training plan from :meth:`_plan_options`'s keyword arguments."""
+        return self._plan_cls(self.module, **options)
+
+    def _warmup_epochs(self, arguments: dict[str, Any]) -> int:
+        """Return the epochs before early stopping and best-epoch selection start."""
+        return 0
+
+    def _early_stopping_monitor(self, arguments: dict[str, Any], plan: Any) -> str:
+        """Return the metric early stopping watches."""
+        return arguments["early_stopping_monitor"]
+
+    def _training_context(self) -> AbstractContextManager:
+        """Return the context the fit runs in (e.g. parameters frozen during it)."""
+        return nullcontext()
+
+    def _after_training(self, arguments: dict[str, Any], plan: Any) -> dict[str, Any]:
+        """Run after the open-set layer is fitted; return ``training_summary_`` entries."""
+        return {}

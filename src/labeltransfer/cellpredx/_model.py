@@ -14,7 +14,6 @@ from anndata import AnnData
 from scvi import settings
 from scvi.model.base import BaseModelClass
 from scvi.model.base._save_load import _load_saved_files
-from scvi.utils._docstrings import devices_dsp
 
 from labeltransfer.base import AnnotationMixin, register_anndata
 from labeltransfer.dataloaders import labelled_mask
@@ -27,8 +26,6 @@ from labeltransfer.train._guards import (
     Number,
     OneOf,
     check_arguments,
-    check_plan_kwargs,
-    check_trainer_kwargs,
 )
 
 from ._data import CellPredXDataSplitter, query_knn_graph
@@ -462,27 +459,27 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         return super()._prepare(adata, **harmonize_kwargs)
 
     # ------------------------------------------------------------------ training
-    @devices_dsp.dedent
-    def train(
-        self,
-        max_epochs: int | None = None,
-        *,
-        train_size: float = 0.9,
-        batch_size: int = 512,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        n_neighbors: int = 10,
-        n_pcs: int = 50,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 20,
-        early_stopping_monitor: str = "validation_center_loss",
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
-        **trainer_kwargs,
-    ) -> None:
-        """Train on the labelled reference and the unlabelled query cells together.
+    _train_arguments = {
+        "max_epochs": (int | None, None),
+        "train_size": (float, 0.9),
+        "batch_size": (int, 512),
+        "lr": (float, 1e-3),
+        "weight_decay": (float, 5e-4),
+        "n_neighbors": (int, 10),
+        "n_pcs": (int, 50),
+        "early_stopping": (bool, True),
+        "early_stopping_patience": (int, 20),
+        "early_stopping_monitor": (str, "validation_center_loss"),
+    }
+    _train_rules = _TRAIN_RULES
+    _plan_cls = CellPredXTrainingPlan
+    _plan_extra = _LOSS_FIELDS
+    _no_query_message = (
+        "No unlabelled query cells are registered: training CellPredX on the reference "
+        "only (CE, PR and SC on reference cells). Register reference and query together "
+        "(lt.data.concat_reference_query or setup_mudata) for domain adaptation."
+    )
+    _train_doc = """Train on the labelled reference and the unlabelled query cells together.
 
         The query's kNN graph (``n_neighbors`` neighbours on ``n_pcs`` principal components
         of its log-normalised input genes) is built first; it lives only for this training
@@ -542,77 +539,60 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         TypeError
             ``plan_kwargs`` or ``trainer_kwargs`` has a name nothing accepts.
         """
-        check_arguments(CellPredX.train, locals(), _TRAIN_RULES)
-        check_plan_kwargs(plan_kwargs, CellPredXTrainingPlan, extra=_LOSS_FIELDS)
-        check_trainer_kwargs(trainer_kwargs, owner="CellPredX.train")
-        plan_kwargs = {"lr": lr, "weight_decay": weight_decay, **(plan_kwargs or {})}
+
+    def _plan_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Return the plan's arguments with :attr:`loss_config` updated by ``plan_kwargs``."""
+        plan_kwargs = super()._plan_options(arguments)
         loss_options = {k: plan_kwargs.pop(k) for k in _LOSS_FIELDS & set(plan_kwargs)}
         config = replace(plan_kwargs.pop("config", None) or self.loss_config, **loss_options)
-        mask = labelled_mask(self.adata_manager)
-        query_idx = np.flatnonzero(~mask)
-        n_query = int(query_idx.size)
-        use_query = n_query > 0
-        if not use_query:
-            logger.warning(
-                "No unlabelled query cells are registered: training CellPredX on the reference "
-                "only (CE, PR and SC on reference cells). Register reference and query together "
-                "(lt.data.concat_reference_query or setup_mudata) for domain adaptation."
-            )
-        plan = CellPredXTrainingPlan(self.module, config=config, **plan_kwargs)
+        return {**plan_kwargs, "config": config}
 
+    def _prepare_training(self, arguments: dict[str, Any], options: dict[str, Any]) -> None:
+        """Build the query's kNN graph; convert the preset's iterations into epochs."""
+        mask = labelled_mask(self.adata_manager)
+        use_query, n_query = arguments["use_query"], arguments["n_query"]
         knn = None
-        if use_query and config.cl_weight > 0:
+        if use_query and options["config"].cl_weight > 0:
             setup_args = self.adata_manager.registry["setup_args"]
             knn = query_knn_graph(
                 self.adata,
-                query_idx,
+                np.flatnonzero(~mask),
                 feature_idx=self.module.feature_idx.cpu().numpy(),
                 layer=setup_args.get("layer"),
                 input_type=self.module.input_type,
-                n_neighbors=n_neighbors,
-                n_pcs=n_pcs,
+                n_neighbors=arguments["n_neighbors"],
+                n_pcs=arguments["n_pcs"],
                 seed=settings.seed,
             )
-        if max_epochs is None:
-            n_ref_train = int(mask.sum() * train_size)
+        arguments["knn"] = knn
+        if arguments["max_epochs"] is None:
+            batch_size = arguments["batch_size"]
+            n_ref_train = int(mask.sum() * arguments["train_size"])
             steps = math.ceil(max(n_ref_train, n_query if use_query else 0, 1) / batch_size)
-            max_epochs = max(1, math.ceil(self.loss_weights_["max_iterations"] / steps))
-        if early_stopping:
-            if early_stopping_monitor == "validation_center_loss" and config.sc_weight == 0:
-                # the center loss is not optimised (an ablation): watch the cross-entropy
-                early_stopping_monitor = "validation_loss"
-            trainer_kwargs.setdefault("early_stopping", True)
-            trainer_kwargs.setdefault("early_stopping_monitor", early_stopping_monitor)
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-            trainer_kwargs.setdefault(
-                "early_stopping_mode", "max" if "accuracy" in early_stopping_monitor else "min"
+            arguments["max_epochs"] = max(
+                1, math.ceil(self.loss_weights_["max_iterations"] / steps)
             )
-        splitter_kwargs = {"knn": knn, **(datasplitter_kwargs or {})}
-        self._run_training(
-            plan,
-            max_epochs=max_epochs,
-            train_size=train_size,
-            batch_size=batch_size,
-            use_query=use_query,
-            accelerator=accelerator,
-            devices=devices,
-            datasplitter_kwargs=splitter_kwargs,
-            **trainer_kwargs,
-        )
-        epochs_trained = int(self.trainer.current_epoch)
-        self.training_summary_.update(
-            {
-                "epochs_trained": epochs_trained,
-                "early_stopped": epochs_trained < max_epochs,
-                "n_query": n_query,
-                "preset": self.preset_,
-                "loss_weights": config.weights,
-                "temperature": float(config.temperature),
-                "top_p": float(config.top_p),
-                "n_neighbors": int(n_neighbors) if knn is not None else 0,
-                "n_pcs": int(n_pcs) if knn is not None else 0,
-            }
-        )
+
+    def _splitter_kwargs(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return {"knn": arguments["knn"]}
+
+    def _early_stopping_monitor(self, arguments: dict[str, Any], plan: Any) -> str:
+        monitor = arguments["early_stopping_monitor"]
+        if monitor == "validation_center_loss" and plan.config.sc_weight == 0:
+            # the center loss is not optimised (an ablation): watch the cross-entropy
+            return "validation_loss"
+        return monitor
+
+    def _after_training(self, arguments: dict[str, Any], plan: Any) -> dict[str, Any]:
+        config, knn = plan.config, arguments["knn"]
+        return {
+            "preset": self.preset_,
+            "loss_weights": config.weights,
+            "temperature": float(config.temperature),
+            "top_p": float(config.top_p),
+            "n_neighbors": int(arguments["n_neighbors"]) if knn is not None else 0,
+            "n_pcs": int(arguments["n_pcs"]) if knn is not None else 0,
+        }
 
     # ------------------------------------------------------------------ outputs
     def _paper_rule(self) -> float | str:

@@ -23,14 +23,11 @@ from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter, la
 from labeltransfer.nn import frozen
 from labeltransfer.train import AnnotationTrainingPlan, BestStateCallback, fit_stage
 from labeltransfer.train._guards import (
-    FIT_RULES,
     INPUT_RULES,
     POSITIVE,
     POSITIVE_INT,
     UNIT_OPEN,
     check_arguments,
-    check_plan_kwargs,
-    check_trainer_kwargs,
 )
 
 from ._alignment import alignment_record, select_alignment
@@ -38,6 +35,7 @@ from ._module import JINDModule
 from ._trainingplan import JINDAlignmentPlan
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
     from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -166,21 +164,16 @@ class JIND(AnnotationMixin, BaseModelClass):
         self.training_summary_: dict[str, Any] = {}
         self.init_params_ = self._get_init_params(locals())
 
-    @devices_dsp.dedent
-    def train(
-        self,
-        max_epochs: int = 30,
-        *,
-        train_size: float = 0.7,
-        batch_size: int = 128,
-        lr: float = 1e-3,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
-        **trainer_kwargs,
-    ) -> None:
-        """Train the encoder and classifier on the labelled reference cells.
+    # ------------------------------------------------------------------ training
+    _train_arguments = {
+        "max_epochs": (int, 30),
+        "train_size": (float, 0.7),
+        "batch_size": (int, 128),
+        "lr": (float, 1e-3),
+    }
+    _plan_cls = AnnotationTrainingPlan
+    _uses_query = False
+    _train_doc = """Train the encoder and classifier on the labelled reference cells.
 
         The weights of the epoch with the best validation accuracy are kept (JIND), then a
         temperature and the per-type rejection thresholds are fitted on the validation cells.
@@ -213,24 +206,18 @@ class JIND(AnnotationMixin, BaseModelClass):
         TypeError
             ``plan_kwargs`` or ``trainer_kwargs`` has a name nothing accepts.
         """
-        check_arguments(JIND.train, locals(), FIT_RULES)
-        check_plan_kwargs(plan_kwargs, AnnotationTrainingPlan)
-        check_trainer_kwargs(trainer_kwargs, owner="JIND.train")
-        plan = AnnotationTrainingPlan(self.module, **self._classifier_plan_kwargs(lr, plan_kwargs))
-        with frozen(self.module.generator, self.module.discriminator):
-            self._run_training(
-                plan,
-                max_epochs=max_epochs,
-                train_size=train_size,
-                batch_size=batch_size,
-                accelerator=accelerator,
-                devices=devices,
-                datasplitter_kwargs=datasplitter_kwargs,
-                **trainer_kwargs,
-            )
+
+    def _plan_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return self._classifier_plan_kwargs(arguments["lr"], arguments["plan_kwargs"])
+
+    def _training_context(self) -> AbstractContextManager:
+        return frozen(self.module.generator, self.module.discriminator)
+
+    def _after_training(self, arguments: dict[str, Any], plan: Any) -> dict[str, Any]:
         self._store_reference_codes(np.flatnonzero(labelled_mask(self.adata_manager)))
         self.alignments_ = {}
         self.self_training_ = None
+        return {}
 
     @staticmethod
     def _classifier_plan_kwargs(lr: float, plan_kwargs: dict | None) -> dict[str, Any]:

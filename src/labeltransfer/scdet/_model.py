@@ -15,7 +15,6 @@ from anndata import AnnData
 from scvi import settings
 from scvi.dataloaders import AnnDataLoader
 from scvi.model.base import BaseModelClass
-from scvi.utils._docstrings import devices_dsp
 
 from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin
@@ -34,8 +33,6 @@ from labeltransfer.train._guards import (
     OneOf,
     Widths,
     check_arguments,
-    check_plan_kwargs,
-    check_trainer_kwargs,
 )
 
 from ._callbacks import DistributionEstimation
@@ -269,29 +266,33 @@ class SCDET(AnnotationMixin, BaseModelClass):
         return [*self.cell_types, *self.novel_groups]
 
     # ------------------------------------------------------------- training
-    @devices_dsp.dedent
-    def train(
-        self,
-        max_epochs: int = 500,
-        *,
-        train_size: float = 0.9,
-        batch_size: int = 256,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        estimation_interval: int = 10,
-        early_stopping: bool = True,
-        early_stopping_tol: float = 0.005,
-        early_stopping_patience: int = 2,
-        early_stopping_min_epochs: int = 100,
-        warmup_epochs: int = 50,
-        estimation_cells: Literal["target", "all"] = "target",
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
-        **trainer_kwargs,
-    ) -> None:
-        """Train on the labelled reference and the unlabelled target cells together.
+    _train_arguments = {
+        "max_epochs": (int, 500),
+        "train_size": (float, 0.9),
+        "batch_size": (int, 256),
+        "lr": (float, 1e-4),
+        "weight_decay": (float, 0.0),
+        "estimation_interval": (int, 10),
+        "early_stopping": (bool, True),
+        "early_stopping_tol": (float, 0.005),
+        "early_stopping_patience": (int, 2),
+        "early_stopping_min_epochs": (int, 100),
+        "warmup_epochs": (int, 50),
+        "estimation_cells": (Literal["target", "all"], "target"),
+    }
+    _train_rules = _TRAIN_RULES
+    _plan_cls = SCDETTrainingPlan
+    _plan_extra = _LOSS_FIELDS
+    _query_required = True
+    _no_query_message = (
+        "scDET trains on reference and target cells together, but every registered "
+        "cell is labelled. Concatenate reference and query with "
+        "lt.data.concat_reference_query (query cells get the unlabeled category) and "
+        "set up that AnnData."
+    )
+    # no epoch is "best" on the reference alone: keep the final weights
+    _keep_final_weights = True
+    _train_doc = """Train on the labelled reference and the unlabelled target cells together.
 
         Every step takes a reference and a target minibatch
         (:class:`~labeltransfer.dataloaders.RefQueryDataSplitter`) and minimises scDET's
@@ -373,44 +374,41 @@ class SCDET(AnnotationMixin, BaseModelClass):
         TypeError
             ``plan_kwargs`` or ``trainer_kwargs`` has a name nothing accepts.
         """
-        check_arguments(SCDET.train, locals(), _TRAIN_RULES)
+
+    def _check_training(self, arguments: dict[str, Any]) -> None:
+        warmup_epochs = arguments["warmup_epochs"]
         if self.n_novel_ is None and warmup_epochs < 1:
             raise ValueError(
                 f"SCDET.train: warmup_epochs must be a positive integer to estimate n_novel, "
                 f"got {warmup_epochs!r}. Pass e.g. warmup_epochs=50 (the default), or create "
                 "the model with n_novel=<number of novel types>."
             )
-        check_plan_kwargs(plan_kwargs, SCDETTrainingPlan, extra=_LOSS_FIELDS)
-        check_trainer_kwargs(trainer_kwargs, owner="SCDET.train")
-        plan_kwargs = {"lr": lr, "weight_decay": weight_decay, **(plan_kwargs or {})}
+
+    def _plan_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Return the plan's arguments with the :class:`SCDETLossConfig` built from them."""
+        plan_kwargs = super()._plan_options(arguments)
         loss_options = {k: plan_kwargs.pop(k) for k in _LOSS_FIELDS & set(plan_kwargs)}
         config = replace(plan_kwargs.pop("config", None) or SCDETLossConfig(), **loss_options)
-        mask = labelled_mask(self.adata_manager)
-        n_query = int((~mask).sum())
-        if n_query == 0:
-            raise ValueError(
-                "scDET trains on reference and target cells together, but every registered "
-                "cell is labelled. Concatenate reference and query with "
-                "lt.data.concat_reference_query (query cells get the unlabeled category) and "
-                "set up that AnnData."
-            )
-        splitter = RefQueryDataSplitter(
-            self.adata_manager,
-            train_size=train_size,
-            use_query=True,
-            batch_size=batch_size,
-            **(datasplitter_kwargs or {}),
-        )
-        splitter.setup()
-        n_ref_train = int(splitter.ref_train_idx.size)
+        return {**plan_kwargs, "config": config}
+
+    def _before_training(
+        self,
+        splitter: RefQueryDataSplitter,
+        arguments: dict[str, Any],
+        options: dict[str, Any],
+        trainer_kwargs: dict[str, Any],
+    ) -> None:
+        """Estimate ``n_novel`` if unknown, set the reference fraction, add the estimation."""
+        config = options["config"]
+        n_ref_train, n_query = int(splitter.ref_train_idx.size), arguments["n_query"]
         if self.n_novel_ is None:
             self._estimate_n_novel(
                 splitter,
-                warmup_epochs=warmup_epochs,
-                plan_kwargs=plan_kwargs,
+                warmup_epochs=arguments["warmup_epochs"],
+                plan_kwargs={k: v for k, v in options.items() if k != "config"},
                 config=replace(config, warmup=True),
-                accelerator=accelerator,
-                devices=devices,
+                accelerator=arguments["accelerator"],
+                devices=arguments["devices"],
                 trainer_kwargs=trainer_kwargs,
             )
         n_classes = self.module.n_classes
@@ -419,45 +417,32 @@ class SCDET(AnnotationMixin, BaseModelClass):
                 f"k-means needs at least {n_classes} training cells for {n_classes} classes; "
                 f"got {n_ref_train + n_query}."
             )
-        if "reference_fraction" not in loss_options:
-            config = replace(config, reference_fraction=n_ref_train / (n_ref_train + n_query))
-        plan = SCDETTrainingPlan(self.module, config=config, **plan_kwargs)
+        if "reference_fraction" not in (arguments["plan_kwargs"] or {}):
+            options["config"] = replace(
+                config, reference_fraction=n_ref_train / (n_ref_train + n_query)
+            )
         estimation = DistributionEstimation(
-            estimation_interval,
-            stop_tol=early_stopping_tol if early_stopping else None,
-            stop_patience=early_stopping_patience,
-            stop_min_epochs=early_stopping_min_epochs,
-            cells=estimation_cells,
+            arguments["estimation_interval"],
+            stop_tol=arguments["early_stopping_tol"] if arguments["early_stopping"] else None,
+            stop_patience=arguments["early_stopping_patience"],
+            stop_min_epochs=arguments["early_stopping_min_epochs"],
+            cells=arguments["estimation_cells"],
         )
         trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), estimation]
-        self._run_training(
-            plan,
-            max_epochs=max_epochs,
-            train_size=train_size,
-            batch_size=batch_size,
-            use_query=True,
-            # no epoch is "best" on the reference alone: keep the final weights
-            warmup_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **trainer_kwargs,
-        )
-        epochs_trained = int(self.trainer.current_epoch)
+        arguments["estimation"] = estimation
+
+    def _after_training(self, arguments: dict[str, Any], plan: Any) -> dict[str, Any]:
+        estimation = arguments["estimation"]
         self.distribution_ = estimation.summary()
-        self.training_summary_.update(
-            {
-                "best_epoch": "final",
-                "epochs_trained": epochs_trained,
-                "early_stopped": estimation.stopped_epoch is not None,
-                "n_query": n_query,
-                "n_novel": int(self.module.n_novel),
-                "n_novel_estimated": self.n_novel_estimate_ is not None,
-                "estimation_interval": int(estimation_interval),
-                "estimation_epochs": list(estimation.epochs),
-                "lr": float(lr),
-            }
-        )
+        return {
+            "best_epoch": "final",
+            "early_stopped": estimation.stopped_epoch is not None,
+            "n_novel": int(self.module.n_novel),
+            "n_novel_estimated": self.n_novel_estimate_ is not None,
+            "estimation_interval": int(arguments["estimation_interval"]),
+            "estimation_epochs": list(estimation.epochs),
+            "lr": float(arguments["lr"]),
+        }
 
     def _estimate_n_novel(
         self,

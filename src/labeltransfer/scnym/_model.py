@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from anndata import AnnData
 from scvi.model.base import BaseModelClass
-from scvi.utils._docstrings import devices_dsp
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin
-from labeltransfer.dataloaders import labelled_mask
 from labeltransfer.train._guards import (
     FIT_RULES,
     INPUT_RULES,
@@ -26,16 +24,10 @@ from labeltransfer.train._guards import (
     Flag,
     OneOf,
     check_arguments,
-    check_plan_kwargs,
-    check_trainer_kwargs,
 )
 
 from ._module import SCNYMModule
 from ._trainingplan import SCNYMTrainingPlan
-
-if TYPE_CHECKING:
-    from typing import Any
-
 
 logger = logging.getLogger(__name__)
 
@@ -232,26 +224,27 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         self.training_summary_: dict[str, Any] = {}
         self.init_params_ = self._get_init_params(locals())
 
-    @devices_dsp.dedent
-    def train(
-        self,
-        max_epochs: int = 400,
-        *,
-        train_size: float = 0.9,
-        batch_size: int = 256,
-        lr: float = 1.0,
-        weight_decay: float = 1e-4,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 40,
-        early_stopping_monitor: str = "validation_loss",
-        warmup_fraction: float = 0.05,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
-        **trainer_kwargs,
-    ) -> None:
-        """Train on the labelled reference and the unlabelled query cells together.
+    # ------------------------------------------------------------- training
+    _train_arguments = {
+        "max_epochs": (int, 400),
+        "train_size": (float, 0.9),
+        "batch_size": (int, 256),
+        "lr": (float, 1.0),
+        "weight_decay": (float, 1e-4),
+        "early_stopping": (bool, True),
+        "early_stopping_patience": (int, 40),
+        "early_stopping_monitor": (str, "validation_loss"),
+        "warmup_fraction": (float, 0.05),
+    }
+    _train_rules = _TRAIN_RULES
+    _plan_cls = SCNYMTrainingPlan
+    _plan_rules = _PLAN_RULES
+    _no_query_message = (
+        "No unlabelled query cells are registered: training scNym on the reference "
+        "only (supervised MixUp, no MixMatch). Concatenate reference and query with "
+        "lt.data.concat_reference_query for semi-supervised training."
+    )
+    _train_doc = """Train on the labelled reference and the unlabelled query cells together.
 
         Every step takes a reference minibatch and a query minibatch
         (:class:`~labeltransfer.dataloaders.RefQueryDataSplitter`) and minimises
@@ -308,10 +301,8 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         TypeError
             ``plan_kwargs`` or ``trainer_kwargs`` has a name nothing accepts.
         """
-        check_arguments(SCNYM.train, locals(), _TRAIN_RULES)
-        check_plan_kwargs(plan_kwargs, SCNYMTrainingPlan)
-        check_arguments(SCNYMTrainingPlan.__init__, dict(plan_kwargs or {}), _PLAN_RULES)
-        check_trainer_kwargs(trainer_kwargs, owner="SCNYM.train")
+
+    def _check_training(self, arguments: dict[str, Any]) -> None:
         if self.module.domain_source == "batch":
             n_batches = len(
                 self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
@@ -322,56 +313,27 @@ class SCNYM(AnnotationMixin, BaseModelClass):
                     f"adversary knows {self.module.n_domains} domains ({self.domains_}). Train "
                     "a new model on this AnnData instead."
                 )
-        n_query = int((~labelled_mask(self.adata_manager)).sum())
-        use_query = n_query > 0
-        if not use_query:
-            logger.warning(
-                "No unlabelled query cells are registered: training scNym on the reference "
-                "only (supervised MixUp, no MixMatch). Concatenate reference and query with "
-                "lt.data.concat_reference_query for semi-supervised training."
-            )
-        plan_kwargs = {
-            "lr": lr,
-            "weight_decay": weight_decay,
+
+    def _plan_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "lr": arguments["lr"],
+            "weight_decay": arguments["weight_decay"],
             "pseudolabel_threshold": (
                 self.pseudolabel_threshold if self.new_identity_discovery else 0.0
             ),
-            **(plan_kwargs or {}),
+            **(arguments["plan_kwargs"] or {}),
         }
-        plan = SCNYMTrainingPlan(self.module, **plan_kwargs)
-        warmup = math.ceil(warmup_fraction * max_epochs)
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping", True)
-            trainer_kwargs.setdefault("early_stopping_monitor", early_stopping_monitor)
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-            trainer_kwargs.setdefault("early_stopping_warmup_epochs", warmup)
-            trainer_kwargs.setdefault(
-                "early_stopping_mode", "max" if "accuracy" in early_stopping_monitor else "min"
-            )
-        splitter, _ = self._run_training(
-            plan,
-            max_epochs=max_epochs,
-            train_size=train_size,
-            batch_size=batch_size,
-            use_query=use_query,
-            warmup_epochs=min(warmup, max_epochs - 1),
-            accelerator=accelerator,
-            devices=devices,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **trainer_kwargs,
-        )
-        epochs_trained = int(self.trainer.current_epoch)
-        self.training_summary_.update(
-            {
-                "epochs_trained": epochs_trained,
-                "early_stopped": epochs_trained < max_epochs,
-                "n_query": n_query,
-                "new_identity_discovery": bool(self.new_identity_discovery),
-                "pseudolabel_threshold": float(plan.pseudolabel_threshold),
-                "domains": list(self.domains_),
-                "domain_source": self.module.domain_source,
-            }
-        )
+
+    def _warmup_epochs(self, arguments: dict[str, Any]) -> int:
+        return math.ceil(arguments["warmup_fraction"] * arguments["max_epochs"])
+
+    def _after_training(self, arguments: dict[str, Any], plan: Any) -> dict[str, Any]:
+        return {
+            "new_identity_discovery": bool(self.new_identity_discovery),
+            "pseudolabel_threshold": float(plan.pseudolabel_threshold),
+            "domains": list(self.domains_),
+            "domain_source": self.module.domain_source,
+        }
 
     def _paper_rule(self) -> float | str:
         """Return scNym's rule: the global cut on the confidence (0.5), if one is set."""
