@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
+import scvi
 
 import labeltransfer as lt
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter
@@ -71,3 +74,43 @@ def test_paired_loader_cycles_the_shorter():
     pairs = list(PairedDataLoader([1, 2], ["a", "b", "c", "d", "e"]))
     assert pairs == [(1, "a"), (2, "b"), (1, "c"), (2, "d"), (1, "e")]
     assert len(PairedDataLoader([1, 2, 3], ["a"])) == 3
+
+
+#: The split of the synthetic pair for scvi's seed 0, recorded before RefQueryDataSplitter
+#: was rebuilt on DataSplitter.__init__: (n_train, n_val) and the first 16 hex digits of the
+#: SHA-1 of val_idx, ref_train_idx and train_idx (int64).
+SEED_0_SPLITS = [
+    (
+        {"train_size": 0.8, "use_query": True},
+        (884, 116),
+        ("5787d85eac8a7518", "f70b2bb3a26ec3a1", "94f51d5e6efc1def"),
+    ),
+    (
+        {"train_size": 0.7},
+        (420, 180),
+        ("994b71110bc015fb", "b1cc9d3046dd5dcb", "b1cc9d3046dd5dcb"),
+    ),
+    (
+        {"train_size": 0.9, "use_query": True, "shuffle_set_split": False},
+        (944, 56),
+        ("15833f300027ddc3", "7ce32a8099f4f93b", "0385c5b57b69830f"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "sizes", "digests"), SEED_0_SPLITS)
+def test_split_for_seed_0_is_unchanged(concat_manager, kwargs, sizes, digests):
+    _, manager = concat_manager
+    scvi.settings.seed = 0
+    splitter = RefQueryDataSplitter(manager, batch_size=64, **kwargs)
+    splitter.setup()
+
+    def digest(indices: np.ndarray) -> str:
+        return hashlib.sha1(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+    assert (splitter.n_train, splitter.n_val) == sizes
+    found = (splitter.val_idx, splitter.ref_train_idx, splitter.train_idx)
+    assert tuple(digest(indices) for indices in found) == digests
+    # the cells a reference-only step leaves out are DataSplitter's test set
+    unused = [] if kwargs.get("use_query") else splitter.query_idx
+    np.testing.assert_array_equal(splitter.test_idx, unused)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
-from lightning.pytorch import LightningDataModule
 from scvi import settings
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 
@@ -27,15 +27,39 @@ def labelled_mask(adata_manager: AnnDataManager) -> np.ndarray:
     return codes != unlabeled_code
 
 
+def _stratified_validation(
+    adata_manager: AnnDataManager,
+    labelled_idx: np.ndarray,
+    validation_size: float,
+    shuffle: bool,
+) -> np.ndarray:
+    """Hold out ``floor(n * validation_size)`` cells of each type (seeded by scvi's seed)."""
+    rng = np.random.RandomState(seed=settings.seed)
+    codes = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+    codes = codes[labelled_idx]
+    parts = []
+    for code in np.unique(codes):
+        members = labelled_idx[codes == code]
+        if shuffle:
+            members = rng.permutation(members)
+        parts.append(members[: int(np.floor(members.size * validation_size))])
+    return np.sort(np.concatenate(parts)) if parts else np.array([], dtype=int)
+
+
 class RefQueryDataSplitter(DataSplitter):
     """Labelled reference + unlabelled query minibatches for every training step.
 
     The labelled cells are split per cell type into training and validation sets (the
-    validation set is
-    what early stopping, best-epoch selection, calibration and rejection thresholds use). The
-    unlabelled (query) cells all go into training. With ``use_query=True`` a training batch is a
-    tuple ``(reference_batch, query_batch)``; otherwise it is a reference batch only. Validation
-    batches are reference batches.
+    validation set is what early stopping, best-epoch selection, calibration and rejection
+    thresholds use). With ``use_query=True`` the unlabelled (query) cells all go into training
+    and a training batch is a tuple ``(reference_batch, query_batch)``; otherwise a training
+    batch is a reference batch and the query cells are the test set. Validation batches are
+    reference batches.
+
+    The split is computed at construction (seeded by ``scvi.settings.seed``) and handed to
+    :class:`~scvi.dataloaders.DataSplitter` as its ``external_indexing``, which checks it
+    and gives ``setup()``, ``train_idx``, ``val_idx``, ``test_idx``, ``n_train`` and
+    ``n_val`` their usual meaning; ``ref_train_idx`` holds the labelled training cells.
 
     Parameters
     ----------
@@ -81,40 +105,31 @@ class RefQueryDataSplitter(DataSplitter):
                 "labelled. Concatenate reference and query with "
                 "`lt.data.concat_reference_query` (query cells get the unlabeled category)."
             )
-        # DataSplitter.__init__ validates a split of *all* cells; ours splits labelled cells only
-        LightningDataModule.__init__(self)
-        self.adata_manager = adata_manager
-        self.train_size = float(train_size)
-        self.validation_size = 1.0 - self.train_size
-        self.shuffle_set_split = shuffle_set_split
-        self.load_sparse_tensor = False
-        self.pin_memory = kwargs.pop("pin_memory", False)
-        self.drop_last = kwargs.pop("drop_last", False)
-        self.external_indexing = None
-        self.data_loader_kwargs = kwargs
-        n_labelled = self.labelled_idx.size
-        self.n_val = int(np.floor(n_labelled * self.validation_size))
-        self.n_train = n_labelled - self.n_val + (self.query_idx.size if use_query else 0)
-
-    def setup(self, stage: str | None = None):
-        """Split the labelled cells per type (stratified); query cells are all training cells."""
-        rng = np.random.RandomState(seed=settings.seed)
-        codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()[
-            self.labelled_idx
-        ]
-        val_parts = []
-        for code in np.unique(codes):
-            members = self.labelled_idx[codes == code]
-            if self.shuffle_set_split:
-                members = rng.permutation(members)
-            val_parts.append(members[: int(np.floor(members.size * self.validation_size))])
-        self.val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.array([], int)
-        self.ref_train_idx = np.setdiff1d(self.labelled_idx, self.val_idx)
-        self.n_val = self.val_idx.size
-        query = self.query_idx if self.use_query else np.array([], dtype=int)
-        self.train_idx = np.concatenate([self.ref_train_idx, query])
-        self.n_train = self.train_idx.size
-        self.test_idx = np.array([], dtype=int)
+        validation = _stratified_validation(
+            adata_manager, self.labelled_idx, 1.0 - float(train_size), shuffle_set_split
+        )
+        #: The labelled cells used for training.
+        self.ref_train_idx = np.setdiff1d(self.labelled_idx, validation)
+        empty = np.array([], dtype=int)
+        query = self.query_idx if use_query else empty
+        with warnings.catch_warnings():
+            # DataSplitter warns of a last batch of 1-2 cells of one loader over all training
+            # cells; the training loaders here are per set, and drop a last batch of one cell
+            warnings.filterwarnings("ignore", message="Last batch will have a small size")
+            super().__init__(
+                adata_manager,
+                train_size=train_size,
+                shuffle_set_split=shuffle_set_split,
+                # the cells a training step leaves out (the query of a reference-only
+                # step) are the test set: DataSplitter checks that the three sets cover
+                # every cell once
+                external_indexing=[
+                    np.concatenate([self.ref_train_idx, query]),
+                    validation,
+                    self.query_idx if not use_query else empty,
+                ],
+                **kwargs,
+            )
 
     def _loader(self, indices: np.ndarray, *, shuffle: bool, drop_last: bool) -> AnnDataLoader:
         batch_size = self.data_loader_kwargs.get("batch_size") or settings.batch_size

@@ -18,6 +18,12 @@ class PairedDataLoader:
     cannot reach inside this iterable: every epoch gets a new shuffle, the same on all
     processes.
 
+    scvi's :class:`~scvi.dataloaders.ConcatDataLoader` zips loaders in the same way, but
+    does not fit: it builds every loader itself, as an ``AnnDataLoader`` of one AnnData with
+    one ``drop_last`` for all, while the loaders paired here are of other kinds (JIND's
+    reference codes, CellPredX's query loader with kNN neighbours) and drop a last batch of
+    one cell per set; and under DDP it stops at the shorter loader instead of cycling it.
+
     Parameters
     ----------
     loader_a
