@@ -30,3 +30,8 @@ OUTPUT_KEYS = _OUTPUT_KEYS_NT()
 UNASSIGNED = "Unassigned"
 #: Prefix of the names of novel groups found by discovery (``novel_0``, ``novel_1``, ...).
 NOVEL_PREFIX = "novel_"
+
+#: ``uns`` flag of the AnnData a model loaded without data is built on: scvi builds a model
+#: on an AnnData, so ``load(dir_path)`` builds it on one empty cell per type, which carries
+#: only the registry and is never the model's ``adata``; training refuses it.
+LOADED_WITHOUT_DATA_KEY = "_lt_loaded_without_data"

@@ -227,6 +227,14 @@ def test_save_load_with_mudata_gives_identical_predictions(
     )
 
 
+def test_damaged_model_file_is_named_when_loading_with_a_mudata(unpaired_pair, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match=r"model\.pt' is damaged and cannot be read"):
+        lt.CellPredX.load(folder, adata=make_mudata(*unpaired_pair))
+
+
 def test_determinant_genes_and_kghr(trained_unpaired, unpaired_pair):
     model, _ = trained_unpaired
     rna, atac = unpaired_pair

@@ -4,6 +4,7 @@ from ._annotation_mixin import AnnotationMixin
 from ._module import AnnotationModule
 from ._query import fingerprint, prepare_query, register_for_one_call
 from ._rejection import fit_temperature, per_type_thresholds
+from ._save_load import read_saved_files
 from ._setup import register_anndata
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "fit_temperature",
     "per_type_thresholds",
     "prepare_query",
+    "read_saved_files",
     "register_anndata",
     "register_for_one_call",
 ]

@@ -133,7 +133,7 @@ class AnnotateMixin:
                 f"Expected an AnnData or the path of a zarr store, got {type(adata).__name__}. "
                 "Read your data with `anndata.read_h5ad` (or build an AnnData) first."
             )
-        target = self.adata if adata is None else adata
+        target = self._own_data() if adata is None else adata
         if copy and is_lazy(target):
             raise ValueError(
                 "copy=True needs the data in memory, but this AnnData is backed (read with "

@@ -15,6 +15,7 @@ from scipy.special import softmax
 from labeltransfer._constants import REGISTRY_KEYS
 
 from ._query import EMPTY_CELLS_WARNING, empty_cells, prepare_query, warn_empty_cells
+from ._save_load import NO_DATA_MESSAGE
 from ._zarr import is_lazy, is_zarr_path, open_zarr
 
 if TYPE_CHECKING:
@@ -70,20 +71,34 @@ class InferenceMixin:
             )
         return {}
 
+    def _own_data(self) -> AnnData:
+        """Return the registered AnnData, for a call given ``adata=None``.
+
+        Raises
+        ------
+        ValueError
+            If the model was loaded without data (``model.adata`` is ``None``).
+        """
+        if self.adata is None:
+            raise ValueError(NO_DATA_MESSAGE.format(cls=type(self).__name__))
+        return self.adata
+
     def _inference_for(
         self, adata: AnnData | str | os.PathLike[str] | None, options: dict[str, Any]
     ) -> tuple[AnnData | None, dict[str, Any]]:
         """Open a zarr path, and select the ``module.inference`` arguments for the data."""
         if is_zarr_path(adata):
             adata = open_zarr(adata)
-        return adata, self._inference_kwargs(self.adata if adata is None else adata, **options)
+        return adata, self._inference_kwargs(
+            self._own_data() if adata is None else adata, **options
+        )
 
     def _query_options(self) -> dict[str, Any]:
         return {"input_type": self.module.input_type}
 
     def _prepare(self, adata: AnnData | None, **harmonize_kwargs) -> tuple[AnnData, dict | None]:
         """Return ``adata`` registered (``None``: the model's own data, checked like a query)."""
-        target = self.adata if adata is None else adata
+        target = self._own_data() if adata is None else adata
         return prepare_query(self, target, **self._query_options(), **harmonize_kwargs)
 
     def _infer(
@@ -111,7 +126,7 @@ class InferenceMixin:
         if is_zarr_path(adata):
             adata = open_zarr(adata)
         if inference_kwargs is None:
-            inference_kwargs = self._inference_kwargs(self.adata if adata is None else adata)
+            inference_kwargs = self._inference_kwargs(self._own_data() if adata is None else adata)
         forward = {
             "batch_size": batch_size,
             "inference_kwargs": inference_kwargs,

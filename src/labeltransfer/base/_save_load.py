@@ -21,7 +21,7 @@ from anndata import AnnData
 from scvi import settings
 from scvi.model.base._save_load import _load_saved_files
 
-from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer._constants import LOADED_WITHOUT_DATA_KEY, REGISTRY_KEYS
 from labeltransfer._model_folder import check_save_target, model_files, save_atomically
 
 if TYPE_CHECKING:
@@ -90,6 +90,14 @@ def read_saved_files(
     return attr_dict, var_names, None if saved is False else saved
 
 
+#: Error of a call that needs the model's data (``adata=None``) on a model loaded without it.
+NO_DATA_MESSAGE = (
+    "This model was loaded without data: pass the query, e.g. `model.annotate(query)` or "
+    "`model.predict(query)`. To use the reference itself, load the model with it: "
+    "`{cls}.load(dir_path, adata=reference)`."
+)
+
+
 class SaveLoadMixin:
     """Save atomically without touching a user's files; load with or without data."""
 
@@ -127,6 +135,12 @@ class SaveLoadMixin:
             If ``dir_path`` is a file, a folder holding other files than a saved model's, or
             a saved model and ``overwrite`` is ``False``.
         """
+        if save_anndata and self.adata is None:
+            raise ValueError(
+                "This model was loaded without data, so save_anndata=True has no AnnData to "
+                "save. Save without it, or load the model with its reference "
+                f"(`{type(self).__name__}.load(dir_path, adata=reference)`) first."
+            )
         dir_path = os.path.realpath(dir_path)
         check_save_target(dir_path, prefix, overwrite)
         self.package_version_ = version("labeltransfer")
@@ -160,8 +174,11 @@ class SaveLoadMixin:
             Folder written by :meth:`save`.
         adata
             AnnData with exactly the model's genes to register, or ``None``: the model is
-            then restored without any data (from the saved AnnData if ``save_anndata=True``
-            was used) and maps queries passed to :meth:`annotate`/:meth:`predict`.
+            then restored with the AnnData saved with it (``save_anndata=True``) or, as
+            scvi-tools does, without data: ``model.adata`` is ``None``, queries passed to
+            :meth:`annotate`/:meth:`predict` are mapped, and calls that need the model's
+            own data (``adata=None``, ``train``, ``save(save_anndata=True)``) raise.
+            ``model.adata = reference`` attaches data later.
         accelerator
             Accelerator to load onto (``"auto"``, ``"cpu"``, ``"gpu"``).
         device
@@ -199,9 +216,10 @@ class SaveLoadMixin:
                 UserWarning,
                 stacklevel=settings.warnings_stacklevel,
             )
+        placeholder = None
         if adata is None:
             if saved is None:
-                saved = _placeholder_adata(attr_dict["registry_"], var_names)
+                saved = placeholder = _placeholder_adata(attr_dict["registry_"], var_names)
             adata = saved
         elif list(adata.var_names) != list(var_names):
             raise ValueError(
@@ -213,7 +231,7 @@ class SaveLoadMixin:
             with warnings.catch_warnings(), quiet_local_load():
                 # the placeholder has one cell per type by construction
                 warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-                return super().load(
+                model = super().load(
                     dir_path,
                     adata=adata,
                     accelerator=accelerator,
@@ -230,10 +248,21 @@ class SaveLoadMixin:
                 f"that saved it (`pip install labeltransfer=={saved_version}`), or train and "
                 "save the model again with this one."
             ) from err
+        if placeholder is not None:
+            # the placeholder only carries the registry (kept by model.adata_manager, which
+            # maps queries): it leaves scvi's stores, and model.adata is None as after
+            # scvi's own load without data
+            model.deregister_manager(placeholder)
+            model._adata = None
+        return model
 
 
 def _placeholder_adata(registry: dict, var_names: np.ndarray) -> AnnData:
-    """One empty cell per reference type, so a saved model can be rebuilt without data."""
+    """One empty cell per reference type, so a saved model can be rebuilt without data.
+
+    The models' ``__init__`` need an AnnData; :meth:`SaveLoadMixin.load` detaches this one
+    from the model once built (``model.adata`` is ``None``).
+    """
     args = registry["setup_args"]
     labels_state = registry["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
     mapping = [str(c) for c in labels_state["categorical_mapping"]]
@@ -245,6 +274,7 @@ def _placeholder_adata(registry: dict, var_names: np.ndarray) -> AnnData:
     # dense zeros: scvi takes an all-zero *sparse* X for "minified" data and refuses it
     matrix = np.zeros((len(mapping), len(var_names)), dtype=np.float32)
     adata = AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=pd.Index(var_names).astype(str)))
+    adata.uns[LOADED_WITHOUT_DATA_KEY] = True
     if args.get("layer") is not None:
         adata.layers[args["layer"]] = matrix
     return adata

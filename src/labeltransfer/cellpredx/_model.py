@@ -13,9 +13,8 @@ import numpy as np
 from anndata import AnnData
 from scvi import settings
 from scvi.model.base import BaseModelClass
-from scvi.model.base._save_load import _load_saved_files
 
-from labeltransfer.base import AnnotationMixin, register_anndata
+from labeltransfer.base import AnnotationMixin, read_saved_files, register_anndata
 from labeltransfer.dataloaders import labelled_mask
 from labeltransfer.train._guards import (
     FIT_RULES,
@@ -748,9 +747,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
                 prefix=prefix,
                 **kwargs,
             )
-        attr_dict, _, _, _ = _load_saved_files(
-            dir_path, load_adata=False, prefix=prefix, map_location="cpu"
-        )
+        attr_dict, _, _ = read_saved_files(dir_path, prefix)
         record = attr_dict.get("mudata_setup_")
         if record is None:
             raise TypeError(

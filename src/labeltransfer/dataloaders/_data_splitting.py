@@ -9,7 +9,7 @@ import numpy as np
 from scvi import settings
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 
-from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer._constants import LOADED_WITHOUT_DATA_KEY, REGISTRY_KEYS
 
 from ._distributed import rank_and_world_size, shard_size
 from ._paired import PairedDataLoader
@@ -90,6 +90,12 @@ class RefQueryDataSplitter(DataSplitter):
     ):
         if not 0.0 < train_size <= 1.0:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        if adata_manager.adata.uns.get(LOADED_WITHOUT_DATA_KEY, False):
+            raise ValueError(
+                "This model was loaded without data, so it has no cells to train on. Load it "
+                "with its reference (`Model.load(dir_path, adata=reference)`), or attach it "
+                "(`model.adata = reference`), then train."
+            )
         self.use_query = use_query
         mask = labelled_mask(adata_manager)
         self.labelled_idx = np.flatnonzero(mask)
