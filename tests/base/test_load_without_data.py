@@ -29,7 +29,7 @@ def test_loaded_model_has_no_data_and_refuses_calls_that_need_it(saved, model_an
     loaded = lt.JIND.load(saved, accelerator="cpu")
     assert loaded.adata is None
     for call in (loaded.predict, loaded.get_latent_representation, loaded.annotate):
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(ValueError, match="loaded without data: pass the query") as info:
             call()
         assert str(info.value) == NO_DATA
     with pytest.raises(ValueError, match="loaded without data, so save_anndata=True"):
