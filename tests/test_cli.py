@@ -295,7 +295,8 @@ def test_cli_bad_rejection_is_one_error_line(files, no_data_read, capsys, value)
     printed = capsys.readouterr()
     assert printed.out == ""
     assert printed.err == (
-        "error: argument --rejection: must be default, per_type, none or a number in [0, 1] "
+        "error: argument --rejection: must be default, openset, per_type, paper, none or a "
+        "number in [0, 1] "
         f"(one confidence cut), got {value!r} (`labeltransfer annotate --help` lists the "
         "options)\n"
     )

@@ -47,7 +47,7 @@ def _fail(message: str) -> SystemExit:
 
 # ------------------------------------------------------------------------ argument types
 def _parse_rejection(value: str) -> str | float | None:
-    if value in ("per_type", "default"):
+    if value in ("default", "openset", "per_type", "paper"):
         return value
     if value == "none":
         return None
@@ -57,7 +57,8 @@ def _parse_rejection(value: str) -> str | float | None:
         number = math.nan
     if not 0 <= number <= 1:  # also refuses nan
         raise argparse.ArgumentTypeError(
-            f"must be default, per_type, none or a number in [0, 1] (one confidence cut), "
+            "must be default, openset, per_type, paper, none or a number in [0, 1] (one "
+            f"confidence cut), "
             f"got {value!r}"
         )
     return number
@@ -655,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rejection",
         type=_parse_rejection,
         default="default",
-        help="default, per_type, none, or a confidence cut in [0, 1]",
+        help="default (openset), openset, per_type, paper, none, or a confidence cut in [0, 1]",
     )
     ann.add_argument("--accelerator", default="auto", choices=ACCELERATORS)
     ann.add_argument("--max-epochs", type=_positive_int, default=None, help="training epochs")

@@ -1,6 +1,7 @@
 """The open-set layer's functions on synthetic data with a planted novel type."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -98,3 +99,76 @@ def test_projection_matches_for_numpy_and_torch(planted):
     space = planted[0]
     x = np.random.default_rng(0).random((5, space.mean.size)).astype(np.float32)
     np.testing.assert_allclose(space.project(x), space.project(torch.as_tensor(x)), atol=1e-5)
+
+
+# ----------------------------------------------------------------------- through a model
+@pytest.fixture(scope="module")
+def model_and_query():
+    import scvi
+
+    scvi.settings.seed = 0
+    reference, query = lt.data.synthetic(
+        n_reference=800, n_query=600, n_genes=300, n_types=4, n_novel=1, batch_shift=0.5, seed=3
+    )
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    query.obs = query.obs[["batch"]]
+    lt.JIND.setup_anndata(reference, labels_key="cell_type")
+    model = lt.JIND(reference, n_top_genes=200)
+    model.train(max_epochs=10, enable_progress_bar=False, accelerator="cpu")
+    return model, query, truth
+
+
+def test_model_layer_finds_the_planted_type_and_groups_it(model_and_query):
+    model, query, truth = model_and_query
+    out = model.annotate(query, key_added="lt", copy=True)
+    novel = truth == "type_4"
+    assert roc_auc_score(novel, out.obs["lt_novelty"]) > 0.95
+    calls = out.obs["lt"].to_numpy(dtype=str)
+    assert np.char.startswith(calls[novel], "novel_").mean() > 0.8
+    assert not np.char.startswith(calls[~novel], "novel_").any()
+    rule = out.uns["lt"]["rejection"]
+    assert rule["rule"] == "openset"
+    assert rule["n_novel_groups"] >= 1
+    assert {"ece_before", "ece_after", "temperature"} <= set(out.uns["lt"]["calibration"])
+    without_groups = model.annotate(query, key_added="lt", copy=True, novel=False)
+    assert not without_groups.obs["lt"].astype(str).str.startswith("novel_").any()
+
+
+def test_layer_is_saved_and_used_without_the_reference(model_and_query, tmp_path):
+    model, query, _ = model_and_query
+    before = model.annotate(query, key_added="lt", copy=True)
+    model.save(tmp_path / "model")
+    loaded = lt.JIND.load(tmp_path / "model")  # no reference data
+    after = loaded.annotate(query, key_added="lt", copy=True)
+    np.testing.assert_array_equal(after.obs["lt_novelty"], before.obs["lt_novelty"])
+    np.testing.assert_array_equal(after.obs["lt"].astype(str), before.obs["lt"].astype(str))
+    pd.testing.assert_series_equal(loaded.rejection_thresholds(), model.rejection_thresholds())
+    for name, values in model.reference_space_.items():
+        np.testing.assert_array_equal(loaded.reference_space_[name], values)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rejection": 1.5}, r"A global rejection threshold must be in \[0, 1\], got 1.5"),
+        ({"rejection": "strict"}, "Unknown rejection rule 'strict'. Use 'openset'"),
+        ({"novel": "yes"}, "novel must be 'auto' .* or False .*, got 'yes'"),
+    ],
+)
+def test_bad_rule_or_novel_fails_before_inference(model_and_query, kwargs, message):
+    model, query, _ = model_and_query
+    columns = list(query.obs.columns)
+    with pytest.raises(ValueError, match=message):
+        model.annotate(query, key_added="lt", **kwargs)
+    assert list(query.obs.columns) == columns
+
+
+def test_thresholds_for_a_theta_out_of_range_are_refused(model_and_query):
+    with pytest.raises(ValueError, match=r"theta \(outlier fraction\) must be in \[0, 1\)"):
+        model_and_query[0].rejection_thresholds(theta=1.0)
+
+
+def test_a_run_rejecting_most_cells_says_so(model_and_query):
+    model, query, _ = model_and_query
+    with pytest.warns(UserWarning, match=r"JIND rejected 100% of the 600 cells with the 'global'"):
+        model.annotate(query, key_added="lt", copy=True, rejection=1.0)
