@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import mudata as md
 import numpy as np
@@ -365,3 +367,21 @@ def test_same_seed_same_predictions(unpaired_pair):
     first = fit(3)
     pd.testing.assert_frame_equal(first, fit(3))
     assert not np.allclose(first.to_numpy(), fit(4).to_numpy())
+
+
+def test_training_anndata_goes_with_its_mudata_and_models(unpaired_pair):
+    """No class-level store keeps a CellPredX training AnnData once its owners are gone."""
+    scvi.settings.seed = 0
+    mdata = make_mudata(*unpaired_pair)
+    lt.CellPredX.setup_mudata(mdata, labels_key="cell_type")
+    model = lt.CellPredX(mdata)
+    model.train(max_epochs=1, enable_progress_bar=False, accelerator="cpu")
+    training = weakref.ref(model.adata)
+    del model
+    gc.collect()
+    assert training() is not None  # the MuData still links it: CellPredX(mdata) works
+    model = lt.CellPredX(mdata)
+    assert model.adata is training()
+    del model, mdata
+    gc.collect()
+    assert training() is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -57,6 +58,13 @@ def _fill(filled: dict[str, np.ndarray], part: Outputs, start: int, n_cells: int
 
 class InferenceMixin:
     """Logits, embeddings and predictions of any query, batch by batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # scvi keeps each model's managers, and so its data (the reference, a CellPredX
+        # training AnnData), in a class-level store by model id, also once the model is
+        # gone; no public call can act on a collected model, so they go with it here
+        weakref.finalize(self, type(self)._per_instance_manager_store.pop, self.id, None)
 
     def _inference_kwargs(self, adata: AnnData, **options) -> dict[str, Any]:
         """Extra ``module.inference`` arguments for ``adata`` (JIND selects its alignment).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
@@ -226,7 +227,9 @@ class CellPredX(AnnotationMixin, BaseModelClass):
     _default_key = "cellpredx"
     _default_theta = 0.05
     _splitter_cls = CellPredXDataSplitter
-    _mudata_store: ClassVar[dict[str, tuple[AnnData, dict[str, Any]]]] = {}
+    #: The training AnnData and set-up record of each set-up MuData still alive, by the uuid
+    #: written to its ``uns`` (see :meth:`_link_mudata`).
+    _mudata_links: ClassVar[dict[str, tuple[AnnData, dict[str, Any]]]] = {}
 
     def __init__(
         self,
@@ -388,9 +391,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
             batch_key=batch_key,
             **kwargs,
         )
-        uuid = adata.uns["_scvi_uuid"]
-        cls._mudata_store[uuid] = (adata, record)
-        mdata.uns[_MUDATA_LINK] = uuid
+        cls._link_mudata(mdata, adata, record)
         logger.info(
             "CellPredX set up %d RNA reference cells and %d ATAC query cells (%s) over %d "
             "shared genes.",
@@ -435,14 +436,34 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         )
 
     @classmethod
+    def _link_mudata(cls, mdata: MuData, adata: AnnData, record: dict[str, Any]) -> None:
+        """Link ``mdata`` to the training AnnData built from it, while ``mdata`` lives.
+
+        ``CellPredX(mdata)`` finds the AnnData (registered with the class) through this
+        link; a model keeps its own (``model.adata``, ``model.mudata_setup_``). When the
+        MuData is collected, the link and the class's registration go: the AnnData, which no
+        user holds, lives only as long as its MuData or a model built on it.
+        """
+        uuid = adata.uns["_scvi_uuid"]
+        cls._mudata_links[uuid] = (adata, record)
+        mdata.uns[_MUDATA_LINK] = uuid
+        weakref.finalize(mdata, cls._unlink_mudata, uuid)
+
+    @classmethod
+    def _unlink_mudata(cls, uuid: str) -> None:
+        cls._mudata_links.pop(uuid, None)
+        # scvi's deregister_manager needs a model instance; this runs when the MuData goes
+        cls._setup_adata_manager_store.pop(uuid, None)
+
+    @classmethod
     def _linked_anndata(cls, mdata: MuData) -> tuple[AnnData, dict[str, Any]]:
         uuid = mdata.uns.get(_MUDATA_LINK)
-        if uuid is None or uuid not in cls._mudata_store:
+        if uuid is None or uuid not in cls._mudata_links:
             raise ValueError(
                 "This MuData is not set up for CellPredX. Call "
                 "lt.CellPredX.setup_mudata(mdata, labels_key=...) first."
             )
-        return cls._mudata_store[uuid]
+        return cls._mudata_links[uuid]
 
     def _mudata_record(self) -> dict[str, Any]:
         if getattr(self, "mudata_setup_", None) is None:
@@ -783,9 +804,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
             prefix=prefix,
             **kwargs,
         )
-        uuid = training.uns["_scvi_uuid"]
-        cls._mudata_store[uuid] = (training, model.mudata_setup_)
-        adata.uns[_MUDATA_LINK] = uuid
+        cls._link_mudata(adata, training, model.mudata_setup_)
         return model
 
 
