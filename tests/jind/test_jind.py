@@ -219,7 +219,13 @@ def test_align_self_train_and_reload(synthetic_pair, tmp_path):
     encoder_before = model.module.encoder.weight.detach().clone()
     model.save(tmp_path / "reference")
 
+    trained_history = dict(model.history)
     model.align(query, name="q", max_epochs=3, enable_progress_bar=False, accelerator="cpu")
+    stage = model.alignments_["q"]["history"]
+    assert stage  # the alignment's metrics, in model.history too, beside the training's
+    assert set(model.history) == set(trained_history) | {f"align_{k}" for k in stage}
+    for key in stage:
+        assert model.history[f"align_{key}"][f"align_{key}"].tolist() == stage[key][key]
     torch.testing.assert_close(
         model.module.encoder.weight, encoder_before
     )  # classifier side frozen
@@ -244,6 +250,10 @@ def test_align_self_train_and_reload(synthetic_pair, tmp_path):
     registered = [set(store) for store in stores]
     model.self_train(query, max_epochs=2, enable_progress_bar=False, accelerator="cpu")
     assert [set(store) for store in stores] == registered  # query and pseudo-labels released
+    tuned = model.history["self_train_validation_accuracy"]["self_train_validation_accuracy"]
+    assert len(tuned) == 2  # one value per fine-tuning epoch
+    assert model.self_training_["best_validation_accuracy"] == pytest.approx(tuned.max())
+    assert {"align_generator_loss", "train_loss"} <= set(model.history)  # kept beside
     assert model.self_training_["n_confident"] > 0
     assert not torch.equal(model.module.encoder.weight, encoder_before)
     with pytest.raises(RuntimeError, match="self_train"):

@@ -21,7 +21,12 @@ from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin, fingerprint, register_for_one_call
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import frozen
-from labeltransfer.train import AnnotationTrainingPlan, BestStateCallback, fit_stage
+from labeltransfer.train import (
+    AnnotationTrainingPlan,
+    BestStateCallback,
+    fit_stage,
+    record_stage_history,
+)
 from labeltransfer.train._guards import (
     INPUT_RULES,
     POSITIVE,
@@ -304,6 +309,9 @@ class JIND(AnnotationMixin, BaseModelClass):
         - a name: that alignment, whatever the AnnData (e.g. a subset of the aligned query);
         - ``None``: no alignment.
 
+        The metrics of the last alignment are in ``model.history`` as ``align_<metric>``
+        (each alignment's own are in ``alignments_[name]["history"]``).
+
         ``uns[key]`` records ``aligned``, ``alignment`` (the name) and
         ``alignment_matched_by`` (``"fingerprint"`` or ``"requested"``).
 
@@ -380,6 +388,7 @@ class JIND(AnnotationMixin, BaseModelClass):
             },
             "history": {k: v.reset_index().to_dict("list") for k, v in history.items()},
         }
+        record_stage_history(self, history, "align_")
         self._release(registered)
 
     @devices_dsp.dedent
@@ -404,6 +413,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         the alignment of this query (if any, chosen by ``alignment``) is used and kept fixed. The best epoch on a 30%
         validation part of those cells is kept. The model is then specific to this query.
         If the fine-tuning fails or is interrupted (Ctrl+C), the reference weights are put back.
+        The fine-tuning's metrics are in ``model.history`` as ``self_train_<metric>``.
 
         Parameters
         ----------
@@ -464,7 +474,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         reference_state = copy.deepcopy(self.module.state_dict())
         try:
             with frozen(self.module.generator, self.module.discriminator):
-                fit_stage(
+                history = fit_stage(
                     self,
                     plan,
                     splitter.train_dataloader(),
@@ -485,6 +495,7 @@ class JIND(AnnotationMixin, BaseModelClass):
             "best_epoch": best.best_epoch,
             "best_validation_accuracy": best.best_score,
         }
+        record_stage_history(self, history, "self_train_")
         self._release(registered)
         self._release(pseudo)
 

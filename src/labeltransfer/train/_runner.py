@@ -70,3 +70,20 @@ def fit_stage(
     # (strategy="ddp") the other processes of the script get no history here
     history = getattr(trainer.logger, "history", None)
     return dict(history) if isinstance(history, dict) else {}
+
+
+def record_stage_history(
+    model: BaseModelClass, history: dict[str, pd.DataFrame], prefix: str
+) -> None:
+    """Put a training stage's metrics into ``model.history`` as ``{prefix}{metric}``.
+
+    Like the metrics of ``train()``, each stage's are those of its last run: the metrics of
+    an earlier run of the stage (keys starting with ``prefix``) are replaced. A history that
+    is not scvi's dict of frames (a custom logger) is left as it is.
+    """
+    if model.history_ is not None and not isinstance(model.history_, dict):
+        return
+    merged = {k: v for k, v in (model.history_ or {}).items() if not k.startswith(prefix)}
+    for key, frame in history.items():
+        merged[prefix + key] = frame.rename(columns={key: prefix + key})
+    model.history_ = merged
