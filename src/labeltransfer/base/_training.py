@@ -23,6 +23,7 @@ from scvi.train import TrainRunner
 from scvi.utils._docstrings import devices_dsp
 
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
+from labeltransfer.dataloaders._data_splitting import NO_TRAINING_DATA
 from labeltransfer.train import BestStateCallback
 from labeltransfer.train._callbacks import ReturnTrainingState, restore_training_state
 from labeltransfer.train._guards import (
@@ -129,6 +130,8 @@ class TrainingMixin:
         far, but no calibration or thresholds were fitted): the exception propagates, and
         Ctrl+C raises a ``KeyboardInterrupt``.
         """
+        if self.adata is None:  # loaded without data: fail before any other check
+            raise ValueError(NO_TRAINING_DATA)
         owner = type(self).train
         bound = inspect.signature(owner).bind(self, *args, **kwargs)
         bound.apply_defaults()

@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from scvi.data import AnnDataManager
 
 
+#: Error of ``train()`` on a model loaded without data.
+NO_TRAINING_DATA = (
+    "This model was loaded without data, so it has no cells to train on. Load it with its "
+    "reference (`Model.load(dir_path, adata=reference)`), or attach it "
+    "(`model.adata = reference`), then train."
+)
+
+
 def labelled_mask(adata_manager: AnnDataManager) -> np.ndarray:
     """Boolean mask of the cells that carry a reference label (not the unlabeled category)."""
     codes = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
@@ -91,11 +99,7 @@ class RefQueryDataSplitter(DataSplitter):
         if not 0.0 < train_size <= 1.0:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         if adata_manager.adata.uns.get(LOADED_WITHOUT_DATA_KEY, False):
-            raise ValueError(
-                "This model was loaded without data, so it has no cells to train on. Load it "
-                "with its reference (`Model.load(dir_path, adata=reference)`), or attach it "
-                "(`model.adata = reference`), then train."
-            )
+            raise ValueError(NO_TRAINING_DATA)
         self.use_query = use_query
         mask = labelled_mask(adata_manager)
         self.labelled_idx = np.flatnonzero(mask)
