@@ -160,8 +160,8 @@ class AnnotateMixin:
         probs = self._probabilities(logits)
         prediction = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
-        groups = self._coverage_groups(None if adata is None else target, target.n_obs)
-        uncovered = self._novelty(coords, groups, prediction)
+        centred = self._centred_coords(coords, None if adata is None else target)
+        uncovered = self._novelty(centred, prediction)
         rejected, rule = self._reject(confidence, prediction, rejection, uncovered)
         empty = overlap.pop("empty") if overlap is not None else np.zeros_like(rejected)
         if empty.any():  # no count in the model's genes: nothing to base a call on
@@ -174,7 +174,7 @@ class AnnotateMixin:
         final[rejected] = UNASSIGNED
         if rule["rule"] == "openset":
             final, rule["n_novel_groups"] = self._open_set_calls(
-                final, rejected & ~empty, coords, groups, uncovered, novel
+                final, rejected & ~empty, centred, uncovered, novel
             )
         self._warn_if_most_rejected(rejected, rule)
         novel_names = sorted({c for c in final if c.startswith(NOVEL_PREFIX)} - set(types))

@@ -240,22 +240,26 @@ class OpenSetMixin:
             return pd.factorize(adata.obs[batch_key].astype(str))[0].astype(np.int64)
         return np.zeros(n_cells, dtype=np.int64)
 
-    def _novelty(
-        self, coords: np.ndarray | None, groups: np.ndarray, prediction: np.ndarray
+    def _centred_coords(
+        self, coords: np.ndarray | None, adata: AnnData | None
     ) -> np.ndarray | None:
+        """Coverage coordinates with each query domain centred (see :meth:`_coverage_groups`)."""
+        if coords is None:
+            return None
+        return centre_by_group(coords, self._coverage_groups(adata, len(coords)))
+
+    def _novelty(self, centred: np.ndarray | None, prediction: np.ndarray) -> np.ndarray | None:
         """Uncovered fraction of each cell (``None`` for a model saved before the layer)."""
         space = self._reference_space
-        if space is None or coords is None:
+        if space is None or centred is None:
             return None
-        centred = centre_by_group(coords, groups)
         return uncovered_fraction(space, centred, prediction, seed=settings.seed or 0)
 
     def _open_set_calls(
         self,
         calls: np.ndarray,
         rejected: np.ndarray,
-        coords: np.ndarray | None,
-        groups: np.ndarray,
+        centred: np.ndarray | None,
         uncovered: np.ndarray | None,
         novel: str | bool,
     ) -> tuple[np.ndarray, int]:
@@ -263,7 +267,6 @@ class OpenSetMixin:
         if novel is False or uncovered is None or not self._forms_novel_groups:
             return calls, 0
         candidates = rejected & (uncovered > NOVEL_CUT)
-        centred = centre_by_group(coords, groups)
         numbers = novel_groups(
             centred, candidates, min_cells=MIN_NOVEL_GROUP, seed=settings.seed or 0
         )
