@@ -74,8 +74,9 @@ def read_saved_files(
         except (MemoryError, OSError):
             raise
         except Exception as err:  # torch/pickle raise EOFError, RuntimeError, UnpicklingError...
+            reason = " ".join(str(err).split())  # torch's messages span several lines
             raise ValueError(
-                f"{model_file!r} is damaged and cannot be read ({type(err).__name__}: {err}). "
+                f"{model_file!r} is damaged and cannot be read ({type(err).__name__}: {reason}). "
                 "It was probably cut short by an interrupted copy, download or save: copy the "
                 "model folder again, or train the model and save it again with "
                 "`model.save(...)`."
