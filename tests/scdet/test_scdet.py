@@ -332,11 +332,11 @@ def test_bad_input_raises(scdet_adata, scdet_pair):
     with pytest.raises(RuntimeError, match="not been trained|train"):
         model.predict()
 
-    # reference only: scDET needs the target cells in training
+    # reference only: novel classes need target cells (a reference model has none)
     ref = scdet_pair[0].copy()
     lt.SCDET.setup_anndata(ref, labels_key="cell_type")
     ref_model = lt.SCDET(ref, n_novel=1, n_top_genes=None)
-    with pytest.raises(ValueError, match="every registered cell is labelled"):
+    with pytest.raises(ValueError, match="n_novel=1 novel classes are learned from target"):
         ref_model.train(max_epochs=1, **FAST)
 
 

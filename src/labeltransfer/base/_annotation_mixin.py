@@ -19,6 +19,7 @@ from labeltransfer.dataloaders import labelled_mask
 
 from ._annotate import AnnotateMixin
 from ._inference import InferenceMixin
+from ._mapping import ReferenceMappingMixin
 from ._openset_mixin import OpenSetMixin
 from ._save_load import SaveLoadMixin
 from ._setup import register_anndata, resolve_input_type
@@ -28,7 +29,14 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 
-class AnnotationMixin(TrainingMixin, InferenceMixin, OpenSetMixin, AnnotateMixin, SaveLoadMixin):
+class AnnotationMixin(
+    TrainingMixin,
+    InferenceMixin,
+    OpenSetMixin,
+    AnnotateMixin,
+    SaveLoadMixin,
+    ReferenceMappingMixin,
+):
     """Set up, train, predict, reject and write annotations: what every model shares.
 
     A model using this mixin has a module whose ``inference`` returns ``logits`` (cells x
@@ -36,8 +44,10 @@ class AnnotationMixin(TrainingMixin, InferenceMixin, OpenSetMixin, AnnotateMixin
     ``scvi.model.base``: :class:`~labeltransfer.base._training.TrainingMixin`,
     :class:`~labeltransfer.base._inference.InferenceMixin`,
     :class:`~labeltransfer.base._openset_mixin.OpenSetMixin` (calibration, rejection,
-    novelty), :class:`~labeltransfer.base._annotate.AnnotateMixin` and
-    :class:`~labeltransfer.base._save_load.SaveLoadMixin`.
+    novelty), :class:`~labeltransfer.base._annotate.AnnotateMixin`,
+    :class:`~labeltransfer.base._save_load.SaveLoadMixin` and
+    :class:`~labeltransfer.base._mapping.ReferenceMappingMixin` (``prepare_query_anndata``,
+    ``load_query_data``).
     """
 
     _default_key: str = "annotation"

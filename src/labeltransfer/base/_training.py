@@ -134,10 +134,15 @@ class TrainingMixin:
             raise ValueError(NO_TRAINING_DATA)
         owner = type(self).train
         bound = inspect.signature(owner).bind(self, *args, **kwargs)
+        explicit = set(bound.arguments) - {"self", "trainer_kwargs"}
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         del arguments["self"]
         trainer_kwargs = arguments.pop("trainer_kwargs")
+        if getattr(self, "query_mapping_", None) is not None:  # from load_query_data
+            check_trainer_kwargs(trainer_kwargs, owner=owner.__qualname__)
+            self._train_mapped(arguments, explicit, trainer_kwargs)
+            return
         plan_kwargs = arguments["plan_kwargs"]
         check_arguments(owner, arguments, self._train_rules)
         check_plan_kwargs(plan_kwargs, self._plan_cls, extra=self._plan_extra)
@@ -229,6 +234,7 @@ class TrainingMixin:
                 }
             )
         self._fit_rejection(splitter.val_idx)
+        self._fit_reference_codes()
         self.training_summary_.update(self._after_training(arguments, plan))
 
     # ------------------------------------------------------------------ hooks

@@ -42,6 +42,7 @@ from ._trainingplan import CellPredXTrainingPlan
 
 if TYPE_CHECKING:
     from mudata import MuData
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -615,6 +616,10 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         }
 
     # ------------------------------------------------------------------ outputs
+    def _mapping_encoder(self) -> nn.Module:
+        """Return the feature extractor, fine-tuned per query; classifier and centers stay."""
+        return self.module.encoder
+
     def _paper_rule(self) -> float | str:
         """Return CellPredX's rule: the global cut on the confidence (0.95), if one is set."""
         if self.confidence_threshold is None:

@@ -246,6 +246,29 @@ class JIND(AnnotationMixin, BaseModelClass):
         self.reference_codes_ = codes.astype(np.float32)
 
     # ------------------------------------------------------------------ alignment
+    def _fit_query(
+        self,
+        *,
+        max_epochs: int | None,
+        batch_size: int,
+        accelerator: str,
+        devices: int | list[int] | str,
+        plan_kwargs: dict[str, Any],
+        trainer_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """After ``load_query_data``: align the query (:meth:`align`; JIND's batch 512)."""
+        query = getattr(self, "_query_source", None)
+        self.align(
+            self.adata if query is None else query,
+            name="query",
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            plan_kwargs=plan_kwargs,
+            **trainer_kwargs,
+        )
+        return {"method": "alignment", "alignment": "query"}
+
     def _feature_names(self) -> list[str]:
         genes = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
         return [str(g) for g in np.asarray(genes)[self.module.feature_idx.cpu().numpy()]]

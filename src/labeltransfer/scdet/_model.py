@@ -44,6 +44,8 @@ from ._trainingplan import SCDETTrainingPlan
 if TYPE_CHECKING:
     from typing import Any
 
+    from torch import nn
+
 logger = logging.getLogger(__name__)
 
 #: Trainer arguments that also apply to the warm-up stage.
@@ -184,7 +186,11 @@ class SCDET(AnnotationMixin, BaseModelClass):
     _module_cls = SCDETModule
     _default_key = "scdet"
     _default_theta = 0.05
-    _forms_novel_groups = False
+
+    @property
+    def _forms_novel_groups(self) -> bool:
+        """The open-set layer groups novel cells when scDET has no novel class of its own."""
+        return self.module.n_novel == 0
 
     def __init__(
         self,
@@ -283,12 +289,11 @@ class SCDET(AnnotationMixin, BaseModelClass):
     _train_rules = _TRAIN_RULES
     _plan_cls = SCDETTrainingPlan
     _plan_extra = _LOSS_FIELDS
-    _query_required = True
     _no_query_message = (
-        "scDET trains on reference and target cells together, but every registered "
-        "cell is labelled. Concatenate reference and query with "
-        "lt.data.concat_reference_query (query cells get the unlabeled category) and "
-        "set up that AnnData."
+        "No unlabelled target cells are registered: training scDET on the reference only "
+        "(its warm-up objective: reconstruction, reference cross-entropy and contrastive "
+        "losses; no novel classes). Map queries with SCDET.load_query_data, or concatenate "
+        "reference and query with lt.data.concat_reference_query for transductive training."
     )
     # no epoch is "best" on the reference alone: keep the final weights
     _keep_final_weights = True
@@ -303,6 +308,10 @@ class SCDET(AnnotationMixin, BaseModelClass):
         logged, and it calibrates the per-type thresholds and the ``n_novel`` estimate. The
         weights of the last epoch are kept (the held-out reference accuracy does not measure
         the clustering of the novel types).
+
+        Without target cells (a reference model for :meth:`load_query_data`) the objective
+        is that of the warm-up below on the reference alone, with no novel class and no
+        distribution estimation.
 
         When the model was created with ``n_novel=None``, a warm-up of ``warmup_epochs``
         epochs first trains the representation (reconstruction, reference cross-entropy,
@@ -401,6 +410,18 @@ class SCDET(AnnotationMixin, BaseModelClass):
         """Estimate ``n_novel`` if unknown, set the reference fraction, add the estimation."""
         config = options["config"]
         n_ref_train, n_query = int(splitter.ref_train_idx.size), arguments["n_query"]
+        if n_query == 0:  # a reference model: no target to estimate novel types on
+            if self.n_novel_:
+                raise ValueError(
+                    f"n_novel={self.n_novel_} novel classes are learned from target cells, but "
+                    "every registered cell is labelled. Create the reference model with "
+                    "n_novel=None (novel types are then found per query by the open-set "
+                    "layer), or register reference and query together."
+                )
+            self.n_novel_ = 0
+            options["config"] = replace(config, warmup=True)
+            arguments["estimation"] = None
+            return
         if self.n_novel_ is None:
             self._estimate_n_novel(
                 splitter,
@@ -433,14 +454,14 @@ class SCDET(AnnotationMixin, BaseModelClass):
 
     def _after_training(self, arguments: dict[str, Any], plan: Any) -> dict[str, Any]:
         estimation = arguments["estimation"]
-        self.distribution_ = estimation.summary()
+        self.distribution_ = None if estimation is None else estimation.summary()
         return {
             "best_epoch": "final",
-            "early_stopped": estimation.stopped_epoch is not None,
+            "early_stopped": estimation is not None and estimation.stopped_epoch is not None,
             "n_novel": int(self.module.n_novel),
             "n_novel_estimated": self.n_novel_estimate_ is not None,
             "estimation_interval": int(arguments["estimation_interval"]),
-            "estimation_epochs": list(estimation.epochs),
+            "estimation_epochs": [] if estimation is None else list(estimation.epochs),
             "lr": float(arguments["lr"]),
         }
 
@@ -546,6 +567,10 @@ class SCDET(AnnotationMixin, BaseModelClass):
         return torch.cat(features).numpy(), torch.cat(labels).numpy()
 
     # ------------------------------------------------------------- outputs
+    def _mapping_encoder(self) -> nn.Module:
+        """Return the encoder, fine-tuned per query; classifier head and prototypes stay."""
+        return self.module.encoder
+
     def _paper_rule(self) -> float | str:
         """Return scDET's rule: none (its novel classes), or a global cut if one is set."""
         if self.confidence_threshold is None:

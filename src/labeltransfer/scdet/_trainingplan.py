@@ -63,12 +63,16 @@ class SCDETTrainingPlan(AnnotationTrainingPlan):
 
     def training_step(self, batch, batch_idx):
         """One scDET step on a ``(reference, target)`` minibatch pair."""
-        if not isinstance(batch, tuple | list):
+        if isinstance(batch, tuple | list):
+            reference, query = batch
+        elif self.config.warmup:  # a reference model: the warm-up objective on its cells
+            reference, query = batch, {k: v[:0] for k, v in batch.items()}
+        else:
             raise ValueError(
                 "scDET trains on reference and target cells together: the training batches "
-                "must be (reference, query) pairs (RefQueryDataSplitter(use_query=True))."
+                "must be (reference, query) pairs (RefQueryDataSplitter(use_query=True)), or "
+                "reference batches with the warm-up objective (config.warmup=True)."
             )
-        reference, query = batch
         output = self.module.loss(reference, query=query, config=self.config)
         self._log_loss_output(output, "train")
         return output.loss

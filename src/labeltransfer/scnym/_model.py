@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from anndata import AnnData
 from scvi.model.base import BaseModelClass
@@ -28,6 +28,9 @@ from labeltransfer.train._guards import (
 
 from ._module import SCNYMModule
 from ._trainingplan import SCNYMTrainingPlan
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +337,10 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             "domains": list(self.domains_),
             "domain_source": self.module.domain_source,
         }
+
+    def _mapping_encoder(self) -> nn.Module:
+        """Return the embedder, fine-tuned per query; the classifier stays."""
+        return self.module.embedder
 
     def _paper_rule(self) -> float | str:
         """Return scNym's rule: the global cut on the confidence (0.5), if one is set."""

@@ -1,0 +1,170 @@
+"""Fine-tune a reference model's encoder on one query, the reference stood in for by codes.
+
+Used by ``model.train()`` after :meth:`~labeltransfer.base._mapping.ReferenceMappingMixin.load_query_data`
+(scNym, scDET, CellPredX; JIND aligns with its GAN instead). The classifier is frozen, so it
+keeps what it learned on the reference; the encoder learns to put the query's cells where
+the reference's were, with three of the methods' own losses, each computed against the
+*reference codes* saved with the model (the encoder's embedding of a stratified bank of
+reference cells, with their labels) instead of the reference cells:
+
+- **domain adversary** (scNym's ``L_adv``): a discriminator tells the saved reference codes
+  from the query's embedding; the encoder gets its gradient reversed (scaled by a sigmoid
+  ramp to ``adversary_weight``), so the query's codes move onto the reference's;
+- **pseudo-label consistency** (scNym's ``L_SSL``): the model's predictions on the clean query
+  (eval mode, no gradient), sharpened at ``temperature``, are the targets of its predictions on
+  gene-masked query cells (squared error summed over classes); cells below
+  ``pseudolabel_threshold`` do not count;
+- **class centers** (CellPredX's center loss, weight ``center_weight``): confident query codes
+  are pulled to the mean reference code of their pseudo-label.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer.nn import GradientReversal, mask_genes, mlp, sharpen, sigmoid_ramp
+
+
+class QueryAdaptationPlan(pl.LightningModule):
+    """Adapt ``encoder`` (a part of ``module``) to a query; the rest of the module is fixed.
+
+    Each step takes a minibatch of saved reference codes and labels and a query minibatch
+    (registry tensors); see the module docstring for the losses.
+
+    Parameters
+    ----------
+    module
+        The model's module; ``inference(x)`` returns ``z`` and ``logits``.
+    encoder
+        The part of ``module`` that is trained (its input-to-embedding network).
+    reference_codes
+        Saved reference codes (cells x latent dimensions), on any device.
+    reference_labels
+        Their reference type codes.
+    lr
+        Adam learning rate of the encoder (fine-tuning: 1e-4).
+    lr_discriminator
+        Adam learning rate of the discriminator (1e-3).
+    adversary_weight
+        Final scale of the reversed adversarial gradient (scNym: 0.1).
+    adversary_ramp_epochs
+        Epochs of its sigmoid ramp from 0.
+    consistency_weight
+        Weight of the pseudo-label consistency loss (scNym: 1.0).
+    center_weight
+        Weight of the class-center loss (0 turns it off).
+    temperature
+        Sharpening temperature of the pseudo-labels (scNym: 0.5).
+    pseudolabel_threshold
+        Least pseudo-label confidence for a query cell to count in the consistency and
+        center losses (0: every cell, scNym's default).
+    mask_rate
+        Probability of masking a gene in the augmentation (scNym: 0.1).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        encoder: nn.Module,
+        reference_codes: torch.Tensor,
+        reference_labels: torch.Tensor,
+        *,
+        lr: float = 1e-4,
+        lr_discriminator: float = 1e-3,
+        adversary_weight: float = 0.1,
+        adversary_ramp_epochs: int = 5,
+        consistency_weight: float = 1.0,
+        center_weight: float = 0.0,
+        temperature: float = 0.5,
+        pseudolabel_threshold: float = 0.0,
+        mask_rate: float = 0.1,
+    ):
+        super().__init__()
+        self.module = module
+        self.encoder = encoder
+        self.lr = lr
+        self.lr_discriminator = lr_discriminator
+        self.adversary_weight = adversary_weight
+        self.adversary_ramp_epochs = adversary_ramp_epochs
+        self.consistency_weight = consistency_weight
+        self.center_weight = center_weight
+        self.temperature = temperature
+        self.pseudolabel_threshold = pseudolabel_threshold
+        self.mask_rate = mask_rate
+        n_latent = reference_codes.shape[1]
+        self.gradient_reversal = GradientReversal(weight=0.0)
+        self.discriminator = mlp((n_latent, 256, 1))
+        codes = torch.as_tensor(reference_codes, dtype=torch.float32)
+        labels = torch.as_tensor(reference_labels, dtype=torch.long)
+        n_labels = int(module.n_labels)
+        counts = torch.bincount(labels, minlength=n_labels).clamp(min=1).unsqueeze(1)
+        centers = torch.zeros(n_labels, n_latent).index_add_(0, labels, codes) / counts
+        self.register_buffer("centers", centers)
+
+    def configure_optimizers(self):
+        """Adam on the encoder and on the discriminator (two parameter groups)."""
+        return torch.optim.Adam(
+            [
+                {"params": [p for p in self.encoder.parameters() if p.requires_grad]},
+                {"params": self.discriminator.parameters(), "lr": self.lr_discriminator},
+            ],
+            lr=self.lr,
+        )
+
+    def training_step(self, batch, batch_idx):
+        """One step on a ``((codes, labels), query)`` pair."""
+        (codes, _), query = batch
+        x = query[REGISTRY_KEYS.X_KEY]
+        module = self.module
+        with torch.no_grad():  # the teacher: clean input, eval mode
+            was_training = module.training
+            module.eval()
+            probabilities = torch.softmax(module.inference(x)["logits"], dim=1)
+            module.train(was_training)
+        n_seen = module.n_labels
+        probabilities = probabilities[:, :n_seen] / probabilities[:, :n_seen].sum(1, keepdim=True)
+        confident = probabilities.max(dim=1).values >= self.pseudolabel_threshold
+        targets = sharpen(probabilities, self.temperature)
+
+        lognorm = getattr(module, "input_type", "counts") == "lognorm"
+        augmented = mask_genes(x, self.mask_rate, log1p_input=lognorm)
+        out = module.inference(torch.cat([x, augmented]))
+        n = x.shape[0]
+        z, logits = out["z"][:n], out["logits"][n:, :n_seen]
+        zero = z.new_zeros(())
+
+        error = (torch.softmax(logits, dim=1) - targets) ** 2
+        consistency = (error.sum(dim=1) * confident).sum() / n
+        if self.center_weight > 0 and confident.any():
+            pseudo = probabilities.argmax(dim=1)
+            distance = ((z - self.centers[pseudo]) ** 2).sum(dim=1)
+            center = distance[confident].mean()
+        else:
+            center = zero
+
+        weight = sigmoid_ramp(
+            self.current_epoch, self.adversary_ramp_epochs, self.adversary_weight
+        )
+        self.gradient_reversal.weight = weight
+        domain_logits = self.discriminator(
+            torch.cat([codes.to(z.dtype), self.gradient_reversal(z)])
+        ).ravel()
+        domains = torch.cat([z.new_zeros(codes.shape[0]), z.new_ones(n)])
+        adversary = F.binary_cross_entropy_with_logits(domain_logits, domains)
+        accuracy = ((domain_logits > 0).float() == domains).float().mean()
+
+        loss = self.consistency_weight * consistency + self.center_weight * center + adversary
+        for name, value in (
+            ("loss", loss),
+            ("consistency_loss", consistency),
+            ("center_loss", center),
+            ("adversary_loss", adversary),
+            ("adversary_accuracy", accuracy),
+            ("confident_fraction", confident.float().mean()),
+        ):
+            self.log(f"train_{name}", value.detach(), on_step=False, on_epoch=True, batch_size=n)
+        return loss
