@@ -181,14 +181,19 @@ def test_cli_scnym_trains_on_reference_and_query(files, capsys):
     truth = annotated.obs["cell_type"].astype(str)
     assert (annotated.obs["scnym_prediction"].astype(str) == truth).mean() >= 0.85
 
+    # the saved model maps the query (fine-tuning on it, here for 3 epochs)
     again = files / "again.h5ad"
-    assert (
-        _annotate(files, "--model", "scnym", "--model-dir", str(files / "m"), "--out", str(again))
-        == 0
-    )
-    np.testing.assert_array_equal(
-        ad.read_h5ad(again).obs["scnym_prediction"], annotated.obs["scnym_prediction"]
-    )
+    model_dir = ["--model-dir", str(files / "m"), "--max-epochs", "3"]
+    assert _annotate(files, "--model", "scnym", *model_dir, "--out", str(again)) == 0
+    assert "Time: load " in capsys.readouterr().out
+    mapped = ad.read_h5ad(again)
+    assert mapped.uns["scnym"]["method"] == "SCNYM"
+    assert (mapped.obs["scnym_prediction"].astype(str) == truth).mean() >= 0.85
+    # a saved scNym model given as JIND names the option to change, not Python
+    with pytest.raises(
+        SystemExit, match=r"holds a SCNYM model, not a JIND one: pass --model scnym"
+    ):
+        _annotate(files, "--model", "jind", *model_dir, "--out", str(again))
 
     with pytest.raises(SystemExit, match="--align is JIND"):
         _annotate(files, *common, "--align", "--out", str(out))
@@ -318,7 +323,7 @@ def test_cli_bad_rejection_is_one_error_line(files, no_data_read, capsys, value)
         ),
         (["--overwrite"], "--overwrite replaces the folder of --save-model; give --save-model"),
         (["--model", "scnym", "--align-epochs", "3"], "--align-epochs sets JIND's"),
-        (["--model-dir", "m", "--max-epochs", "3"], "--reference, --max-epochs apply to training"),
+        (["--model-dir", "m", "--batch-key", "b"], "--reference, --batch-key apply to training"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
@@ -406,3 +411,46 @@ def test_cli_output_has_one_line_per_event_and_no_tips(restored_logging, capsys)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: try litlogger")
     err = capsys.readouterr().err
     assert err == "Seed set to 0\nreference: counts data\nscvi says\n"
+
+
+def test_cli_model_dir_reuses_a_stored_alignment_and_no_align_applies_none(
+    files, trained_jind, capsys
+):
+    """A saved alignment of this query is used, not learned again; --no-align uses none."""
+    import labeltransfer as lt
+
+    query = ad.read_h5ad(files / "query.h5ad")
+    model = lt.JIND.load_query_data(query, trained_jind)
+    model.align(query, name="stored", max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    model.save(files / "aligned_model")
+    common = ["--model-dir", str(files / "aligned_model"), "--out", str(files / "a.h5ad")]
+
+    assert _annotate(files, *common) == 0
+    printed = capsys.readouterr().out
+    assert "align " not in printed
+    uns = ad.read_h5ad(files / "a.h5ad").uns["jind"]
+    assert uns["aligned"]
+    assert uns["alignment"] == "stored"
+
+    assert _annotate(files, *common, "--no-align") == 0
+    assert "align " not in capsys.readouterr().out
+    assert not ad.read_h5ad(files / "a.h5ad").uns["jind"]["aligned"]
+
+
+@pytest.mark.parametrize("model", ["scdet", "cellpredx"])
+def test_cli_trains_and_maps_with_every_model(files, capsys, model):
+    """--model offers all four models; --model-dir maps a query with each of them."""
+    out = files / f"{model}.h5ad"
+    reference = ["--reference", str(files / "ref.h5ad"), "--model", model]
+    args = [*reference, "--max-epochs", "5", "--save-model", str(files / model)]
+    assert _annotate(files, *args, "--out", str(out)) == 0
+    assert "Time: train " in capsys.readouterr().out
+    assert f"{model}_prediction" in ad.read_h5ad(out).obs
+
+    mapped = files / f"{model}_mapped.h5ad"
+    model_dir = ["--model", model, "--model-dir", str(files / model), "--max-epochs", "2"]
+    assert _annotate(files, *model_dir, "--out", str(mapped)) == 0
+    printed = capsys.readouterr().out
+    assert "Time: load " in printed
+    assert "map " in printed
+    assert f"{model}_prediction" in ad.read_h5ad(mapped).obs

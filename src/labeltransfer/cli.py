@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 #: Models of ``--model``: name -> class name in ``labeltransfer``.
-MODELS = {"jind": "JIND", "scnym": "SCNYM"}
+MODELS = {"jind": "JIND", "scnym": "SCNYM", "scdet": "SCDET", "cellpredx": "CellPredX"}
+#: Models trained on reference and query together (the others train on the reference alone).
+TRANSDUCTIVE = ("scnym", "scdet", "cellpredx")
 #: Accelerators of ``--accelerator`` (Lightning's names).
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 #: Warnings that say nothing to a user of the command (Lightning internals, data loaders).
@@ -263,23 +265,25 @@ def _check_annotate_args(args: argparse.Namespace) -> None:
                 ("--reference", args.reference),
                 ("--reference-where", args.reference_where),
                 ("--batch-key", args.batch_key),
-                ("--max-epochs", args.max_epochs),
                 ("--new-identity-discovery", args.new_identity_discovery),
             )
             if value
         ]
         if unused:
             raise _fail(
-                f"{', '.join(unused)} apply to training; with --model-dir the saved model is "
-                "used as it is. Drop them, or drop --model-dir to train."
+                f"{', '.join(unused)} apply to training; with --model-dir the saved model maps "
+                "the query (--max-epochs sets the epochs of that fit). Drop them, or drop "
+                "--model-dir to train."
             )
     if args.model != "jind" and args.align:
         raise _fail(
-            "--align is JIND's query alignment; scNym adapts to the query during training. "
-            "Drop --align."
+            f"--align is JIND's query alignment; --model {args.model} adapts to the query "
+            "during training (or, with --model-dir, fine-tunes on it). Drop --align."
         )
     if args.model != "jind" and args.align_epochs is not None:
-        raise _fail("--align-epochs sets JIND's query alignment; drop it with --model scnym.")
+        raise _fail(
+            f"--align-epochs sets JIND's query alignment; drop it with --model {args.model}."
+        )
     if args.align is False and args.align_epochs is not None:
         raise _fail("--align-epochs with --no-align: drop one of them.")
     if args.model != "scnym" and args.new_identity_discovery:
@@ -407,20 +411,43 @@ def _layer_as_x(adata: AnnData, layer: str | None, what: str) -> AnnData:
     return type(adata)(X=adata.layers[layer], obs=adata.obs, var=adata.var)
 
 
-def _load_model(cls: type, model_dir: str, model_name: str, layer: str | None, accelerator: str):
+def _load_model(
+    cls: type,
+    model_dir: str,
+    model_name: str,
+    layer: str | None,
+    accelerator: str,
+    query: AnnData,
+):
+    """Map the query with the saved model (``load_query_data``): a copy with the query as data."""
+    from labeltransfer.base import read_saved_files
+
     try:
-        model = cls.load(model_dir, accelerator=accelerator)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        attr_dict, _, _ = read_saved_files(model_dir, None)
+    except (FileNotFoundError, ValueError) as err:
         raise _fail(
             f"cannot load --model-dir {model_dir} as --model {model_name}: {_message(err)}"
         ) from err
-    registered = model.adata_manager.registry["setup_args"].get("layer")
+    saved = attr_dict.get("registry_", {}).get("model_name")
+    if saved is not None and saved != cls.__name__:
+        names = {v: k for k, v in MODELS.items()}
+        fix = f"pass --model {names[saved]}" if saved in names else "train a model again"
+        raise _fail(
+            f"--model-dir {model_dir} holds a {saved} model, not a {cls.__name__} one: {fix}."
+        )
+    registered = attr_dict["registry_"].get("setup_args", {}).get("layer")
     if layer is not None and layer != registered:
         where = "X" if registered is None else f"layer {registered!r}"
         raise _fail(
             f"--layer {layer!r}: the model in {model_dir} reads the query's {where}; drop "
             "--layer (or pass that one)."
         )
+    try:
+        model = cls.load_query_data(query, model_dir, accelerator=accelerator)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise _fail(
+            f"cannot load --model-dir {model_dir} as --model {model_name}: {_message(err)}"
+        ) from err
     return model
 
 
@@ -445,17 +472,42 @@ def _train_and_annotate(
 ) -> dict:
     """Fit (or load) a model and annotate the query in place.
 
-    JIND trains on the reference and (``align``, default on) aligns the query; scNym trains
-    on the reference and the unlabelled query together (``concat_reference_query``).
+    JIND trains on the reference and (``align``, default on) aligns the query; scNym, scDET
+    and CellPredX train on the reference and the unlabelled query together
+    (``concat_reference_query``). With ``model_dir`` every model maps the query
+    (``load_query_data``, then ``train()``: JIND's alignment, which a saved alignment of this
+    query replaces and ``align=False`` skips, or the others' fine-tuning).
     """
     import labeltransfer as lt
 
     cls = getattr(lt, MODELS[model_name])
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    annotate_kwargs: dict = {}
     if model_dir:
-        model = _load_model(cls, model_dir, model_name, layer, accelerator)
-    elif model_name == "scnym":
+        model = _load_model(cls, model_dir, model_name, layer, accelerator, query)
+        timings["load_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        epochs = align_epochs or max_epochs
+        fit = True
+        if model_name == "jind":
+            stored = None if align is False else _stored_alignment(model, query)
+            annotate_kwargs["alignment"] = stored  # None: no stored alignment is applied
+            fit = align is not False and stored is None
+        if fit:
+            model.train(
+                accelerator=accelerator, **({} if epochs is None else {"max_epochs": epochs})
+            )
+            timings["align_s" if model_name == "jind" else "map_s"] = time.perf_counter() - start
+            if model_name == "jind":
+                annotate_kwargs["alignment"] = "auto"
+        if save_model:
+            model.save(save_model, overwrite=overwrite)
+        start = time.perf_counter()
+        model.annotate(query, key_added=key_added, rejection=rejection, **annotate_kwargs)
+        timings["annotate_s"] = time.perf_counter() - start
+        return timings
+    if model_name in TRANSDUCTIVE:
         adata = lt.data.concat_reference_query(
             _layer_as_x(reference, layer, "reference"),
             _layer_as_x(query, layer, "query"),
@@ -465,14 +517,16 @@ def _train_and_annotate(
         cls.setup_anndata(
             adata, labels_key=labels_key, unlabeled_category="Unknown", batch_key=batch_key
         )
-        model = cls(adata, new_identity_discovery=new_identity_discovery)
+        options = (
+            {"new_identity_discovery": new_identity_discovery} if new_identity_discovery else {}
+        )
+        model = cls(adata, **options)
     else:
         cls.setup_anndata(reference, labels_key=labels_key, batch_key=batch_key, layer=layer)
         model = cls(reference)
-    if not model_dir:
-        kwargs = {} if max_epochs is None else {"max_epochs": max_epochs}
-        model.train(accelerator=accelerator, **kwargs)
-    timings["load_s" if model_dir else "train_s"] = time.perf_counter() - start
+    kwargs = {} if max_epochs is None else {"max_epochs": max_epochs}
+    model.train(accelerator=accelerator, **kwargs)
+    timings["train_s"] = time.perf_counter() - start
     if model_name == "jind" and align is not False:
         start = time.perf_counter()
         epochs = {} if align_epochs is None else {"max_epochs": align_epochs}
@@ -484,6 +538,18 @@ def _train_and_annotate(
     model.annotate(query, key_added=key_added, rejection=rejection)
     timings["annotate_s"] = time.perf_counter() - start
     return timings
+
+
+def _stored_alignment(model, query: AnnData) -> str | None:
+    """Name of the saved JIND model's alignment of this very query (fingerprint), if any."""
+    from labeltransfer.jind._alignment import select_alignment
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a near match is aligned again, silently
+        name, matched_by = select_alignment(
+            model.alignments_, query, "auto", model._feature_names()
+        )
+    return name if matched_by == "fingerprint" else None
 
 
 def _summarise(query: AnnData, key: str, true_key: str | None, timings: dict) -> str:
