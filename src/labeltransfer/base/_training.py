@@ -120,7 +120,12 @@ class TrainingMixin:
         (:meth:`_before_training`), its training plan (:meth:`_training_plan`), the
         early-stopping defaults, scvi's TrainRunner keeping the best-validation-accuracy
         epoch, ``training_summary_`` (updated by :meth:`_after_training`) and the open-set
-        layer fitted on the held-out reference cells.
+        layer fitted on the held-out reference cells, then the reference codes saved for
+        mapping (:meth:`~labeltransfer.base.ReferenceMappingMixin._fit_reference_codes`).
+
+        On a model from ``load_query_data`` it fits the query instead (``_fit_query``: JIND's
+        alignment, or the encoder's fine-tuning); only ``max_epochs``, ``batch_size``, the
+        device arguments and ``plan_kwargs`` apply.
 
         A DDP ``strategy`` shards every set across the processes (``batch_size`` is per
         process). With a spawning launcher (``"ddp_spawn"``, ``"ddp_notebook"``) the epoch
