@@ -137,6 +137,12 @@ TASKS: dict[str, TaskSpec] = {
     "kang_noshift": TaskSpec(
         "kang", "ctrl", None, False, "Kang PBMC ctrl, random 70% -> 30%", peer_table=True
     ),
+    **{
+        f"kang_{sample}": TaskSpec(
+            "kang_donors", "ctrl", sample, True, f"Kang PBMC ctrl101 + ctrl107 -> {sample}"
+        )
+        for sample in ("stim101", "stim107")
+    },
     "kang_samples": _kang(", the two donors' samples as four domains", domain="sample"),
     "kang_inter2": _kang(", two types drawn per seed held out", n_random_held_out=2),
     "kang_intra": TaskSpec(
@@ -280,6 +286,18 @@ def _by_batch(file: str, domain: str = "batch") -> Source:
     return Source(parts, real=True)
 
 
+def _kang_donors(seed: int, budget: str, domain: str) -> Source:
+    """Kang as ``ctrl`` (both donors) and the stimulated cells per donor sample (``stim101``...)."""
+    import anndata as ad
+    import numpy as np
+
+    adata = ad.read_h5ad(DATA / "kang_ifnb_small.h5ad")
+    adata.obs_names_make_unique()
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    part = np.where(batch == "ctrl", "ctrl", adata.obs["sample"].astype(str).to_numpy())
+    return Source({name: _clean(adata[part == name], domain) for name in sorted(set(part))}, True)
+
+
 def pbmc68k_counts() -> AnnData:
     """``pbmc68k_reduced`` with counts rebuilt from ``.raw`` and ``obs["cell_type"]``.
 
@@ -421,6 +439,7 @@ SOURCES: dict[str, Callable[[int, str, str], Source]] = {
     "kang": lambda seed, budget, domain: _by_batch("kang_ifnb_small.h5ad", domain),
     "cellbench": lambda seed, budget, domain: _by_batch("cellbench_3cl.h5ad", domain),
     "granja": lambda seed, budget, domain: _by_batch("granja2019_bmmc_atac.h5ad", domain),
+    "kang_donors": _kang_donors,
     "pbmc68k": _pbmc68k,
     "multiome": _multiome,
     "multiome_novel": partial(_multiome, n_novel=1),

@@ -75,6 +75,9 @@ SUITES: dict[str, Suite] = {
     ),
     "scdet": Suite("scdet", "full", "scdet", "scDET: open world, long tail, n_novel estimate"),
     "cellpredx": Suite("cellpredx", "full", "cellpredx", "CellPredX: loss ablations, novel types"),
+    "mapping": Suite(
+        "mapping", "small", "mapping", "reference mapping (load_query_data) next to retraining"
+    ),
     "gene_activity": Suite(
         "gene_activity", "full", "gene_activity", "lt.data.gene_activity: time and memory"
     ),
