@@ -101,6 +101,27 @@ def test_projection_matches_for_numpy_and_torch(planted):
     np.testing.assert_allclose(space.project(x), space.project(torch.as_tensor(x)), atol=1e-5)
 
 
+def test_query_thresholds_follow_a_shift_and_never_rise():
+    from labeltransfer.base._rejection import per_type_thresholds, query_thresholds
+
+    rng = np.random.default_rng(0)
+    prediction = rng.integers(0, 3, 3000)
+    held_out = rng.beta(8, 1, 3000)
+    reference = per_type_thresholds(held_out, prediction, 3, theta=0.05)
+    covered = np.ones(3000, dtype=bool)
+    same = query_thresholds(reference, held_out, prediction, covered, theta=0.05)
+    np.testing.assert_allclose(same, reference)  # no shift: the reference's thresholds
+    shifted = held_out * 0.7  # a shift lowers every cell's confidence
+    assert (shifted < reference[prediction]).mean() > 0.5
+    applied = query_thresholds(reference, shifted, prediction, covered, theta=0.05)
+    assert np.all(applied <= reference)
+    assert (shifted < applied[prediction]).mean() == pytest.approx(0.05, abs=0.01)
+    raised = query_thresholds(reference, np.ones(3000), prediction, covered, theta=0.05)
+    np.testing.assert_array_equal(raised, reference)  # never above the reference's
+    few = query_thresholds(reference, shifted, prediction, prediction == 9, theta=0.05)
+    np.testing.assert_array_equal(few, reference)  # no covered cells: the reference's
+
+
 # ----------------------------------------------------------------------- through a model
 @pytest.fixture(scope="module")
 def model_and_query():
@@ -129,6 +150,8 @@ def test_model_layer_finds_the_planted_type_and_groups_it(model_and_query):
     rule = out.uns["lt"]["rejection"]
     assert rule["rule"] == "openset"
     assert rule["n_novel_groups"] >= 1
+    assert len(rule["query_thresholds"]) == len(rule["thresholds"]) == 4
+    assert np.all(np.asarray(rule["query_thresholds"]) <= np.asarray(rule["thresholds"]))
     assert {"ece_before", "ece_after", "temperature"} <= set(out.uns["lt"]["calibration"])
     without_groups = model.annotate(query, key_added="lt", copy=True, novel=False)
     assert not without_groups.obs["lt"].astype(str).str.startswith("novel_").any()

@@ -20,12 +20,11 @@ from ._openset import (
     NOVEL_CUT,
     ReferenceSpace,
     bank_rows,
-    centre_by_group,
     expression_features,
     novel_groups,
     uncovered_fraction,
 )
-from ._rejection import fit_temperature, per_type_thresholds
+from ._rejection import fit_temperature, per_type_thresholds, query_thresholds
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -196,8 +195,14 @@ class OpenSetMixin:
         prediction: np.ndarray,
         rejection: Rejection,
         uncovered: np.ndarray | None = None,
+        query: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Rejected cells and the rule's description for ``uns[key]["rejection"]``."""
+        """Rejected cells and the rule's description for ``uns[key]["rejection"]``.
+
+        ``query`` marks the query cells among them (all by default; annotating the registered
+        data, its reference cells are not), on which the ``"openset"`` rule's thresholds adapt
+        to a shift (:func:`~labeltransfer.base._rejection.query_thresholds`).
+        """
         rejection = self._resolve_rule(rejection)
         if rejection is None or rejection == "none":
             return np.zeros(confidence.size, dtype=bool), {"rule": "none"}
@@ -216,12 +221,19 @@ class OpenSetMixin:
         # a model's own novel classes (scDET) are novel by design: only calls of reference
         # types are rejected
         seen = prediction < len(self.cell_types)
-        rejected = seen & (confidence < thresholds[prediction])
-        if rejection == "openset" and uncovered is not None:
-            not_covered = seen & (uncovered > NOVEL_CUT)
-            rule.update(novel_cut=NOVEL_CUT, n_uncovered=int(not_covered.sum()))
-            rejected = rejected | not_covered
-        return rejected, rule
+        if rejection != "openset" or uncovered is None:
+            return seen & (confidence < thresholds[prediction]), rule
+        not_covered = seen & (uncovered > NOVEL_CUT)
+        query = np.ones(seen.size, dtype=bool) if query is None else np.asarray(query, bool)
+        applied = query_thresholds(
+            thresholds, confidence, prediction, query & seen & ~not_covered, theta=rule["theta"]
+        )
+        rule.update(
+            query_thresholds=[float(t) for t in applied],
+            novel_cut=NOVEL_CUT,
+            n_uncovered=int(not_covered.sum()),
+        )
+        return (seen & (confidence < applied[prediction])) | not_covered, rule
 
     def _coverage_groups(self, adata: AnnData | None, n_cells: int) -> np.ndarray:
         """Return the domain of each annotated cell, each centred on its own mean.
@@ -239,14 +251,6 @@ class OpenSetMixin:
         if batch_key is not None and batch_key in adata.obs:
             return pd.factorize(adata.obs[batch_key].astype(str))[0].astype(np.int64)
         return np.zeros(n_cells, dtype=np.int64)
-
-    def _centred_coords(
-        self, coords: np.ndarray | None, adata: AnnData | None
-    ) -> np.ndarray | None:
-        """Coverage coordinates with each query domain centred (see :meth:`_coverage_groups`)."""
-        if coords is None:
-            return None
-        return centre_by_group(coords, self._coverage_groups(adata, len(coords)))
 
     def _novelty(self, centred: np.ndarray | None, prediction: np.ndarray) -> np.ndarray | None:
         """Uncovered fraction of each cell (``None`` for a model saved before the layer)."""
