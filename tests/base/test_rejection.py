@@ -36,11 +36,17 @@ def test_temperature_recovers_overconfidence():
     temperature = fit_temperature(true_logits * 3.0, labels)  # logits 3x too sharp
     assert temperature == pytest.approx(3.0, rel=0.15)
     assert fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0
-    # perfectly separated held-out cells: no sharpening (the NLL optimum would be T -> 0)
+    # an under-confident model is sharpened back
+    assert fit_temperature(true_logits / 3.0, labels) == pytest.approx(1 / 3, rel=0.15)
+    # perfectly separated held-out cells (the NLL optimum would be T -> 0): sharpened only
+    # until the mean confidence reaches the smoothed accuracy (n + 1) / (n + 2), never to 1
     separable = np.eye(3)[labels] * 5.0
-    assert fit_temperature(separable, labels) == 1.0
-    # an underconfident model is left as is rather than sharpened
-    assert fit_temperature(true_logits / 3.0, labels) == 1.0
+    temperature = fit_temperature(separable, labels)
+    confidence = np.exp(log_softmax(separable / temperature, axis=1)).max(axis=1)
+    assert temperature < 1.0
+    assert confidence.mean() == pytest.approx(5001 / 5002, abs=1e-6)
+    # a model already that confident is not sharpened
+    assert fit_temperature(np.eye(3)[labels[:10]] * 30.0, labels[:10]) == 1.0
 
 
 def test_h5ad_safe():
