@@ -223,6 +223,18 @@ def test_discover_novel_keeps_boundary_cells():
     assert (labels[:400] == np.array(["A"] * 200 + ["B"] * 200)).all()
 
 
+def test_discover_novel_numbers_after_existing_groups():
+    adata = _toy()
+    existing = adata.obs["toy"].cat.add_categories(["novel_0", "novel_1"]).to_numpy().copy()
+    existing[:5] = "novel_1"  # groups an earlier annotate formed
+    adata.obs["toy"] = pd.Categorical(existing)
+    summary = lt.tl.discover_novel(adata, key="toy", min_cells=5)
+    assert list(summary.index) == [f"novel_{2 + i}" for i in range(len(summary))]
+    labels = adata.obs["toy"].astype(str).to_numpy()
+    assert (labels[:5] == "novel_1").all()
+    assert set(labels[408:]) == set(summary.index)
+
+
 def test_discover_novel_small_groups_and_errors():
     adata = _toy()
     summary = lt.tl.discover_novel(adata, key="toy", min_cells=100)

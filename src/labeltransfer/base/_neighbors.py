@@ -109,3 +109,33 @@ def knn(
     else:
         hits = _nndescent(x, k + 1, rows, seed=seed)
     return _drop_self(hits, rows, k).astype(np.int64)
+
+
+def leiden(neighbours: np.ndarray, resolution: float, seed: int) -> np.ndarray:
+    """Leiden communities (RB configuration, :mod:`leidenalg`) of a kNN graph.
+
+    Parameters
+    ----------
+    neighbours
+        ``(n, k)`` neighbour positions from :func:`knn`; the graph is undirected, without
+        loops or multiple edges.
+    resolution
+        Resolution parameter.
+    seed
+        Seed of the optimisation.
+
+    Returns
+    -------
+    One community number per cell.
+    """
+    import igraph as ig
+    import leidenalg
+
+    n, k = neighbours.shape
+    edges = np.column_stack([np.repeat(np.arange(n), k), neighbours.ravel()])
+    graph = ig.Graph(n=n, edges=edges, directed=False)
+    graph.simplify(multiple=True, loops=True)
+    partition = leidenalg.find_partition(
+        graph, leidenalg.RBConfigurationVertexPartition, resolution_parameter=resolution, seed=seed
+    )
+    return np.asarray(partition.membership)

@@ -249,26 +249,14 @@ def novel_groups(
     Returns one group number per candidate cell (``0, 1, ...`` by decreasing size), ``-1``
     for cells outside every large enough community.
     """
-    import igraph as ig
-    import leidenalg
-
-    from ._neighbors import knn
+    from ._neighbors import knn, leiden
 
     rows = np.flatnonzero(candidates)
     groups = np.full(rows.size, -1, dtype=np.int64)
     if rows.size < max(min_cells, 2):
         return groups
-    points = coords[rows]
-    k = min(N_NEIGHBORS, rows.size - 1)
-    neighbours = knn(points, k, seed=seed)
-    edges = np.column_stack([np.repeat(np.arange(rows.size), k), neighbours.ravel()])
-    graph = ig.Graph(n=rows.size, edges=edges, directed=False)
-    graph.simplify(multiple=True, loops=True)
-    membership = np.asarray(
-        leidenalg.find_partition(
-            graph, leidenalg.RBConfigurationVertexPartition, resolution_parameter=0.5, seed=seed
-        ).membership
-    )
+    neighbours = knn(coords[rows], min(N_NEIGHBORS, rows.size - 1), seed=seed)
+    membership = leiden(neighbours, 0.5, seed)
     sizes = np.bincount(membership)
     order = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= min_cells]
     for number, community in enumerate(order):

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from labeltransfer._constants import NOVEL_PREFIX
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -22,20 +24,6 @@ __all__ = ["discover_novel"]
 
 #: Neighbours per cell of the kNN graphs (scNym: k = 15).
 N_NEIGHBORS = 15
-
-
-def _leiden(neighbours: np.ndarray, resolution: float, seed: int) -> np.ndarray:
-    import igraph as ig
-    import leidenalg
-
-    n, k = neighbours.shape
-    edges = np.column_stack([np.repeat(np.arange(n), k), neighbours.ravel()])
-    graph = ig.Graph(n=n, edges=edges, directed=False)
-    graph.simplify(multiple=True, loops=True)
-    partition = leidenalg.find_partition(
-        graph, leidenalg.RBConfigurationVertexPartition, resolution_parameter=resolution, seed=seed
-    )
-    return np.asarray(partition.membership)
 
 
 def _boundary(
@@ -84,8 +72,9 @@ def discover_novel(
     pynndescent) above, so millions of cells fit in memory and time.
 
     The remaining low-confidence cells in communities of at least ``min_cells`` cells are
-    relabelled ``obs[key] = "novel_<i>"`` (``i`` by decreasing size); cells in smaller
-    communities keep their current label.
+    relabelled ``obs[key] = "novel_<i>"`` (``i`` by decreasing size, numbered after the
+    ``novel_<i>`` groups ``obs[key]`` already holds, such as those of ``annotate``'s open-set
+    layer); cells in smaller communities keep their current label.
 
     Parameters
     ----------
@@ -124,7 +113,7 @@ def discover_novel(
     """
     from sklearn.metrics import calinski_harabasz_score
 
-    from labeltransfer.base._neighbors import knn
+    from labeltransfer.base._neighbors import knn, leiden
 
     needed = [f"{key}_confidence", f"{key}_prediction", key]
     missing = [c for c in needed if c not in adata.obs]
@@ -150,7 +139,7 @@ def discover_novel(
         neighbours = knn(z[candidates], min(N_NEIGHBORS, len(candidates) - 1), seed=seed)
         chosen = False
         for resolution in resolutions:
-            labels = _leiden(neighbours, float(resolution), seed)
+            labels = leiden(neighbours, float(resolution), seed)
             n_groups = len(np.unique(labels))
             score = (
                 float(calinski_harabasz_score(z[candidates], labels))
@@ -170,11 +159,19 @@ def discover_novel(
     kept = [
         i for i, s in sorted(zip(ids, sizes, strict=True), key=lambda t: -t[1]) if s >= min_cells
     ]
-    names = [f"novel_{i}" for i in range(len(kept))]
-    rows = []
     column = adata.obs[key]
     if not isinstance(column.dtype, pd.CategoricalDtype):
         column = column.astype("category")
+    # numbered after the groups obs[key] already has (annotate's open-set layer forms some):
+    # another group must never take an existing group's name
+    taken = [
+        int(name[len(NOVEL_PREFIX) :])
+        for name in map(str, column.cat.categories)
+        if name.startswith(NOVEL_PREFIX) and name[len(NOVEL_PREFIX) :].isdigit()
+    ]
+    first = max(taken, default=-1) + 1
+    names = [f"{NOVEL_PREFIX}{first + i}" for i in range(len(kept))]
+    rows = []
     new = [n for n in names if n not in column.cat.categories]
     column = column.cat.add_categories(new)
     values = column.to_numpy().copy()
