@@ -1,0 +1,193 @@
+"""How far a query sits from the reference in JIND's latent space: when to align, when to stop.
+
+The measure is a *domain gap*: the cross-validated AUROC of a logistic regression telling the
+codes of one set of cells from the codes of the reference's training cells (0.5: the two
+cannot be told apart). The reference's own held-out cells (JIND's 30% validation split) set
+the bar: they come from the reference's distribution but were not trained on, so their gap
+is what a query without any batch shift shows (at least 0.5: a cross-validated AUROC below
+0.5 on few cells is noise). The tolerance is the larger of :data:`GAP_TOLERANCE` and twice
+the AUROC's standard deviation between two sets of the same distribution at the number of
+cells measured. :meth:`JIND.align <labeltransfer.JIND.align>` (``early_stopping=True``, the
+default)
+
+- skips the alignment when the query's gap is within the tolerance of that bar (the query
+  is already as close to the reference as held-out reference cells are), and
+- otherwise aligns, measuring the aligned query's gap every :data:`CHECK_EVERY` epochs; it
+  stops once the gap is within the tolerance of the bar, or when it has not fallen by
+  :data:`MIN_IMPROVEMENT` for :data:`PATIENCE` measurements, and keeps the generator of the
+  smallest gap (the identity, measured before aligning, when no epoch did better).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from torch import nn
+
+#: Most codes per side in one domain-gap measurement.
+GAP_CELLS = 1_000
+#: A query is aligned when its gap exceeds the held-out reference cells' by more than this.
+GAP_TOLERANCE = 0.05
+#: Epochs between two measurements of the aligned query's gap.
+CHECK_EVERY = 10
+#: Measurements without a gap smaller by :data:`MIN_IMPROVEMENT` before the alignment stops.
+PATIENCE = 5
+MIN_IMPROVEMENT = 0.01
+
+
+def null_sd(n: int) -> float:
+    """Return the standard deviation of the AUROC of two samples of ``n`` from one distribution."""
+    return float(np.sqrt((2 * n + 1) / (12 * n * n)))
+
+
+def domain_gap(
+    reference: np.ndarray, other: np.ndarray, *, n_cells: int = GAP_CELLS, seed: int = 0
+) -> float:
+    """Cross-validated AUROC of a logistic regression telling ``other`` from ``reference``.
+
+    Both sides are subsampled to the same number of codes (at most ``n_cells``), so gaps
+    measured on sets of different sizes compare.
+
+    Parameters
+    ----------
+    reference, other
+        Latent codes (cells x dimensions).
+    n_cells
+        Most codes drawn per side.
+    seed
+        Seed of the draws and of the folds.
+
+    Returns
+    -------
+    The AUROC in [0, 1]; 0.5 when the sets cannot be told apart.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    n = min(n_cells, len(reference), len(other))
+    a = reference[rng.choice(len(reference), n, replace=False)]
+    b = other[rng.choice(len(other), n, replace=False)]
+    codes = np.vstack([a, b]).astype(np.float64)
+    domain = np.repeat([0, 1], n)
+    folds = StratifiedKFold(n_splits=min(5, n), shuffle=True, random_state=seed)
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+    score = cross_val_predict(classifier, codes, domain, cv=folds, method="decision_function")
+    return float(roc_auc_score(domain, score))
+
+
+def shift_decision(
+    train_codes: np.ndarray,
+    held_out_codes: np.ndarray | None,
+    query_codes: np.ndarray,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Decide whether a query needs aligning (see the module docstring).
+
+    Returns
+    -------
+    ``query_gap``, ``held_out_gap`` (``nan`` without held-out codes), ``tolerance``,
+    ``target`` (the gap at which alignment stops), ``shifted`` and ``rule`` (``"gap"``, or
+    ``"no held-out codes"`` for a model saved before held-out codes were kept: it is always
+    aligned, for the full ``max_epochs``).
+    """
+    if held_out_codes is None or len(held_out_codes) < 10:
+        n = min(GAP_CELLS, len(train_codes), len(query_codes))
+        return {
+            "rule": "no held-out codes",
+            "n_cells": n,
+            "query_gap": domain_gap(train_codes, query_codes, n_cells=n, seed=seed),
+            "held_out_gap": float("nan"),
+            "tolerance": float("nan"),
+            "target": float("nan"),
+            "shifted": True,
+        }
+    # the same number of cells on every side, so that the two gaps compare
+    n = min(GAP_CELLS, len(train_codes), len(held_out_codes), len(query_codes))
+    query_gap = domain_gap(train_codes, query_codes, n_cells=n, seed=seed)
+    held_out_gap = domain_gap(train_codes, held_out_codes, n_cells=n, seed=seed)
+    tolerance = max(GAP_TOLERANCE, 2 * null_sd(n))
+    target = max(held_out_gap, 0.5) + tolerance
+    return {
+        "rule": "gap",
+        "n_cells": n,
+        "query_gap": query_gap,
+        "held_out_gap": held_out_gap,
+        "tolerance": tolerance,
+        "target": target,
+        "shifted": bool(query_gap > target),
+    }
+
+
+class GapStopping(pl.Callback):
+    """Stop an alignment at the bar or when its gap stops falling; keep the best generator.
+
+    Parameters
+    ----------
+    measure
+        Returns the current aligned query's gap to the reference training codes.
+    target
+        The gap at which to stop.
+    generator
+        The generator being trained: its weights at the smallest gap are kept in
+        ``best_state``.
+    initial_gap
+        The query's gap before aligning (the identity generator's, epoch 0).
+    every
+        Epochs between two measurements.
+    """
+
+    def __init__(
+        self,
+        measure: Callable[[], float],
+        target: float,
+        generator: nn.Module,
+        initial_gap: float,
+        every: int = CHECK_EVERY,
+    ):
+        super().__init__()
+        self.measure = measure
+        self.target = target
+        self.generator = generator
+        self.every = every
+        #: ``(epoch, gap)`` of every measurement after epoch 0
+        self.gaps: list[tuple[int, float]] = []
+        self.best_gap, self.best_epoch = initial_gap, 0
+        self.best_state = _state(generator)
+        self.stopped_epoch: int | None = None
+        self.reason = "max_epochs"
+        self._stale = 0
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measure every ``every`` epochs; stop at the target or after ``PATIENCE`` stale ones."""
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every and epoch != trainer.max_epochs:
+            return
+        gap = self.measure()
+        self.gaps.append((epoch, gap))
+        improved = gap < self.best_gap - MIN_IMPROVEMENT
+        if gap < self.best_gap:
+            self.best_gap, self.best_epoch = gap, epoch
+            self.best_state = _state(self.generator)
+        self._stale = 0 if improved else self._stale + 1
+        if epoch >= trainer.max_epochs:
+            return
+        if gap <= self.target:
+            self.reason = "reached the held-out reference's gap"
+        elif self._stale >= PATIENCE:
+            self.reason = f"gap not smaller for {PATIENCE * self.every} epochs"
+        else:
+            return
+        self.stopped_epoch = epoch
+        trainer.should_stop = True
+
+
+def _state(module: nn.Module) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

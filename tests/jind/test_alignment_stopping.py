@@ -1,0 +1,89 @@
+"""JIND.align's stopping rule: skip a query as close as held-out reference cells, align a shifted one."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scvi
+
+import labeltransfer as lt
+from labeltransfer.jind._shift import domain_gap, null_sd
+
+FAST = {"enable_progress_bar": False, "accelerator": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    """A reference, a random 30% of it held back as a no-shift query, and a shifted query."""
+    reference, shifted = lt.data.synthetic(
+        n_reference=800, n_query=300, n_genes=200, n_types=4, batch_shift=1.5, seed=11
+    )
+    is_query = np.random.default_rng(0).random(reference.n_obs) < 0.3
+    return reference[~is_query].copy(), reference[is_query].copy(), shifted
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    scvi.settings.seed = 0
+    reference = data[0].copy()
+    lt.JIND.setup_anndata(reference, labels_key="cell_type")
+    jind = lt.JIND(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jind.train(max_epochs=15, **FAST)
+    return jind
+
+
+def test_domain_gap_tells_shifted_codes_from_the_same_distribution():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(300, 8))
+    assert abs(domain_gap(reference, rng.normal(size=(300, 8))) - 0.5) < 3 * null_sd(300)
+    assert domain_gap(reference, rng.normal(loc=1.0, size=(300, 8))) > 0.95
+
+
+def test_no_shift_query_skips_the_alignment(model, data):
+    query = data[1].copy()
+    model.align(query, name="noshift", max_epochs=60, **FAST)
+    decision = model.alignments_["noshift"]["decision"]
+    assert decision["rule"] == "gap"
+    assert decision["shifted"] is False
+    assert decision["aligned"] is False
+    assert decision["epochs"] == 0
+    assert decision["reason"] == "skipped: as close as the held-out reference"
+    assert decision["query_gap"] <= decision["target"]
+    assert list(model.history["align_domain_gap"].index) == [0]
+    model.annotate(query, key_added="j")
+    assert query.uns["j"]["aligned"] is False
+    assert query.uns["j"]["alignment"] == "noshift"
+    assert query.uns["j"]["alignment_decision"]["shifted"] is False
+    unaligned = model.predict(query, soft=True, alignment=None)
+    np.testing.assert_array_equal(model.predict(query, soft=True).to_numpy(), unaligned.to_numpy())
+
+
+def test_shifted_query_is_aligned_and_moves_closer(model, data):
+    query = data[2].copy()
+    scvi.settings.seed = 0
+    model.align(query, name="shifted", max_epochs=60, **FAST)
+    decision = model.alignments_["shifted"]["decision"]
+    assert decision["shifted"] is True
+    assert decision["aligned"] is True
+    assert decision["kept_epoch"] > 0
+    assert decision["final_gap"] < decision["query_gap"]
+    gaps = model.history["align_domain_gap"]
+    assert gaps.index[0] == 0
+    assert gaps.index[-1] == decision["epochs"]
+    model.annotate(query, key_added="j")
+    assert query.uns["j"]["aligned"] is True
+    assert query.uns["j"]["alignment_decision"]["epochs"] == decision["epochs"]
+
+
+def test_early_stopping_false_runs_every_epoch(model, data):
+    query = data[1].copy()
+    model.align(query, name="forced", max_epochs=3, early_stopping=False, **FAST)
+    assert model.alignments_["forced"]["decision"] is None
+    assert len(model.history["align_discriminator_loss"]) == 3
+    model.annotate(query, key_added="j")
+    assert query.uns["j"]["aligned"] is True
+    assert "alignment_decision" not in query.uns["j"]
