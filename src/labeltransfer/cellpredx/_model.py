@@ -226,6 +226,10 @@ class CellPredX(AnnotationMixin, BaseModelClass):
 
     _module_cls = CellPredXModule
     _default_key = "cellpredx"
+    #: Mapping pulls confident query codes to their type's mean reference code (CellPredX's
+    #: center loss): without it the linear extractor drifted under the domain adversary
+    #: (Kang ctrl -> stim101: 0.57 instead of 0.89; ``benchmarks --suite mapping``).
+    _mapping_plan_kwargs: ClassVar[dict[str, Any]] = {"center_weight": 0.1}
     _default_theta = 0.05
     _splitter_cls = CellPredXDataSplitter
     #: The training AnnData and set-up record of each set-up MuData still alive, by the uuid

@@ -13,7 +13,9 @@ reference cells, with their labels) instead of the reference cells:
 - **pseudo-label consistency** (scNym's ``L_SSL``): the model's predictions on the clean query
   (eval mode, no gradient), sharpened at ``temperature``, are the targets of its predictions on
   gene-masked query cells (squared error summed over classes); cells below
-  ``pseudolabel_threshold`` do not count;
+  ``pseudolabel_threshold`` (0.9) do not count: with every cell counting (scNym's training
+  default) the encoder followed its wrong pseudo-labels and mapping lost 14-18 points of
+  accuracy on Kang ctrl -> stim101 (scNym, scDET; ``benchmarks --suite mapping``);
 - **class centers** (CellPredX's center loss, weight ``center_weight``): confident query codes
   are pulled to the mean reference code of their pseudo-label.
 """
@@ -61,7 +63,7 @@ class QueryAdaptationPlan(pl.LightningModule):
         Sharpening temperature of the pseudo-labels (scNym: 0.5).
     pseudolabel_threshold
         Least pseudo-label confidence for a query cell to count in the consistency and
-        center losses (0: every cell, scNym's default).
+        center losses (0.9; 0 counts every cell, as scNym's training does).
     mask_rate
         Probability of masking a gene in the augmentation (scNym: 0.1).
     """
@@ -80,7 +82,7 @@ class QueryAdaptationPlan(pl.LightningModule):
         consistency_weight: float = 1.0,
         center_weight: float = 0.0,
         temperature: float = 0.5,
-        pseudolabel_threshold: float = 0.0,
+        pseudolabel_threshold: float = 0.9,
         mask_rate: float = 0.1,
     ):
         super().__init__()
