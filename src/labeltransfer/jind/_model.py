@@ -444,7 +444,6 @@ class JIND(AnnotationMixin, BaseModelClass):
                     **trainer_kwargs,
                 )
         if decision is not None:
-            self.module.generator.load_state_dict(stopper.best_state)
             decision = self._record_decision(decision, stopper, history, max_epochs)
         record = alignment_record(adata, self._feature_names())
         for previous in [
@@ -486,10 +485,7 @@ class JIND(AnnotationMixin, BaseModelClass):
                 module.train(training)
             return domain_gap(train, aligned.latent, seed=seed)
 
-        stopper = GapStopping(
-            measure, decision["target"], self.module.generator, decision["query_gap"]
-        )
-        return decision, stopper
+        return decision, GapStopping(measure, decision["target"])
 
     @staticmethod
     def _record_decision(
@@ -507,17 +503,18 @@ class JIND(AnnotationMixin, BaseModelClass):
         )
         if not decision["shifted"]:
             reason = "skipped: as close as the held-out reference"
+        elif stopper.stopped_epoch is not None:
+            reason = "reached the held-out reference's gap"
         else:
-            reason = stopper.reason
+            reason = "max_epochs"
         return {
             **decision,
-            "aligned": stopper.best_epoch > 0,
+            "aligned": bool(decision["shifted"]),
             "epochs": int(epochs),
             "max_epochs": int(max_epochs),
             "stopped_early": stopper.stopped_epoch is not None,
             "reason": reason,
-            "kept_epoch": int(stopper.best_epoch),
-            "final_gap": float(stopper.best_gap),
+            "final_gap": float(gaps[-1][1]),
         }
 
     @devices_dsp.dedent

@@ -12,10 +12,12 @@ default)
 
 - skips the alignment when the query's gap is within the tolerance of that bar (the query
   is already as close to the reference as held-out reference cells are), and
-- otherwise aligns, measuring the aligned query's gap every :data:`CHECK_EVERY` epochs; it
-  stops once the gap is within the tolerance of the bar, or when it has not fallen by
-  :data:`MIN_IMPROVEMENT` for :data:`PATIENCE` measurements, and keeps the generator of the
-  smallest gap (the identity, measured before aligning, when no epoch did better).
+- otherwise aligns, measuring the aligned query's gap every :data:`CHECK_EVERY` epochs, and
+  stops once the gap is within the tolerance of the bar (else at ``max_epochs``). A rule that
+  also stopped after 50 epochs without a smaller gap, keeping the generator of the smallest
+  gap, kept the identity on Kang ctrl -> stim (the gap falls slowly, 0.99 to 0.83 in 400
+  epochs) and lost the alignment's 3 points of accuracy, so the alignment is not cut short
+  on a shifted query.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-from torch import nn
 
 #: Most codes per side in one domain-gap measurement.
 GAP_CELLS = 1_000
@@ -33,9 +34,6 @@ GAP_CELLS = 1_000
 GAP_TOLERANCE = 0.05
 #: Epochs between two measurements of the aligned query's gap.
 CHECK_EVERY = 10
-#: Measurements without a gap smaller by :data:`MIN_IMPROVEMENT` before the alignment stops.
-PATIENCE = 5
-MIN_IMPROVEMENT = 0.01
 
 
 def null_sd(n: int) -> float:
@@ -127,7 +125,7 @@ def shift_decision(
 
 
 class GapStopping(pl.Callback):
-    """Stop an alignment at the bar or when its gap stops falling; keep the best generator.
+    """Stop an alignment once the aligned query's gap is at most ``target``.
 
     Parameters
     ----------
@@ -135,59 +133,26 @@ class GapStopping(pl.Callback):
         Returns the current aligned query's gap to the reference training codes.
     target
         The gap at which to stop.
-    generator
-        The generator being trained: its weights at the smallest gap are kept in
-        ``best_state``.
-    initial_gap
-        The query's gap before aligning (the identity generator's, epoch 0).
     every
-        Epochs between two measurements.
+        Epochs between two measurements (and at the last epoch).
     """
 
-    def __init__(
-        self,
-        measure: Callable[[], float],
-        target: float,
-        generator: nn.Module,
-        initial_gap: float,
-        every: int = CHECK_EVERY,
-    ):
+    def __init__(self, measure: Callable[[], float], target: float, every: int = CHECK_EVERY):
         super().__init__()
         self.measure = measure
         self.target = target
-        self.generator = generator
         self.every = every
         #: ``(epoch, gap)`` of every measurement after epoch 0
         self.gaps: list[tuple[int, float]] = []
-        self.best_gap, self.best_epoch = initial_gap, 0
-        self.best_state = _state(generator)
         self.stopped_epoch: int | None = None
-        self.reason = "max_epochs"
-        self._stale = 0
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Measure every ``every`` epochs; stop at the target or after ``PATIENCE`` stale ones."""
+        """Measure every ``every`` epochs; ask the trainer to stop at the target."""
         epoch = trainer.current_epoch + 1
         if epoch % self.every and epoch != trainer.max_epochs:
             return
         gap = self.measure()
         self.gaps.append((epoch, gap))
-        improved = gap < self.best_gap - MIN_IMPROVEMENT
-        if gap < self.best_gap:
-            self.best_gap, self.best_epoch = gap, epoch
-            self.best_state = _state(self.generator)
-        self._stale = 0 if improved else self._stale + 1
-        if epoch >= trainer.max_epochs:
-            return
-        if gap <= self.target:
-            self.reason = "reached the held-out reference's gap"
-        elif self._stale >= PATIENCE:
-            self.reason = f"gap not smaller for {PATIENCE * self.every} epochs"
-        else:
-            return
-        self.stopped_epoch = epoch
-        trainer.should_stop = True
-
-
-def _state(module: nn.Module) -> dict[str, Any]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if gap <= self.target and epoch < trainer.max_epochs:
+            self.stopped_epoch = epoch
+            trainer.should_stop = True
