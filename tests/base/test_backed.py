@@ -42,6 +42,26 @@ def test_backed_query_gives_the_in_memory_annotation(model_and_query, tmp_path, 
     assert (back.X != query.X).nnz == 0
 
 
+def test_a_large_query_in_memory_is_annotated_chunk_by_chunk(model_and_query, monkeypatch):
+    model, query = model_and_query
+    reordered = query[:, query.var_names[::-1]].copy()  # genes in another order: reindexed
+    expected = model.annotate(reordered, key_added="jind", copy=True)
+    seen = []
+    original = model._prepare
+
+    def prepare(adata, **kwargs):
+        seen.append(adata.n_obs)
+        return original(adata, **kwargs)
+
+    monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)
+    monkeypatch.setattr(model, "_prepare", prepare)
+    out = model.annotate(reordered, key_added="jind", copy=True)
+    assert max(seen) == 37 and sum(seen) == query.n_obs  # never the whole query at once
+    for column in ("jind", "jind_prediction", "jind_confidence", "jind_novelty"):
+        pd.testing.assert_series_equal(out.obs[column], expected.obs[column])
+    np.testing.assert_allclose(out.obsm["X_jind"], expected.obsm["X_jind"], rtol=1e-5)
+
+
 def test_backed_query_refuses_copy(model_and_query, tmp_path):
     model, query = model_and_query
     query.write_h5ad(tmp_path / "q.h5ad")

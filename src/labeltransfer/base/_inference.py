@@ -129,7 +129,9 @@ class InferenceMixin:
         An AnnData opened in backed mode (``anndata.read_h5ad(path, backed="r")``), the path of
         a zarr store, or an AnnData from :func:`~labeltransfer.base._zarr.open_zarr` is read
         :data:`BACKED_CHUNK_SIZE` cells at a time: each chunk is loaded, harmonised and passed
-        through the network, so memory holds one chunk of expression plus the outputs.
+        through the network, so memory holds one chunk of expression plus the outputs. So is
+        a query in memory with more cells than one chunk: its reindexed, normalised copy then
+        never exists whole, only one chunk's.
         """
         if is_zarr_path(adata):
             adata = open_zarr(adata)
@@ -141,7 +143,14 @@ class InferenceMixin:
             "return_latent": return_latent,
             "return_coords": return_coords,
         }
-        if adata is None or not is_lazy(adata):
+        by_chunks = adata is not None and (
+            is_lazy(adata)
+            or (
+                adata.n_obs > BACKED_CHUNK_SIZE
+                and self.get_anndata_manager(adata, required=False) is None
+            )
+        )
+        if not by_chunks:
             registered, overlap = self._prepare(adata, **harmonize_kwargs)
             try:
                 if overlap is not None:  # a query: annotate() rejects its cells without counts
