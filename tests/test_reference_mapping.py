@@ -167,3 +167,47 @@ def test_mapping_train_warns_about_reference_only_arguments(references, pair):
     model = lt.SCNYM.load_query_data(pair[1], folder)
     with pytest.warns(UserWarning, match=r"train_size apply to training a reference model"):
         model.train(max_epochs=1, train_size=0.5, **FAST)
+
+
+def test_safeguard_reverts_a_fit_that_breaks_the_anchors(references, pair):
+    """A fit that changes the reference model's confident calls is undone, and says so."""
+    model, folder = references["SCNYM"]
+    query = pair[1].copy()
+    mapped = lt.SCNYM.load_query_data(query, folder)
+    start = {k: v.clone() for k, v in mapped.module.embedder.state_dict().items()}
+    # an absurd learning rate scrambles the embedder in one epoch
+    with pytest.warns(UserWarning, match=r"so the fit was undone: this model makes the refer"):
+        mapped.train(max_epochs=5, plan_kwargs={"lr": 10.0, "adversary_weight": 10.0}, **FAST)
+    decision = mapped.query_mapping_["safeguard"]
+    assert decision["reverted"] is True
+    assert decision["kept_epoch"] == 0
+    assert decision["stopped_early"] is True
+    assert decision["epochs_run"] == 1  # stopped at the first epoch below the tolerance
+    assert decision["agreement"][0] < 1 - decision["tolerance"]
+    assert decision["n_anchors"] == int(np.ceil(query.n_obs / 2))
+    assert list(mapped.history["map_train_anchor_agreement"].iloc[:, 0]) == pytest.approx(
+        decision["agreement"]
+    )
+    for key, value in mapped.module.embedder.state_dict().items():
+        torch.testing.assert_close(value, start[key], rtol=0, atol=0)
+    np.testing.assert_array_equal(
+        np.asarray(mapped.predict(query, soft=True)), np.asarray(model.predict(query, soft=True))
+    )
+    mapped.annotate(query, key_added="mapped")
+    recorded = query.uns["mapped"]["query_mapping"]
+    assert recorded["safeguard"]["reverted"] is True
+    assert recorded["method"] == "encoder fine-tuning"
+
+
+def test_safeguard_keeps_a_fit_that_keeps_the_anchors(references, pair):
+    _, folder = references["SCNYM"]
+    mapped = lt.SCNYM.load_query_data(pair[1], folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapped.train(max_epochs=3, **FAST)
+    assert not [w for w in caught if "the fit was undone" in str(w.message)]
+    decision = mapped.query_mapping_["safeguard"]
+    assert decision["reverted"] is False
+    assert decision["epochs_run"] == 3
+    assert decision["kept_epoch"] == 3
+    assert min(decision["agreement"]) >= 1 - decision["tolerance"]

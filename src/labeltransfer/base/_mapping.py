@@ -52,6 +52,10 @@ N_REFERENCE_CODES = 2_000
 MAPPING_STEPS = 1_000
 #: ... clipped to this many epochs.
 MAPPING_EPOCHS = (10, 200)
+#: Most query cells drawn to choose the safeguard's anchors from ...
+N_ANCHOR_CANDIDATES = 2_000
+#: ... of which this most confidently called fraction are the anchors.
+ANCHOR_FRACTION = 0.5
 #: ``train()`` arguments that apply to the per-query fit after ``load_query_data``.
 MAPPING_ARGUMENTS = ("max_epochs", "batch_size", "accelerator", "devices", "plan_kwargs")
 
@@ -194,6 +198,18 @@ class ReferenceMappingMixin:
         }
         return model
 
+    def _mapping_uns(self) -> dict[str, Any]:
+        """``uns[key]["query_mapping"]`` of a model from :meth:`load_query_data`, else nothing.
+
+        The per-query fit's summary and the safeguard's decision (entries that are ``None``
+        are left out: h5ad cannot store them).
+        """
+        summary = getattr(self, "query_mapping_", None)
+        if summary is None:
+            return {}
+        keep = ("reference", "n_cells", "fitted", "method", "max_epochs", "safeguard")
+        return {"query_mapping": {k: summary[k] for k in keep if summary.get(k) is not None}}
+
     # ------------------------------------------------------------------ helpers
     @classmethod
     def _reference_copy(cls, reference_model: Any, *, accelerator: str, device: int | str) -> Self:
@@ -260,6 +276,26 @@ class ReferenceMappingMixin:
             "labels": codes[rows].astype(np.int64),
         }
 
+    def _mapping_anchors(self, batch_size: int) -> torch.Tensor:
+        """Return the query cells the reference model calls most confidently (the anchors).
+
+        At most :data:`N_ANCHOR_CANDIDATES` query cells are drawn; the :data:`ANCHOR_FRACTION`
+        of them with the highest confidence among the reference types are the anchors (a
+        fraction, not a confidence cut: the models' confidences are not on one scale).
+        """
+        n_cells = self.adata.n_obs
+        rng = np.random.default_rng(settings.seed or 0)
+        rows = np.sort(rng.permutation(n_cells)[:N_ANCHOR_CANDIDATES])
+        logits = self._forward(self.adata, indices=rows, return_latent=False).logits
+        seen = torch.as_tensor(logits[:, : self.module.n_labels])
+        confidence = torch.softmax(seen, dim=1).max(dim=1).values.numpy()
+        n_anchors = max(1, math.ceil(ANCHOR_FRACTION * len(rows)))
+        anchors = np.sort(rows[np.argsort(-confidence, kind="stable")[:n_anchors]])
+        loader = self._make_data_loader(
+            self.adata, indices=anchors, batch_size=batch_size, shuffle=False
+        )
+        return torch.cat([tensors[REGISTRY_KEYS.X_KEY].cpu() for tensors in loader])
+
     def _train_mapped(
         self, arguments: dict[str, Any], explicit: set[str], trainer_kwargs: dict[str, Any]
     ) -> None:
@@ -319,7 +355,12 @@ class ReferenceMappingMixin:
         if max_epochs is None:
             max_epochs = int(np.clip(math.ceil(MAPPING_STEPS / len(loader)), *MAPPING_EPOCHS))
         plan = QueryAdaptationPlan(
-            self.module, encoder, codes, labels, **{**self._mapping_plan_kwargs, **plan_kwargs}
+            self.module,
+            encoder,
+            codes,
+            labels,
+            anchors=self._mapping_anchors(batch_size),
+            **{**self._mapping_plan_kwargs, **plan_kwargs},
         )
         others = [m for m in self.module.children() if m is not encoder]
         with frozen(*others):
@@ -340,4 +381,32 @@ class ReferenceMappingMixin:
             "batch_size": int(batch_size),
             "adversary_accuracy": last.get("train_adversary_accuracy"),
             "confident_fraction": last.get("train_confident_fraction"),
+            "safeguard": self._apply_safeguard(plan, encoder),
         }
+
+    def _apply_safeguard(self, plan: QueryAdaptationPlan, encoder: nn.Module) -> dict[str, Any]:
+        """Load the encoder the safeguard kept; return its decision (warn when reverted)."""
+        agreement = plan.anchor_agreement
+        decision = {
+            "n_anchors": len(plan.anchors),
+            "tolerance": float(plan.anchor_tolerance),
+            "epochs_run": len(agreement),
+            "kept_epoch": int(plan.kept_epoch),
+            "stopped_early": plan.kept_epoch < len(agreement),
+            "reverted": plan.kept_epoch == 0,
+            "final_agreement": agreement[plan.kept_epoch - 1] if plan.kept_epoch else 1.0,
+            "agreement": [round(a, 4) for a in agreement],
+        }
+        encoder.load_state_dict(plan.kept_state)
+        if decision["reverted"]:
+            warnings.warn(
+                f"Mapping changed the calls of {1 - agreement[0]:.0%} of the query cells the "
+                "reference model called most confidently after its first epoch (more than "
+                f"the tolerance, {plan.anchor_tolerance:.0%}), so the fit was undone: this "
+                "model makes the reference model's calls. The query may be too far from the "
+                "reference for this model; see query_mapping_['safeguard'], or try a lower "
+                "`plan_kwargs={'lr': ...}`.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+        return decision

@@ -634,6 +634,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         extra: dict[str, Any] = {
             "preset": self.preset_,
             "loss_weights": {k: float(v) for k, v in self.loss_weights_.items()},
+            **self._mapping_uns(),
         }
         record = getattr(self, "mudata_setup_", None)
         if record is not None:

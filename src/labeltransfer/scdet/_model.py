@@ -592,6 +592,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
             # frequencies in the order of uns[key]["classes"]: a dict keyed by type names
             # would not survive h5ad/zarr for names with "/"
             "class_distribution": self.class_distribution().to_numpy(dtype=float),
+            **self._mapping_uns(),
         }
         if self.n_novel_estimate_ is not None:
             extra["n_novel_estimate"] = {

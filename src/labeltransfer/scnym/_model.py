@@ -352,4 +352,5 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         return {
             "new_identity_discovery": bool(self.new_identity_discovery),
             "domains": list(self.domains_),
+            **self._mapping_uns(),
         }

@@ -18,9 +18,19 @@ reference cells, with their labels) instead of the reference cells:
   accuracy on Kang ctrl -> stim101 (scNym, scDET; ``benchmarks --suite mapping``);
 - **class centers** (CellPredX's center loss, weight ``center_weight``): confident query codes
   are pulled to the mean reference code of their pseudo-label.
+
+**Safeguard** (``anchors``): the query cells the reference model calls most confidently
+before the fit are its *anchors*. After each epoch the plan measures how many of the anchors
+the current model still gives the reference model's call (``train_anchor_agreement``); the
+encoder of the last epoch whose agreement is at least ``1 - anchor_tolerance`` is kept
+(:attr:`kept_state`, the starting encoder when no epoch reached it), and the fit stops at the
+first epoch below it: a fit that moves the query off the reference's confident calls is
+undone instead of making the model worse than the reference model it started from.
 """
 
 from __future__ import annotations
+
+import copy
 
 import lightning.pytorch as pl
 import torch
@@ -66,6 +76,11 @@ class QueryAdaptationPlan(pl.LightningModule):
         center losses (0.9; 0 counts every cell, as scNym's training does).
     mask_rate
         Probability of masking a gene in the augmentation (scNym: 0.1).
+    anchors
+        Query cells (a registry ``X`` tensor) the safeguard checks after each epoch;
+        ``None`` turns it off. Their calls are the module's before the fit.
+    anchor_tolerance
+        Largest fraction of the anchors whose call may change in a kept epoch.
     """
 
     def __init__(
@@ -84,6 +99,8 @@ class QueryAdaptationPlan(pl.LightningModule):
         temperature: float = 0.5,
         pseudolabel_threshold: float = 0.9,
         mask_rate: float = 0.1,
+        anchors: torch.Tensor | None = None,
+        anchor_tolerance: float = 0.02,
     ):
         super().__init__()
         self.module = module
@@ -106,6 +123,42 @@ class QueryAdaptationPlan(pl.LightningModule):
         counts = torch.bincount(labels, minlength=n_labels).clamp(min=1).unsqueeze(1)
         centers = torch.zeros(n_labels, n_latent).index_add_(0, labels, codes) / counts
         self.register_buffer("centers", centers)
+        self.anchor_tolerance = anchor_tolerance
+        self.anchors = anchors
+        #: Agreement with the anchors' starting calls after each epoch.
+        self.anchor_agreement: list[float] = []
+        #: The encoder's state kept by the safeguard and the epochs it had trained.
+        self.kept_state = copy.deepcopy(encoder.state_dict())
+        self.kept_epoch = 0
+        if anchors is not None:
+            self.anchor_calls = self._calls(anchors)
+
+    @torch.no_grad()
+    def _calls(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the module's calls among the reference types (eval mode), by chunks."""
+        module = self.module
+        was_training = module.training
+        module.eval()
+        device = next(module.parameters()).device
+        calls = [
+            module.inference(chunk.to(device))["logits"][:, : module.n_labels].argmax(dim=1)
+            for chunk in x.split(1024)
+        ]
+        module.train(was_training)
+        return torch.cat(calls).cpu()
+
+    def on_train_epoch_end(self) -> None:
+        """Safeguard: keep this epoch's encoder if it keeps the anchors' calls, else stop."""
+        if self.anchors is None:
+            return
+        agreement = float((self._calls(self.anchors) == self.anchor_calls).float().mean())
+        self.anchor_agreement.append(agreement)
+        self.log("train_anchor_agreement", agreement, on_step=False, on_epoch=True)
+        if agreement >= 1 - self.anchor_tolerance:
+            self.kept_state = copy.deepcopy(self.encoder.state_dict())
+            self.kept_epoch = self.current_epoch + 1
+        else:
+            self.trainer.should_stop = True
 
     def configure_optimizers(self):
         """Adam on the encoder and on the discriminator (two parameter groups)."""
