@@ -113,6 +113,10 @@ def _map(model: str, task, folder: Path, reference_model, ctx) -> dict[str, Any]
         map_adversary_accuracy=summary.get("adversary_accuracy"),
         map_confident_fraction=summary.get("confident_fraction"),
     )
+    safeguard = summary.get("safeguard") or {}
+    record.update(
+        {f"map_safeguard_{k}": v for k, v in safeguard.items() if not isinstance(v, list)}
+    )
     if model == "JIND":
         decision = mapped.alignments_["query"].get("decision", {})
         record.update(
