@@ -39,6 +39,19 @@ def make_annotated() -> ad.AnnData:
     return adata
 
 
+def test_a_models_own_novel_classes_count_as_withheld():
+    # scDET: its novel classes are columns of the probabilities and its cells are not flagged
+    adata = make_annotated()
+    adata.obs["lt_rejected"] = [False, False, False, False, True, False, False]
+    probabilities = adata.obsm["lt_probabilities"].copy()
+    probabilities["novel_0"] = 0.0
+    adata.obsm["lt_probabilities"] = probabilities
+    rep = annotation_report(adata, "cell_type", "lt")
+    assert rep["n_novel"] == 2
+    assert rep["novel_rejection_rate"] == pytest.approx(1.0)
+    assert rep["rejection_rate"] == pytest.approx(1 / 5)
+
+
 def test_annotation_report_by_hand():
     rep = annotation_report(make_annotated(), "cell_type", "lt")
     assert rep["n_cells"] == 7

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 import pandas as pd
 
-from labeltransfer._constants import OUTPUT_KEYS, UNASSIGNED
+from labeltransfer._constants import NOVEL_PREFIX, OUTPUT_KEYS, UNASSIGNED
 
 from ._calibration import expected_calibration_error, overconfidence_error
 from ._classification import (
@@ -80,12 +80,16 @@ class _AnnotationFields:
 
 
 def _reference_types(adata: AnnData, key: str, prediction: pd.Series) -> list[str]:
-    """Return the reference types: the columns of ``obsm[f"{key}_probabilities"]``."""
+    """Return the reference types: the columns of ``obsm[f"{key}_probabilities"]``.
+
+    A model's own novel classes (scDET's ``novel_<i>`` columns) are not reference types (no
+    reference type may be named so): a cell called one is withheld, like a novel group.
+    """
     prob_key = f"{key}{OUTPUT_KEYS.PROBABILITIES}"
     if prob_key in adata.obsm:
         prob = adata.obsm[prob_key]
         if isinstance(prob, pd.DataFrame):
-            return [str(c) for c in prob.columns]
+            return _without_novel(prob.columns)
     else:
         warnings.warn(
             f"adata.obsm has no {prob_key!r}; taking the reference types from the categories of "
@@ -94,8 +98,12 @@ def _reference_types(adata: AnnData, key: str, prediction: pd.Series) -> list[st
             stacklevel=3,
         )
     if isinstance(prediction.dtype, pd.CategoricalDtype):
-        return [str(c) for c in prediction.cat.categories]
-    return sorted({str(v) for v in prediction.dropna()})
+        return _without_novel(prediction.cat.categories)
+    return sorted(_without_novel(set(prediction.dropna())))
+
+
+def _without_novel(names: Any) -> list[str]:
+    return [str(name) for name in names if not str(name).startswith(NOVEL_PREFIX)]
 
 
 def _annotation_fields(adata: AnnData, true_key: str, key: str) -> _AnnotationFields:
