@@ -445,9 +445,8 @@ def _load_model(
     try:
         model = cls.load_query_data(query, model_dir, accelerator=accelerator)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
-        raise _fail(
-            f"cannot load --model-dir {model_dir} as --model {model_name}: {_message(err)}"
-        ) from err
+        # the saved files were read above: what fails here is the query (genes, input type)
+        raise _fail(_message(err)) from err
     return model
 
 

@@ -99,10 +99,17 @@ def test_rejection_rules(trained_scnym):
     thresholds = trained_scnym.rejection_thresholds().to_numpy()
     prediction = out.obs["pt_prediction"].cat.codes.to_numpy()
     np.testing.assert_array_equal(out.obs["pt_rejected"], confidence < thresholds[prediction])
-    # the default open-set rule rejects what the thresholds reject, and uncovered cells
+    # the default open-set rule: the thresholds lowered to the query's covered cells, and the
+    # uncovered cells (novelty = uncovered fraction in steps of 1/16 + (1 - confidence) / 16)
     trained_scnym.annotate(out, key_added="os")
-    assert out.uns["os"]["rejection"]["rule"] == "openset"
-    assert (out.obs["os_rejected"] >= out.obs["pt_rejected"]).all()
+    rule = out.uns["os"]["rejection"]
+    assert rule["rule"] == "openset"
+    applied = np.asarray(rule["query_thresholds"])
+    assert np.all(applied <= thresholds)
+    uncovered = out.obs["os_novelty"].to_numpy() >= 9 / 16
+    expected = (out.obs["os_confidence"].to_numpy() < applied[prediction]) | uncovered
+    np.testing.assert_array_equal(out.obs["os_rejected"], expected)
+    assert rule["n_uncovered"] == uncovered.sum()
 
 
 def test_predict_soft_and_other_query(trained_scnym, scnym_pair):
