@@ -56,7 +56,8 @@ def test_a_large_query_in_memory_is_annotated_chunk_by_chunk(model_and_query, mo
     monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)
     monkeypatch.setattr(model, "_prepare", prepare)
     out = model.annotate(reordered, key_added="jind", copy=True)
-    assert max(seen) == 37 and sum(seen) == query.n_obs  # never the whole query at once
+    assert max(seen) == 37  # never the whole query at once
+    assert sum(seen) == query.n_obs
     for column in ("jind", "jind_prediction", "jind_confidence", "jind_novelty"):
         pd.testing.assert_series_equal(out.obs[column], expected.obs[column])
     np.testing.assert_allclose(out.obsm["X_jind"], expected.obsm["X_jind"], rtol=1e-5)
