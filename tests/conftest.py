@@ -22,16 +22,17 @@ def require_shared_data() -> Path:
     A user's fresh clone has no ``../shared``: the real-data tests skip with a reason that
     says where the data go. CI must never skip them, so there a missing folder fails.
     """
-    if not SHARED_DATA.is_dir():
-        reason = (
-            f"the real data sets are not at {SHARED_DATA}: put the project's shared data in "
-            "../shared/data beside the clone (or set LABELTRANSFER_DATA to their folder) to "
-            "run this test"
-        )
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"CI=true and {reason}.", pytrace=False)
+    if SHARED_DATA.is_dir():
+        return SHARED_DATA
+    reason = (
+        f"the real data sets are not at {SHARED_DATA}: put the project's shared data in "
+        "../shared/data beside the clone (or set LABELTRANSFER_DATA to their folder) to "
+        "run this test"
+    )
+    in_ci = os.environ.get("CI", "").lower() in ("true", "1")
+    if not in_ci:
         pytest.skip(reason)
-    return SHARED_DATA
+    pytest.fail(f"CI=true and {reason}.", pytrace=False)
 
 
 def pytest_addoption(parser):
