@@ -53,8 +53,16 @@ class OpenSetMixin:
     calibrate: bool = True
 
     def _paper_rule(self) -> Rejection:
-        """Return the rejection rule of the model's paper (JIND's per-type thresholds here)."""
-        return "per_type"
+        """Return the rejection rule of the model's paper.
+
+        A model with a ``confidence_threshold`` (scNym 0.5, CellPredX 0.95, scDET none unless
+        set) cuts the confidence globally ("none" when it is ``None``); JIND's rule is its
+        per-type thresholds.
+        """
+        if not hasattr(self, "confidence_threshold"):
+            return "per_type"
+        cut = self.confidence_threshold
+        return "none" if cut is None else float(cut)
 
     # ------------------------------------------------------------------ fitting
     def _fit_rejection(self, validation_indices: np.ndarray) -> None:

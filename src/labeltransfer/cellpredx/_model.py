@@ -624,12 +624,6 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         """Return the feature extractor, fine-tuned per query; classifier and centers stay."""
         return self.module.encoder
 
-    def _paper_rule(self) -> float | str:
-        """Return CellPredX's rule: the global cut on the confidence (0.95), if one is set."""
-        if self.confidence_threshold is None:
-            return "none"
-        return float(self.confidence_threshold)
-
     def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {
             "preset": self.preset_,

@@ -571,12 +571,6 @@ class SCDET(AnnotationMixin, BaseModelClass):
         """Return the encoder, fine-tuned per query; classifier head and prototypes stay."""
         return self.module.encoder
 
-    def _paper_rule(self) -> float | str:
-        """Return scDET's rule: none (its novel classes), or a global cut if one is set."""
-        if self.confidence_threshold is None:
-            return "none"
-        return float(self.confidence_threshold)
-
     def class_distribution(self) -> pd.Series:
         r"""Return the last estimated class distribution :math:`\pi` (seen types, then novel groups)."""
         self._check_if_trained(warn=False)

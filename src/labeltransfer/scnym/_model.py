@@ -342,12 +342,6 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         """Return the embedder, fine-tuned per query; the classifier stays."""
         return self.module.embedder
 
-    def _paper_rule(self) -> float | str:
-        """Return scNym's rule: the global cut on the confidence (0.5), if one is set."""
-        if self.confidence_threshold is None:
-            return "none"
-        return float(self.confidence_threshold)
-
     def _extra_uns(self, adata: AnnData, inference_kwargs: dict[str, Any]) -> dict[str, Any]:
         return {
             "new_identity_discovery": bool(self.new_identity_discovery),
