@@ -15,7 +15,10 @@ How a :class:`TaskSpec` becomes a :class:`Task` (:func:`load_task`):
    cells is the reference, every other cell the query;
 3. each side of a real data set is subsampled to :data:`MAX_REAL_CELLS` of the budget (seeded);
 4. ``held_out`` types, and ``n_random_held_out`` types drawn per seed (scDET's inter-data
-   protocol), are removed from the reference only: the query keeps them.
+   protocol), are removed from the reference only: the query keeps them;
+5. ``strong_shift=True``: the query's counts go through ``lt.data.strong_shift`` (its
+   defaults, the task's seed): per-gene factors, per-gene dropout, half the depth and 10% of
+   the genes absent, as another species or platform would look.
 
 Budgets: ``full`` uses every cell, ``small`` at most 500 per side of a real set and fewer
 synthetic cells, ``quick`` (smoke runs) at most 150 per side and tiny synthetic sets.
@@ -96,6 +99,8 @@ class TaskSpec:
     intra: bool = False
     #: obs column of the source used as the task's ``batch`` (the domains a model sees)
     domain: str = "batch"
+    #: the query goes through ``lt.data.strong_shift`` (defaults, the task's seed)
+    strong_shift: bool = False
 
 
 def _kang(about: str, held_out: tuple[str, ...] = (), **kwargs: Any) -> TaskSpec:
@@ -104,11 +109,17 @@ def _kang(about: str, held_out: tuple[str, ...] = (), **kwargs: Any) -> TaskSpec
     )
 
 
-def _cellbench(ref: str, query: str, held_out: tuple[str, ...] = ()) -> TaskSpec:
+def _cellbench(
+    ref: str, query: str, held_out: tuple[str, ...] = (), strong_shift: bool = False
+) -> TaskSpec:
     about = f"CellBench three cell lines, {ref} -> {query}"
     if held_out:
         about += f", {held_out[0]} held out"
-    return TaskSpec("cellbench", ref, query, True, about, held_out, peer_table=True)
+    if strong_shift:
+        about += _STRONG
+    return TaskSpec(
+        "cellbench", ref, query, True, about, held_out, peer_table=True, strong_shift=strong_shift
+    )
 
 
 def _granja(about: str, held_out: tuple[str, ...] = ()) -> TaskSpec:
@@ -124,12 +135,14 @@ def _granja(about: str, held_out: tuple[str, ...] = ()) -> TaskSpec:
 
 
 _C2D, _D2C = ("CEL-seq2", "Drop-seq"), ("Drop-seq", "CEL-seq2")
+_STRONG = ", query strongly shifted (lt.data.strong_shift)"
 _LINES = ("H1975", "H2228", "HCC827")
 _PBMC68K = "pbmc68k_reduced (bulk_labels), random 70% -> 30%"
 
 #: Every task by name; ``peer_table=True``: in the peer table.
 TASKS: dict[str, TaskSpec] = {
     "kang": _kang("", peer_table=True),
+    "kang_strongshift": _kang(_STRONG, peer_table=True, strong_shift=True),
     "kang_novel_b": _kang(", B cells held out", ("B cells",), peer_table=True),
     "kang_novel_fcgr3a": _kang(
         ", FCGR3A+ monocytes held out", ("FCGR3A+ Monocytes",), peer_table=True
@@ -154,6 +167,7 @@ TASKS: dict[str, TaskSpec] = {
         intra=True,
     ),
     "cellbench_c2d": _cellbench(*_C2D),
+    "cellbench_c2d_strongshift": _cellbench(*_C2D, strong_shift=True),
     **{f"cellbench_c2d_novel_{line.lower()}": _cellbench(*_C2D, (line,)) for line in _LINES},
     "cellbench_d2c": _cellbench(*_D2C),
     **{f"cellbench_d2c_novel_{line.lower()}": _cellbench(*_D2C, (line,)) for line in _LINES},
@@ -509,6 +523,10 @@ def load_task(name: str, seed: int, budget: str = "small") -> Task:
     if source.real:
         reference = _subsample(reference, MAX_REAL_CELLS[budget], seed)
         query = _subsample(query, MAX_REAL_CELLS[budget], seed + 1000)
+    if spec.strong_shift:
+        import labeltransfer as lt
+
+        query = lt.data.strong_shift(query, seed=seed)
     held_out = spec.held_out
     if spec.n_random_held_out:
         types = sorted(set(reference.obs[TRUE_KEY]))

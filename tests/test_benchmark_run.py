@@ -101,6 +101,18 @@ def test_noshift_task_splits_one_batch_70_30(shared_data):
     assert not task.shifted
 
 
+def test_strongshift_task_shifts_only_the_query_of_the_plain_task(shared_data):
+    plain = _tasks.load_task("kang", 0, "small")
+    task = _tasks.load_task("kang_strongshift", 0, "small")
+    assert "kang_strongshift" in set(load_experiment("small").grid[0][1])
+    assert (task.reference.X != plain.reference.X).nnz == 0
+    assert list(task.query.obs_names) == list(plain.query.obs_names)
+    assert task.query.obs.equals(plain.query.obs)
+    assert task.query.uns["strong_shift"]["seed"] == 0
+    assert task.query.X.sum() < 0.6 * plain.query.X.sum()
+    assert task.shifted
+
+
 def test_atac_task_reads_the_granja_donors(shared_data):
     task = _tasks.load_task("atac_novel_b", 0, "full")
     assert set(task.reference.obs["batch"]) == {"BMMC_D6T1"}

@@ -2,8 +2,10 @@
 
 Tasks: Kang ctrl -> stim, CellBench both ways, ``pbmc68k_reduced`` random 70/30, the Granja
 scATAC donors, each with held-out types (issue 13's novel tasks: Kang B cells and FCGR3A+
-monocytes, each CellBench line in both directions, pbmc68k CD19+ B, scATAC 17_B), a no-shift
-split of Kang, the synthetic RNA -> ATAC task and a 50:1 long-tailed synthetic task.
+monocytes, each CellBench line in both directions, pbmc68k CD19+ B, scATAC 17_B), Kang and
+CellBench CEL-seq2 -> Drop-seq with the query strongly shifted (issue 14,
+``lt.data.strong_shift``), a no-shift split of Kang, the synthetic RNA -> ATAC task and a
+50:1 long-tailed synthetic task.
 """
 
 from __future__ import annotations
