@@ -65,6 +65,8 @@ class ReferenceMappingMixin:
 
     #: Keyword arguments of :class:`~labeltransfer.train.QueryAdaptationPlan` for this model.
     _mapping_plan_kwargs: ClassVar[dict[str, Any]] = {}
+    #: Fraction of the drawn query cells that are the safeguard's anchors.
+    _mapping_anchor_fraction: ClassVar[float] = ANCHOR_FRACTION
 
     # ------------------------------------------------------------------ public API
     @classmethod
@@ -279,7 +281,8 @@ class ReferenceMappingMixin:
     def _mapping_anchors(self, batch_size: int) -> torch.Tensor:
         """Return the query cells the reference model calls most confidently (the anchors).
 
-        At most :data:`N_ANCHOR_CANDIDATES` query cells are drawn; the :data:`ANCHOR_FRACTION`
+        At most :data:`N_ANCHOR_CANDIDATES` query cells are drawn; the fraction
+        ``_mapping_anchor_fraction`` (:data:`ANCHOR_FRACTION` unless the model sets another)
         of them with the highest confidence among the reference types are the anchors (a
         fraction, not a confidence cut: the models' confidences are not on one scale).
         """
@@ -289,7 +292,7 @@ class ReferenceMappingMixin:
         logits = self._forward(self.adata, indices=rows, return_latent=False).logits
         seen = torch.as_tensor(logits[:, : self.module.n_labels])
         confidence = torch.softmax(seen, dim=1).max(dim=1).values.numpy()
-        n_anchors = max(1, math.ceil(ANCHOR_FRACTION * len(rows)))
+        n_anchors = max(1, math.ceil(self._mapping_anchor_fraction * len(rows)))
         anchors = np.sort(rows[np.argsort(-confidence, kind="stable")[:n_anchors]])
         loader = self._make_data_loader(
             self.adata, indices=anchors, batch_size=batch_size, shuffle=False
@@ -400,8 +403,8 @@ class ReferenceMappingMixin:
         encoder.load_state_dict(plan.kept_state)
         if decision["reverted"]:
             warnings.warn(
-                f"Mapping changed the calls of {1 - agreement[0]:.0%} of the query cells the "
-                "reference model called most confidently after its first epoch (more than "
+                f"Mapping changed the reference model's calls on {1 - agreement[0]:.0%} of the "
+                "safeguard's anchor cells of the query after its first epoch (more than "
                 f"the tolerance, {plan.anchor_tolerance:.0%}), so the fit was undone: this "
                 "model makes the reference model's calls. The query may be too far from the "
                 "reference for this model; see query_mapping_['safeguard'], or try a lower "
