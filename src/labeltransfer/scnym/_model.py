@@ -222,7 +222,7 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         self._model_summary_string = (
             f"scNym model: {n_labels} cell types, {len(features)} genes ({input_type} input), "
             f"{len(self.domains_)} domains ({domain_source}), new identity discovery "
-            f"{'on' if new_identity_discovery else 'off'}, rejection {rule}"
+            f"{'on' if new_identity_discovery else 'off'}, paper's rejection rule {rule}"
         )
         self.training_summary_: dict[str, Any] = {}
         self.init_params_ = self._get_init_params(locals())
