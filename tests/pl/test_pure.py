@@ -90,3 +90,19 @@ def test_marker_dotplot_by_a_string_column_leaves_it_a_string(annotated):
     lt.pl.marker_dotplot(annotated, KEY, groupby="cell_type", n_genes=2)
     assert_equal(annotated, before)
     assert annotated.obs["cell_type"].dtype == object
+
+
+@pytest.mark.parametrize(("n_genes", "rotation"), [(5, 0), (1, None)])
+def test_marker_dotplot_keeps_group_labels_level_where_they_fit(n_genes, rotation):
+    """Long type names stay level over blocks wide enough for them (turned, they hit the
+    title); over a one-gene block scanpy's 90-degree rule stays."""
+    from labeltransfer.pl._dotplot import _dot_plot, _DotValues
+
+    rows = ["B cells", "FCGR3A+ Monocytes"]  # over scanpy's 12 characters
+    columns = len(rows) * n_genes
+    blocks = [(r, [f"g{i}_{j}" for j in range(n_genes)]) for i, r in enumerate(rows)]
+    values = _DotValues(rows, np.ones((2, columns)), np.ones((2, columns)), "c", "s", None)
+    plot = _dot_plot(
+        values, blocks, title="t", group_label=None, cmap="Reds", largest_dot=200, ax=None
+    )
+    assert plot.var_group_rotation == rotation

@@ -20,6 +20,8 @@ __all__ = ["MarkerDotPlot"]
 
 #: Fill of the cells where a marker group's row meets its own block of genes.
 SHADE = "#ededed"
+#: Approximate width of one character of a group label, in inches (matplotlib's 10 pt).
+CHAR_WIDTH = 0.075
 
 
 class MarkerDotPlot(DotPlot):
@@ -46,6 +48,13 @@ class MarkerDotPlot(DotPlot):
         super().__init__(*args, **kwargs)
         self.blocks = list(blocks)
         self.group_label = group_label
+        # scanpy turns every group label by 90 degrees once one is over 12 characters; the
+        # turned labels then run into the title. Keep them level wherever each fits its block.
+        if self.blocks and all(
+            len(group) * CHAR_WIDTH <= (stop - start) * self.DEFAULT_CATEGORY_WIDTH
+            for group, start, stop in self.blocks
+        ):
+            self.var_group_rotation = 0
 
     def _mainplot(self, ax: Axes) -> Any:
         normalize = super()._mainplot(ax)
