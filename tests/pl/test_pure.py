@@ -93,16 +93,24 @@ def test_marker_dotplot_by_a_string_column_leaves_it_a_string(annotated):
 
 
 @pytest.mark.parametrize(("n_genes", "rotation"), [(5, 0), (1, None)])
-def test_marker_dotplot_keeps_group_labels_level_where_they_fit(n_genes, rotation):
-    """Long type names stay level over blocks wide enough for them (turned, they hit the
-    title); over a one-gene block scanpy's 90-degree rule stays."""
+def test_marker_dotplot_group_labels_stay_clear_of_the_title(n_genes, rotation):
+    """Long type names stay level over blocks wide enough for them; over one-gene blocks
+    scanpy turns them by 90 degrees, and the title is lifted above them."""
     from labeltransfer.pl._dotplot import _dot_plot, _DotValues
 
-    rows = ["B cells", "FCGR3A+ Monocytes"]  # over scanpy's 12 characters
+    rows = ["B cells", "FCGR3A+ Monocytes"]  # over scanpy's 4 characters
     columns = len(rows) * n_genes
     blocks = [(r, [f"g{i}_{j}" for j in range(n_genes)]) for i, r in enumerate(rows)]
     values = _DotValues(rows, np.ones((2, columns)), np.ones((2, columns)), "c", "s", None)
-    plot = _dot_plot(
-        values, blocks, title="t", group_label=None, cmap="Reds", largest_dot=200, ax=None
-    )
+    with matplotlib.rc_context({"font.size": 10}):
+        plot = _dot_plot(
+            values, blocks, title="t", group_label=None, cmap="Reds", largest_dot=200, ax=None
+        )
+        plot.make_figure()
+        renderer = plot.fig.canvas.get_renderer()
+        labels = plot.ax_dict["gene_group_ax"].texts
+        top = max(t.get_window_extent(renderer).y1 for t in labels)
+        (title,) = [ax.title for ax in plot.fig.axes if ax.title.get_text() == "t"]
+        bottom = title.get_window_extent(renderer).y0
     assert plot.var_group_rotation == rotation
+    assert bottom >= top

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from matplotlib import rcParams
 from matplotlib.patches import Rectangle
 from scanpy.pl import DotPlot
 
@@ -20,8 +21,8 @@ __all__ = ["MarkerDotPlot"]
 
 #: Fill of the cells where a marker group's row meets its own block of genes.
 SHADE = "#ededed"
-#: Approximate width of one character of a group label, in inches (matplotlib's 10 pt).
-CHAR_WIDTH = 0.075
+#: Mean width of a character of a group label, as a fraction of the font size.
+CHAR_EM = 0.62
 
 
 class MarkerDotPlot(DotPlot):
@@ -48,13 +49,32 @@ class MarkerDotPlot(DotPlot):
         super().__init__(*args, **kwargs)
         self.blocks = list(blocks)
         self.group_label = group_label
-        # scanpy turns every group label by 90 degrees once one is over 12 characters; the
-        # turned labels then run into the title. Keep them level wherever each fits its block.
+        # scanpy turns every group label by 90 degrees once one is over 4 characters, and the
+        # turned labels run into the title: keep them level wherever each fits its block
+        # (otherwise make_figure lifts the title above them).
+        inches_per_char = CHAR_EM * rcParams["font.size"] / 72
         if self.blocks and all(
-            len(group) * CHAR_WIDTH <= (stop - start) * self.DEFAULT_CATEGORY_WIDTH
+            len(group) * inches_per_char <= (stop - start) * self.DEFAULT_CATEGORY_WIDTH
             for group, start, stop in self.blocks
         ):
             self.var_group_rotation = 0
+
+    def make_figure(self) -> None:
+        """Draw as scanpy does, then lift the title clear of the group labels."""
+        super().make_figure()
+        groups_ax = self.ax_dict.get("gene_group_ax")
+        if groups_ax is None or not self.fig_title:
+            return
+        renderer = self.fig.canvas.get_renderer()
+        top = max((t.get_window_extent(renderer).y1 for t in groups_ax.texts), default=None)
+        for ax in self.fig.axes:
+            title = ax.title
+            if top is None or title.get_text() != self.fig_title:
+                continue
+            overlap = top - title.get_window_extent(renderer).y0
+            if overlap > 0:  # pixels -> points, plus a small gap
+                pad = rcParams["axes.titlepad"] + (overlap * 72 / self.fig.dpi) + 4
+                ax.set_title(self.fig_title, pad=pad)
 
     def _mainplot(self, ax: Axes) -> Any:
         normalize = super()._mainplot(ax)
