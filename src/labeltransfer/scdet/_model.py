@@ -185,8 +185,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
     _default_key = "scdet"
     #: Mapping fits the domain adversary alone, without scNym's pseudo-label consistency:
     #: with it, scDET's sharp prototype logits followed their own wrong pseudo-labels and
-    #: mapping lost 5-15 points on Kang ctrl -> stim101 and stim107 (3 seeds, 0.73-0.75
-    #: against 0.86 without it; ``benchmarks --suite mapping``). Its safeguard watches every
+    #: mapping lost 13 points on Kang ctrl -> stim101 and stim107 (means of 3 seeds, 0.73-0.74
+    #: against 0.86-0.87 without it; the mapping suite's set-up). Its safeguard watches every
     #: drawn query cell and keeps the last epoch that changes at most 10% of the reference
     #: model's calls: with the confident half as anchors, the other cells drifted (Kang
     #: stim101, seed 2: 0.912 -> 0.836 with every anchor kept).
