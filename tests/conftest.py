@@ -16,23 +16,28 @@ SHARED_DATA = Path(
 )
 
 
-def require_shared_data() -> Path:
-    """Return :data:`SHARED_DATA`; skip the test without it, or fail it under ``CI=true``.
+#: CI must run every real-data test: there a missing folder fails them instead of skipping.
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
+MISSING_DATA = (
+    f"the real data sets are not at {SHARED_DATA}: put the project's shared data in "
+    "../shared/data beside the clone (or set LABELTRANSFER_DATA to their folder) to run this "
+    "test"
+)
 
-    A user's fresh clone has no ``../shared``: the real-data tests skip with a reason that
-    says where the data go. CI must never skip them, so there a missing folder fails.
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip the tests that read the real data sets when they are missing, except on CI.
+
+    A test reads them through the ``shared_data`` fixture or carries the ``shared_data``
+    marker (a tutorial that asks for the fixture at run time). A user's fresh clone has no
+    ``../shared``: those tests skip with a reason that says where the data go.
     """
-    if SHARED_DATA.is_dir():
-        return SHARED_DATA
-    reason = (
-        f"the real data sets are not at {SHARED_DATA}: put the project's shared data in "
-        "../shared/data beside the clone (or set LABELTRANSFER_DATA to their folder) to "
-        "run this test"
-    )
-    in_ci = os.environ.get("CI", "").lower() in ("true", "1")
-    if not in_ci:
-        pytest.skip(reason)
-    pytest.fail(f"CI=true and {reason}.", pytrace=False)
+    skip = pytest.mark.skipif(not SHARED_DATA.is_dir() and not IN_CI, reason=MISSING_DATA)
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()) or item.get_closest_marker(
+            "shared_data"
+        ):
+            item.add_marker(skip)
 
 
 def pytest_addoption(parser):
@@ -53,8 +58,10 @@ def accelerator(request) -> str:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The folder of the real data sets (see :func:`require_shared_data`)."""
-    return require_shared_data()
+    """The folder of the real data sets; fails without them (outside CI their tests skip)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{'CI=true and ' if IN_CI else ''}{MISSING_DATA}.", pytrace=False)
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

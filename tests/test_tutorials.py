@@ -28,7 +28,16 @@ def _reads_shared_data(notebook: nbformat.NotebookNode) -> bool:
     )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=pytest.mark.shared_data)
+        if _reads_shared_data(nbformat.read(p, as_version=4))
+        else p
+        for p in NOTEBOOKS
+    ],
+    ids=[p.stem for p in NOTEBOOKS],
+)
 def test_tutorial_runs(
     path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ):
@@ -37,7 +46,7 @@ def test_tutorial_runs(
     A notebook that reads the real data sets skips without them (fails under ``CI=true``).
     """
     notebook = nbformat.read(path, as_version=4)
-    if _reads_shared_data(notebook):
+    if request.node.get_closest_marker("shared_data"):
         monkeypatch.setenv("LABELTRANSFER_DATA", str(request.getfixturevalue("shared_data")))
     monkeypatch.setenv("LABELTRANSFER_TUTORIAL_EPOCHS", EPOCHS)
     client = nbclient.NotebookClient(
