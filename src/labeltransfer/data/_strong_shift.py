@@ -128,8 +128,8 @@ def strong_shift(
     # factors relative to the input's expression-weighted mean: they change the composition,
     # ``library_factor`` alone changes the depth
     gene_totals = np.bincount(genes, weights=X.data, minlength=n_genes)
-    mean_factor = np.exp(log_factor) @ gene_totals / max(gene_totals.sum(), 1.0)
-    scale = np.exp(log_factor) / mean_factor * library_factor
+    factor = np.exp(log_factor)
+    scale = factor / (factor @ gene_totals / max(gene_totals.sum(), 1.0)) * library_factor
     scale[absent] = 0.0
     counts = rng_counts.poisson(X.data.astype(np.float64) * scale[genes])
     counts[rng_counts.random(counts.size) < p_drop[genes]] = 0

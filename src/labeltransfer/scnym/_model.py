@@ -214,11 +214,8 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             n_layers=n_layers,
             dropout_rate=dropout_rate,
         )
-        rule = (
-            f"confidence < {confidence_threshold}"
-            if confidence_threshold is not None
-            else f"per type, theta {theta}"
-        )
+        cut = self._paper_rule()
+        rule = "none" if cut == "none" else f"confidence < {cut}"
         self._model_summary_string = (
             f"scNym model: {n_labels} cell types, {len(features)} genes ({input_type} input), "
             f"{len(self.domains_)} domains ({domain_source}), new identity discovery "
