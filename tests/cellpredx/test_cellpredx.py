@@ -162,7 +162,7 @@ def test_rna_to_rna_with_setup_anndata():
     summary = model.training_summary_
     assert summary["n_query"] == 400
     assert summary["n_neighbors"] == 10
-    assert summary["loss_weights"]["sc_weight"] == 0.1
+    assert summary["loss_weights"]["sc_weight"] == 0.01
     for name in ("train_contrastive_loss", "train_center_loss", "validation_center_loss"):
         assert np.isfinite(model.history[name].to_numpy(dtype=float)).all()
     with pytest.raises(TypeError, match="setup_anndata"):

@@ -220,6 +220,7 @@ class TrainingMixin:
             self.is_trained_ = False  # never half-trained: annotate() asks for train() again
             raise
         restore_training_state(runner.trainer)
+        self._fit_reference_statistics()
         self.training_summary_ = {
             "seed": settings.seed,
             "max_epochs": max_epochs,

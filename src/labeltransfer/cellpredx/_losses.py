@@ -47,8 +47,8 @@ class CellPredXLossConfig:
         Weight >= 0 of the feature alignment loss (per scenario: 0.05 across modalities, 0
         within one).
     sc_weight
-        Weight >= 0 of the sparse center loss (per scenario: 0.01 across modalities, 0.1
-        RNA->RNA, 0.001 ATAC->ATAC).
+        Weight >= 0 of the sparse center loss (per scenario: 0.01 across modalities and
+        RNA->RNA, where the paper has 0.1; 0.001 ATAC->ATAC).
     temperature
         Temperature > 0 of the contrastive loss (per scenario: 0.04 RNA->ATAC matched, 0.8
         otherwise).
