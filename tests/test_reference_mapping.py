@@ -186,7 +186,8 @@ def test_safeguard_reverts_a_fit_that_breaks_the_anchors(references, pair):
     assert decision["agreement"][0] < 1 - decision["tolerance"]
     assert decision["n_anchors"] == int(np.ceil(query.n_obs / 2))
     assert list(mapped.history["map_train_anchor_agreement"].iloc[:, 0]) == pytest.approx(
-        decision["agreement"], abs=5e-5  # the decision keeps 4 decimals
+        decision["agreement"],
+        abs=5e-5,  # the decision keeps 4 decimals
     )
     for key, value in mapped.module.embedder.state_dict().items():
         torch.testing.assert_close(value, start[key], rtol=0, atol=0)

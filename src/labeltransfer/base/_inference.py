@@ -16,7 +16,6 @@ from anndata import AnnData
 from scipy.special import softmax
 
 from labeltransfer._constants import REGISTRY_KEYS
-
 from labeltransfer.dataloaders import labelled_mask
 
 from ._domain_stats import (
