@@ -1,0 +1,148 @@
+"""Domain-specific batch normalisation (base/_domain_stats.py): each domain its own statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import labeltransfer as lt
+from labeltransfer.base import _domain_stats, _inference
+from labeltransfer.base._domain_stats import (
+    STATISTICS_CELLS,
+    fit_statistics,
+    query_statistics,
+    statistics_rows,
+)
+
+FAST = {"accelerator": "cpu", "enable_progress_bar": False}
+
+
+class _Tiny(nn.Module):
+    """The module contract the helpers use: ``_get_inference_input`` and ``inference``."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def _get_inference_input(self, tensors):
+        return {"x": tensors["X"]}
+
+    def inference(self, x):
+        return {"z": self.drop(self.norm(self.linear(x)))}
+
+
+def test_fit_statistics_gives_the_batches_moments_without_dropout():
+    torch.manual_seed(0)
+    module = _Tiny()
+    batches = [{"X": torch.randn(50, 3) * 3 + 1} for _ in range(4)]
+    fit_statistics(module, batches)
+    with torch.no_grad():
+        hidden = [module.linear(b["X"]) for b in batches]
+    expected_mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
+    expected_var = torch.stack([h.var(0) for h in hidden]).mean(0)  # unbiased, as BatchNorm
+    torch.testing.assert_close(module.norm.running_mean, expected_mean)
+    torch.testing.assert_close(module.norm.running_var, expected_var)
+    assert module.norm.momentum == 0.1  # left as found
+    assert not module.training
+
+
+def test_fit_statistics_skips_one_cell_batches():
+    module = _Tiny()
+    fit_statistics(module, [{"X": torch.randn(1, 3)}, {"X": torch.ones(8, 3)}])
+    with torch.no_grad():
+        expected = module.linear(torch.ones(8, 3)).mean(0)
+    torch.testing.assert_close(module.norm.running_mean, expected)
+
+
+def test_query_statistics_restores_the_reference_statistics_also_after_an_error():
+    module = _Tiny()
+    before = {k: v.clone() for k, v in module.norm.state_dict().items()}
+    seen = []
+
+    def fails() -> None:
+        with query_statistics(module, [{"X": torch.randn(20, 3) + 5}]):
+            seen.append(module.norm.running_mean.clone())
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fails()
+    assert not torch.equal(seen[0], before["running_mean"])  # the query's, inside
+    for key, value in module.norm.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_statistics_rows_are_evenly_spaced_and_bounded():
+    rows = np.arange(5, 5 + 3 * STATISTICS_CELLS, 3)
+    picked = statistics_rows(rows)
+    assert picked.size == STATISTICS_CELLS
+    assert picked[0] == rows[0]
+    assert picked[-1] == rows[-1]
+    assert np.all(np.diff(picked) > 0)
+    np.testing.assert_array_equal(statistics_rows(rows[:10]), rows[:10])
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    """Reference and a strongly shifted query of four synthetic types, registered together."""
+    reference, query = lt.data.synthetic(
+        n_reference=400, n_query=300, n_genes=500, n_types=4, n_markers=25, batch_shift=0.0, seed=3
+    )
+    query = lt.data.strong_shift(query, seed=0)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    query.obs = query.obs[["batch"]]
+    return reference, query, truth
+
+
+def _trained(model_cls, shifted, **init):
+    reference, query, _ = shifted
+    adata = lt.data.concat_reference_query(reference.copy(), query.copy(), labels_key="cell_type")
+    model_cls.setup_anndata(adata, labels_key="cell_type")
+    model = model_cls(adata, **init)
+    model.train(max_epochs=30, **FAST)
+    return model, adata
+
+
+@pytest.fixture(scope="module")
+def scnym(shifted):
+    return _trained(lt.SCNYM, shifted)
+
+
+def test_query_statistics_decide_the_calls_of_a_shifted_query(scnym, shifted, monkeypatch):
+    """With the reference's statistics the shifted query is called far worse (the fix)."""
+    model, _ = scnym
+    _, query, truth = shifted
+    own = (np.asarray(model.predict(query)) == truth).mean()
+    # no query cell for the statistics: too few, so the reference's are kept
+    monkeypatch.setattr(_inference, "statistics_rows", lambda rows: rows[:0])
+    reference_stats = (np.asarray(model.predict(query)) == truth).mean()
+    assert own > reference_stats + 0.1
+
+
+def test_a_query_gets_the_same_calls_alone_or_registered_with_the_reference(scnym, shifted):
+    model, adata = scnym
+    is_query = (adata.obs["lt_role"] == "query").to_numpy()
+    together = model.predict(soft=True).to_numpy()[is_query]
+    alone = model.predict(shifted[1], soft=True).to_numpy()
+    np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_cells_keep_the_reference_statistics(scnym):
+    """The reference cells' outputs do not depend on the query registered with them."""
+    model, adata = scnym
+    is_reference = (adata.obs["lt_role"] == "reference").to_numpy()
+    with_query = model.predict(soft=True).to_numpy()[is_reference]
+    direct = model._forward(adata, indices=np.flatnonzero(is_reference)).logits
+    np.testing.assert_allclose(with_query, model._probabilities(direct), rtol=1e-5, atol=1e-6)
+
+
+def test_a_query_too_small_for_statistics_keeps_the_reference_statistics(scnym, shifted):
+    model, _ = scnym
+    few = shifted[1][: _domain_stats.MIN_STATISTICS_CELLS - 1].copy()
+    registered, _ = model._prepare(few)
+    direct = model._probabilities(model._forward(registered).logits)
+    model._release(registered)
+    np.testing.assert_allclose(model.predict(few, soft=True).to_numpy(), direct, rtol=1e-5)
