@@ -172,6 +172,11 @@ def true_n_novel(task: Task) -> dict[str, Any]:
     return {"n_novel": task.n_novel}
 
 
+def true_n_novel_reference_genes(task: Task) -> dict[str, Any]:
+    """scDET: the true number of novel types, genes selected on the reference cells only."""
+    return {**true_n_novel(task), "feature_cells": "reference"}
+
+
 def estimated_n_novel(task: Task) -> dict[str, Any]:
     """scDET: ``n_novel=None``, estimated after a warm-up."""
     return {"n_novel": None}

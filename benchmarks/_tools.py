@@ -23,6 +23,7 @@ from _models import (
     new_identity_when_held_out,
     run_labeltransfer,
     true_n_novel,
+    true_n_novel_reference_genes,
 )
 from _peers import run_celltypist, run_scanvi, run_scnym_original, run_sklearn
 
@@ -130,6 +131,11 @@ TOOLS: dict[str, Tool] = {
         Recipe("SCDET", init=estimated_n_novel),
         {"train": 25},
         full={"train": 100},  # only the estimate is compared
+    ),
+    "scdet_reference_genes": _lt(
+        "scDET, genes of the reference",
+        Recipe("SCDET", init=true_n_novel_reference_genes),
+        {"train": 25},
     ),
     "scdet_nodebias": _lt(
         "scDET without logit adjustment + sampling",

@@ -312,6 +312,23 @@ def test_loss_terms_are_finite_and_sampling_applies():
         )
 
 
+def test_feature_cells_selects_the_genes_on_the_reference_or_on_all_cells(scdet_adata):
+    adata = scdet_adata.copy()
+    lt.SCDET.setup_anndata(adata, labels_key="cell_type")
+    reference = (adata.obs["lt_role"] == "reference").to_numpy()
+    for cells, mask in (("all", None), ("reference", reference)):
+        model = lt.SCDET(adata, n_novel=1, n_top_genes=20, feature_cells=cells)
+        expected = adata.var_names[lt.data.select_features(adata, n_top_genes=20, mask=mask)]
+        assert list(model.module.feature_idx.numpy()) == [
+            adata.var_names.get_loc(g) for g in expected
+        ]
+    on_all = lt.SCDET(adata, n_novel=1, n_top_genes=20).module.feature_idx
+    on_reference = lt.SCDET(adata, n_top_genes=20, feature_cells="reference").module.feature_idx
+    assert not torch.equal(on_all, on_reference)  # the target's novel types change the choice
+    with pytest.raises(ValueError, match="feature_cells must be one of 'all', 'reference'"):
+        lt.SCDET(adata, feature_cells="target")
+
+
 def test_bad_input_raises(scdet_adata, scdet_pair):
     adata = scdet_adata.copy()
     lt.SCDET.setup_anndata(adata, labels_key="cell_type")

@@ -65,6 +65,7 @@ _INIT_RULES = {
     "n_hidden": Widths(),
     "n_latent": POSITIVE_INT,
     "temperature": POSITIVE,
+    "feature_cells": OneOf(("all", "reference")),
     # also the outlier fraction of the n_novel estimate's unexplained-cell test
     "theta": Number(low=0, high=1, low_open=True, high_open=True),
 }
@@ -124,6 +125,12 @@ class SCDET(AnnotationMixin, BaseModelClass):
         supplement; 2,000 genes is the scanpy / Seurat default.
     features
         Explicit list of genes to use instead.
+    feature_cells
+        The cells whose variability selects the ``n_top_genes``: ``"all"`` (reference and
+        target, as above) or ``"reference"``. Under a strong gene-level shift between the two
+        (another species or platform), genes shifted between them look variable on all
+        cells and fill the selection: on ``cellbench_c2d_strongshift`` (seed 0) scDET
+        called 0.74 of the target right with ``"all"`` and 0.90 with ``"reference"``.
     input_type
         ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
         log(CPM + 1) per minibatch.
@@ -210,6 +217,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
         max_novel: int = 10,
         n_top_genes: int | None = 2000,
         features: Sequence[str] | None = None,
+        feature_cells: Literal["all", "reference"] = "all",
         input_type: Literal["auto", "counts", "lognorm"] = "auto",
         n_hidden: Sequence[int] = (512, 256),
         n_latent: int = 128,
@@ -220,7 +228,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
         check_arguments(SCDET.__init__, locals(), _INIT_RULES)
         super().__init__(adata)
         if features is None and n_top_genes is not None:
-            features = self._transductive_features(input_type, n_top_genes)
+            features = self._variable_features(input_type, n_top_genes, feature_cells)
         input_type, features, feature_idx = self._select_inputs(
             input_type=input_type, n_top_genes=n_top_genes, features=features
         )
@@ -252,16 +260,19 @@ class SCDET(AnnotationMixin, BaseModelClass):
         self.training_summary_: dict[str, Any] = {}
         self.init_params_ = self._get_init_params(locals())
 
-    def _transductive_features(self, input_type: str, n_top_genes: int) -> list[str] | None:
-        """HVGs of all registered cells (reference and target), or ``None`` for all genes."""
+    def _variable_features(
+        self, input_type: str, n_top_genes: int, cells: str
+    ) -> list[str] | None:
+        """HVGs of all registered cells or of the reference's, or ``None`` for all genes."""
         genes = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
         if n_top_genes >= len(genes):
             return None
         layer = self.adata_manager.registry["setup_args"].get("layer")
         if input_type == "auto":
             input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
+        mask = labelled_mask(self.adata_manager) if cells == "reference" else None
         idx = select_features(
-            self.adata, n_top_genes=n_top_genes, layer=layer, input_type=input_type
+            self.adata, n_top_genes=n_top_genes, layer=layer, input_type=input_type, mask=mask
         )
         return [str(g) for g in np.asarray(genes)[idx]]
 
