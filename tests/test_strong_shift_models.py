@@ -43,3 +43,23 @@ def test_co_trained_models_beat_chance_widely_on_a_strongly_shifted_query(
     is_query = (adata.obs["lt_role"] == "query").to_numpy()
     accuracy = (np.asarray(model.predict())[is_query] == truth).mean()
     assert accuracy >= 0.7
+
+
+def test_a_query_shifted_beyond_a_translation_is_scaled_before_the_novelty_test(
+    cellbench_strongshift,
+):
+    """Its cells are called right (0.96), so most must not be rejected as novel (93% were)."""
+    reference, query, truth = cellbench_strongshift
+    adata = lt.data.concat_reference_query(reference.copy(), query.copy(), labels_key="cell_type")
+    lt.SCNYM.setup_anndata(adata, labels_key="cell_type")
+    model = lt.SCNYM(adata)
+    model.train(max_epochs=25, **FAST)
+    with pytest.warns(UserWarning, match=r"no mutual nearest neighbour .* scaled to the refer"):
+        model.annotate(key_added="lt")
+    coverage = adata.uns["lt"]["rejection"]["coverage"]
+    assert coverage["novel_fraction_before"] > 0.5
+    assert coverage["novel_fraction_after"] < 0.2
+    assert list(coverage["rescaled_domains"]) == [0]
+    is_query = (adata.obs["lt_role"] == "query").to_numpy()
+    assert adata.obs["lt_rejected"].to_numpy()[is_query].mean() < 0.25
+    assert (adata.obs["lt_prediction"].astype(str).to_numpy()[is_query] == truth).mean() > 0.9

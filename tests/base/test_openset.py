@@ -195,3 +195,14 @@ def test_a_run_rejecting_most_cells_says_so(model_and_query):
     model, query, _ = model_and_query
     with pytest.warns(UserWarning, match=r"JIND rejected 100% of the 600 cells with the 'global'"):
         model.annotate(query, key_added="lt", copy=True, rejection=1.0)
+
+
+def test_scale_groups_gives_the_chosen_domains_the_reference_spread():
+    rng = np.random.default_rng(0)
+    coords = np.vstack([rng.normal(0, 1, (50, 3)), rng.normal(0, 0.1, (60, 3))])
+    coords[50:] -= coords[50:].mean(axis=0)
+    groups = np.array([-1] * 50 + [0] * 60)
+    spread = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    scaled = openset.scale_groups(coords, groups, [0], spread)
+    np.testing.assert_allclose(scaled[50:].std(axis=0), spread, rtol=1e-5)
+    np.testing.assert_array_equal(scaled[:50], coords[:50].astype(np.float32))

@@ -15,7 +15,7 @@ from scvi import settings
 
 from labeltransfer._constants import NOVEL_PREFIX, OUTPUT_KEYS, UNASSIGNED
 
-from ._openset import centre_by_group, novelty_score
+from ._openset import novelty_score
 from ._openset_mixin import Rejection
 from ._uns import h5ad_safe
 from ._zarr import is_lazy, is_zarr_path, open_zarr, write_annotation
@@ -161,11 +161,12 @@ class AnnotateMixin:
         prediction = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
         domains = self._coverage_groups(None if adata is None else target, prediction.size)
-        centred = None if coords is None else centre_by_group(coords, domains)
-        uncovered = self._novelty(centred, prediction)
+        centred, uncovered, coverage = self._coverage(coords, domains, prediction)
         rejected, rule = self._reject(
             confidence, prediction, rejection, uncovered, query=domains >= 0
         )
+        if coverage is not None:
+            rule = {**rule, "coverage": coverage}
         empty = overlap.pop("empty") if overlap is not None else np.zeros_like(rejected)
         if empty.any():  # no count in the model's genes: nothing to base a call on
             rejected = rejected | empty

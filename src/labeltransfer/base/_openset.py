@@ -63,6 +63,9 @@ N_NEIGHBORS = 15
 MAX_QUERY_NEIGHBORS = 200
 #: Uncovered fraction of a neighbourhood above which a cell is novel.
 NOVEL_CUT = 0.5
+#: Share of a query domain's cells that are novel above which its coordinates are scaled to
+#: the reference's spread and its coverage tested again (a shift beyond a translation).
+RESCALE_CUT = 0.5
 #: Library size of the coverage space's log-normalisation (counts per 10,000).
 TARGET_SUM = 1e4
 #: Cells per block of the exact distance computations: a block of distances to a full bank
@@ -194,6 +197,18 @@ def centre_by_group(coords: np.ndarray, groups: np.ndarray) -> np.ndarray:
             continue
         rows = groups == group
         out[rows] -= out[rows].mean(axis=0)
+    return out
+
+
+def scale_groups(
+    coords: np.ndarray, groups: np.ndarray, which: list[int], spread: np.ndarray
+) -> np.ndarray:
+    """Scale each component of the (centred) domains ``which`` to the reference's ``spread``."""
+    out = np.array(coords, dtype=np.float32, copy=True)
+    for group in which:
+        rows = groups == group
+        sd = out[rows].std(axis=0)
+        out[rows] *= spread / np.where(sd > 1e-6, sd, 1.0)
     return out
 
 
