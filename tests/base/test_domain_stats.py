@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import labeltransfer as lt
-from labeltransfer.base import _domain_stats, _inference
+from labeltransfer.base import _domain_stats
 from labeltransfer.base._domain_stats import (
     STATISTICS_CELLS,
     fit_statistics,
@@ -117,7 +117,7 @@ def test_query_statistics_decide_the_calls_of_a_shifted_query(scnym, shifted, mo
     _, query, truth = shifted
     own = (np.asarray(model.predict(query)) == truth).mean()
     # no query cell for the statistics: too few, so the reference's are kept
-    monkeypatch.setattr(_inference, "statistics_rows", lambda rows: rows[:0])
+    monkeypatch.setattr(_domain_stats, "statistics_rows", lambda rows: rows[:0])
     reference_stats = (np.asarray(model.predict(query)) == truth).mean()
     assert own > reference_stats + 0.1
 

@@ -24,17 +24,26 @@ statistics agree.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
+from anndata import AnnData
 from torch import nn
+
+from labeltransfer.dataloaders import labelled_mask
+
+from ._query import EMPTY_CELLS_WARNING
 
 #: At most this many query cells, evenly spaced, give the query's statistics.
 STATISTICS_CELLS = 20_000
 #: A query of fewer cells keeps the reference's statistics (too few for stable moments).
 MIN_STATISTICS_CELLS = 32
+#: Cells per minibatch of the statistics' pass.
+STATISTICS_BATCH_SIZE = 1024
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -97,3 +106,68 @@ def query_statistics(
     finally:
         for norm, state in zip(norms, saved, strict=True):
             norm.load_state_dict(state)
+
+
+class DomainStatisticsMixin:
+    """The model side: which cells give the statistics, and inference by domain."""
+
+    def _statistics_loader(self, registered: AnnData, rows: np.ndarray):
+        """Minibatches of the query cells that give the batch norms' statistics (or None)."""
+        rows = statistics_rows(rows)
+        if rows.size < MIN_STATISTICS_CELLS or not batch_norms(self.module):
+            return None
+        return self._make_data_loader(
+            adata=registered, indices=rows, batch_size=STATISTICS_BATCH_SIZE
+        )
+
+    def _fit_reference_statistics(self) -> None:
+        """Make the batch norms' running statistics the reference cells' (after training)."""
+        rows = np.flatnonzero(labelled_mask(self.adata_manager))
+        loader = self._statistics_loader(self.adata, rows)
+        if loader is not None:
+            fit_statistics(self.module, loader)
+
+    def _forward_by_domain(
+        self, registered: AnnData, indices: Sequence[int] | None, forward: dict[str, Any]
+    ) -> tuple:
+        """:meth:`_forward`, the query cells normalised with their own statistics."""
+        if not batch_norms(self.module):
+            return self._forward(registered, indices=indices, **forward)
+        rows = np.arange(registered.n_obs) if indices is None else np.asarray(indices)
+        query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
+        if not query.any():
+            return self._forward(registered, indices=indices, **forward)
+        with query_statistics(self.module, self._statistics_loader(registered, rows[query])):
+            if query.all():
+                return self._forward(registered, indices=indices, **forward)
+            query_part = self._forward(registered, indices=rows[query], **forward)
+        reference_part = self._forward(registered, indices=rows[~query], **forward)
+        merged = []
+        for ours, theirs in zip(query_part, reference_part, strict=True):
+            if ours is None:
+                merged.append(None)
+                continue
+            values = np.empty((rows.size, ours.shape[1]), dtype=ours.dtype)
+            values[query], values[~query] = ours, theirs
+            merged.append(values)
+        return type(query_part)(*merged)
+
+    @contextmanager
+    def _chunked_query_statistics(
+        self, adata: AnnData, positions: np.ndarray, harmonize_kwargs: dict[str, Any]
+    ) -> Iterator[None]:
+        """Batch-norm statistics of a query read by chunks, from a subset of all its cells."""
+        if not batch_norms(self.module):
+            yield
+            return
+        rows = statistics_rows(positions)
+        sample = adata[np.sort(rows)].to_memory()
+        with warnings.catch_warnings():  # the empty cells are reported chunk by chunk
+            warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
+            registered, _ = self._prepare(sample, **harmonize_kwargs)
+        try:
+            loader = self._statistics_loader(registered, np.arange(registered.n_obs))
+            with query_statistics(self.module, loader):
+                yield
+        finally:
+            self._release(registered)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -16,15 +14,8 @@ from anndata import AnnData
 from scipy.special import softmax
 
 from labeltransfer._constants import REGISTRY_KEYS
-from labeltransfer.dataloaders import labelled_mask
 
-from ._domain_stats import (
-    MIN_STATISTICS_CELLS,
-    batch_norms,
-    fit_statistics,
-    query_statistics,
-    statistics_rows,
-)
+from ._domain_stats import DomainStatisticsMixin
 from ._query import EMPTY_CELLS_WARNING, empty_cells, prepare_query, warn_empty_cells
 from ._save_load import NO_DATA_MESSAGE
 from ._zarr import is_lazy, is_zarr_path, open_zarr
@@ -66,7 +57,7 @@ def _fill(filled: dict[str, np.ndarray], part: Outputs, start: int, n_cells: int
         filled[field][start : start + values.shape[0]] = values
 
 
-class InferenceMixin:
+class InferenceMixin(DomainStatisticsMixin):
     """Logits, embeddings and predictions of any query, batch by batch."""
 
     def __init__(self, *args, **kwargs):
@@ -201,67 +192,6 @@ class InferenceMixin:
         overlap = {**(overlap or {}), "empty": empty}
         outputs = Outputs(*(filled.get(field) for field in Outputs._fields))
         return Inference(*outputs, overlap, names[0].append(names[1:]))
-
-    def _statistics_loader(self, registered: AnnData, rows: np.ndarray):
-        """Minibatches of the query cells that give the batch norms' statistics (or None)."""
-        rows = statistics_rows(rows)
-        if rows.size < MIN_STATISTICS_CELLS or not batch_norms(self.module):
-            return None
-        return self._make_data_loader(
-            adata=registered, indices=rows, batch_size=INFERENCE_BATCH_SIZE
-        )
-
-    def _fit_reference_statistics(self) -> None:
-        """Make the batch norms' running statistics the reference cells' (after training)."""
-        rows = np.flatnonzero(labelled_mask(self.adata_manager))
-        loader = self._statistics_loader(self.adata, rows)
-        if loader is not None:
-            fit_statistics(self.module, loader)
-
-    def _forward_by_domain(
-        self, registered: AnnData, indices: Sequence[int] | None, forward: dict[str, Any]
-    ) -> Outputs:
-        """:meth:`_forward`, the query cells normalised with their own statistics."""
-        if not batch_norms(self.module):
-            return self._forward(registered, indices=indices, **forward)
-        rows = np.arange(registered.n_obs) if indices is None else np.asarray(indices)
-        query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
-        if not query.any():
-            return self._forward(registered, indices=indices, **forward)
-        with query_statistics(self.module, self._statistics_loader(registered, rows[query])):
-            if query.all():
-                return self._forward(registered, indices=indices, **forward)
-            query_part = self._forward(registered, indices=rows[query], **forward)
-        reference_part = self._forward(registered, indices=rows[~query], **forward)
-        merged = []
-        for ours, theirs in zip(query_part, reference_part, strict=True):
-            if ours is None:
-                merged.append(None)
-                continue
-            values = np.empty((rows.size, ours.shape[1]), dtype=ours.dtype)
-            values[query], values[~query] = ours, theirs
-            merged.append(values)
-        return Outputs(*merged)
-
-    @contextmanager
-    def _chunked_query_statistics(
-        self, adata: AnnData, positions: np.ndarray, harmonize_kwargs: dict[str, Any]
-    ) -> Iterator[None]:
-        """Batch-norm statistics of a query read by chunks, from a subset of all its cells."""
-        if not batch_norms(self.module):
-            yield
-            return
-        rows = statistics_rows(positions)
-        sample = adata[np.sort(rows)].to_memory()
-        with warnings.catch_warnings():  # the empty cells are reported chunk by chunk
-            warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
-            registered, _ = self._prepare(sample, **harmonize_kwargs)
-        try:
-            loader = self._statistics_loader(registered, np.arange(registered.n_obs))
-            with query_statistics(self.module, loader):
-                yield
-        finally:
-            self._release(registered)
 
     def _release(self, registered: AnnData) -> None:
         """Forget a query AnnData registered only for one inference call.
