@@ -111,21 +111,26 @@ def query_statistics(
 class DomainStatisticsMixin:
     """The model side: which cells give the statistics, and inference by domain."""
 
-    def _statistics_loader(self, registered: AnnData, rows: np.ndarray):
-        """Minibatches of the query cells that give the batch norms' statistics (or None)."""
+    def _statistics_loader(
+        self, registered: AnnData, rows: np.ndarray
+    ) -> Iterable[dict[str, torch.Tensor]] | None:
+        """Minibatches of the cells that give the batch norms' statistics (None: too few)."""
         rows = statistics_rows(rows)
-        if rows.size < MIN_STATISTICS_CELLS or not batch_norms(self.module):
+        if rows.size < MIN_STATISTICS_CELLS:
             return None
         return self._make_data_loader(
             adata=registered, indices=rows, batch_size=STATISTICS_BATCH_SIZE
         )
 
-    def _fit_reference_statistics(self) -> None:
-        """Make the batch norms' running statistics the reference cells' (after training)."""
-        rows = np.flatnonzero(labelled_mask(self.adata_manager))
+    def _fit_statistics(self, rows: np.ndarray) -> None:
+        """Make the batch norms' running statistics those of ``rows`` of the model's data."""
         loader = self._statistics_loader(self.adata, rows)
         if loader is not None:
             fit_statistics(self.module, loader)
+
+    def _fit_reference_statistics(self) -> None:
+        """Make the batch norms' running statistics the reference cells' (after training)."""
+        self._fit_statistics(np.flatnonzero(labelled_mask(self.adata_manager)))
 
     def _forward_by_domain(
         self, registered: AnnData, indices: Sequence[int] | None, forward: dict[str, Any]

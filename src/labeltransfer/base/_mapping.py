@@ -39,7 +39,6 @@ from labeltransfer.nn import frozen
 from labeltransfer.train._query_plan import QueryAdaptationPlan
 from labeltransfer.train._runner import fit_stage, record_stage_history
 
-from ._domain_stats import fit_statistics
 from ._openset import bank_rows
 from ._query import fingerprint
 from ._save_load import read_saved_files
@@ -336,9 +335,7 @@ class ReferenceMappingMixin:
         # the query's own batch-norm statistics first (base/_domain_stats.py): the anchors'
         # calls are then the reference model's calls as annotate() makes them, and the fit
         # keeps updating the query's statistics
-        loader = self._statistics_loader(self.adata, np.arange(self.adata.n_obs))
-        if loader is not None:
-            fit_statistics(self.module, loader)
+        self._fit_statistics(np.arange(self.adata.n_obs))
         encoder = self._mapping_encoder()
         bank = getattr(self, "reference_codes_", None)
         if bank is None:

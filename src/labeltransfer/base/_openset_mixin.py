@@ -282,21 +282,21 @@ class OpenSetMixin:
             return None, None, None
         centred = centre_by_group(coords, domains)
         seed = settings.seed or 0
+        query = domains >= 0
         uncovered = uncovered_fraction(space, centred, prediction, seed=seed)
+        novel = uncovered > NOVEL_CUT
         shifted = [
-            int(g)
-            for g in np.unique(domains[domains >= 0])
-            if (uncovered[domains == g] > NOVEL_CUT).mean() > RESCALE_CUT
+            int(g) for g in np.unique(domains[query]) if novel[domains == g].mean() > RESCALE_CUT
         ]
         if not shifted:
             return centred, uncovered, None
-        before = float((uncovered[domains >= 0] > NOVEL_CUT).mean())
         centred = scale_groups(centred, domains, shifted, space.bank.std(axis=0))
-        uncovered = uncovered_fraction(space, centred, prediction, seed=seed)
+        rescaled = uncovered_fraction(space, centred, prediction, seed=seed)
+        before = float(novel[query].mean())
         record = {
             "rescaled_domains": shifted,
             "novel_fraction_before": before,
-            "novel_fraction_after": float((uncovered[domains >= 0] > NOVEL_CUT).mean()),
+            "novel_fraction_after": float((rescaled[query] > NOVEL_CUT).mean()),
         }
         warnings.warn(
             f"{before:.0%} of the query had no mutual nearest neighbour in the reference's "
@@ -308,7 +308,7 @@ class OpenSetMixin:
             UserWarning,
             stacklevel=settings.warnings_stacklevel,
         )
-        return centred, uncovered, record
+        return centred, rescaled, record
 
     def _open_set_calls(
         self,
