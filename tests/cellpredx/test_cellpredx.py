@@ -171,6 +171,22 @@ def test_rna_to_rna_with_setup_anndata():
         )
 
 
+@pytest.mark.parametrize(
+    ("init", "plan_kwargs", "expected"),
+    [({}, {}, 0.1), ({"sc_weight": 0.01}, {}, 0.01), ({}, {"sc_weight": 0.05}, 0.05)],
+)
+def test_reference_only_rna_model_keeps_the_papers_center_weight(init, plan_kwargs, expected):
+    scvi.settings.seed = 0
+    ref, _ = lt.data.synthetic(n_reference=200, n_query=10, n_genes=60, n_types=3, seed=2)
+    lt.CellPredX.setup_anndata(ref, labels_key="cell_type")
+    model = lt.CellPredX(ref, **init)
+    assert model.loss_config.sc_weight == init.get("sc_weight", PRESETS["rna_rna"]["sc_weight"])
+    model.train(max_epochs=2, plan_kwargs=plan_kwargs, enable_progress_bar=False)
+    assert model.training_summary_["loss_weights"]["sc_weight"] == expected
+    assert model.loss_weights_["sc_weight"] == expected
+    assert model.loss_config.sc_weight == init.get("sc_weight", 0.01)  # the model's own stays
+
+
 def test_query_batches_carry_a_knn_neighbour(trained_unpaired):
     model, _ = trained_unpaired
     seen = []

@@ -64,9 +64,11 @@ PRESETS: dict[str, dict[str, float]] = {
         "temperature": 0.8,
         "max_iterations": 3000,
     },
-    # the paper's 0.1 for the sparse center weight pulled a strongly shifted query onto the
-    # wrong centers (issue 14: 0.59 on cellbench_c2d_strongshift, 0.94 at 0.01); 0.01 is the
-    # cross-modality presets' value (docs/user_guide/cellpredx.md, "Presets and defaults")
+    # co-training: the paper's 0.1 for the sparse center weight pulled a strongly shifted
+    # query onto the wrong centers (issue 14: 0.59 on cellbench_c2d_strongshift, 0.94 at
+    # 0.01); 0.01 is the cross-modality presets' value. A model trained on the reference
+    # alone keeps the paper's 0.1 (REFERENCE_ONLY_SC_WEIGHT; docs/user_guide/cellpredx.md,
+    # "Presets and defaults")
     "rna_rna": {
         "cl_weight": 0.1,
         "fa_weight": 0.0,
@@ -82,6 +84,12 @@ PRESETS: dict[str, dict[str, float]] = {
         "max_iterations": 200,
     },
 }
+#: The paper's sparse center weight, for a model trained on the reference alone (a reference
+#: model for mapping), where the preset's co-training value departs from it. The reason for
+#: the departure, the query's pseudo-labels, is absent there, and the paper's weight
+#: generalises better: a reference-only model called Kang stim107 0.73 right with 0.01 and 0.89
+#: with 0.1 (3 seeds).
+REFERENCE_ONLY_SC_WEIGHT: dict[str, float] = {"rna_rna": 0.1}
 #: Metrics logged every epoch: the names ``early_stopping_monitor`` accepts.
 EARLY_STOPPING_METRICS = (
     "validation_center_loss",
@@ -593,6 +601,8 @@ class CellPredX(AnnotationMixin, BaseModelClass):
                 seed=settings.seed,
             )
         arguments["knn"] = knn
+        if not use_query:
+            options["config"] = self._reference_only_config(options["config"], arguments)
         if arguments["max_epochs"] is None:
             batch_size = arguments["batch_size"]
             n_ref_train = int(mask.sum() * arguments["train_size"])
@@ -600,6 +610,16 @@ class CellPredX(AnnotationMixin, BaseModelClass):
             arguments["max_epochs"] = max(
                 1, math.ceil(self.loss_weights_["max_iterations"] / steps)
             )
+
+    def _reference_only_config(
+        self, config: CellPredXLossConfig, arguments: dict[str, Any]
+    ) -> CellPredXLossConfig:
+        """Return ``config`` with the paper's sparse center weight, unless one was given."""
+        paper = REFERENCE_ONLY_SC_WEIGHT.get(self.preset_)
+        given = self.init_params_["non_kwargs"].get("sc_weight") is not None or "sc_weight" in (
+            arguments["plan_kwargs"] or {}
+        )
+        return config if paper is None or given else replace(config, sc_weight=paper)
 
     def _splitter_kwargs(self, arguments: dict[str, Any]) -> dict[str, Any]:
         return {"knn": arguments["knn"]}
@@ -613,6 +633,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
 
     def _after_training(self, arguments: dict[str, Any], plan: Any) -> dict[str, Any]:
         config, knn = plan.config, arguments["knn"]
+        self.loss_weights_ = {**self.loss_weights_, **config.weights}  # as trained
         return {
             "preset": self.preset_,
             "loss_weights": config.weights,
