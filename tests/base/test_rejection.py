@@ -58,3 +58,19 @@ def test_h5ad_safe():
     assert isinstance(out["c"]["d"], float)
     assert list(out["3"]) == ["x", "y"]
     assert out["e"] == {"0": 1, "1": "x"}
+
+
+def test_diverged_training_is_reported_not_calibrated():
+    import scvi
+    import torch
+
+    import labeltransfer as lt
+
+    scvi.settings.seed = 0
+    ref, _ = lt.data.synthetic(n_reference=120, n_query=10, n_genes=40, n_types=3, seed=0)
+    lt.JIND.setup_anndata(ref, labels_key="cell_type")
+    model = lt.JIND(ref)
+    with torch.no_grad():
+        next(model.module.parameters()).fill_(float("nan"))  # as a diverged optimiser leaves it
+    with pytest.raises(RuntimeError, match="Training diverged: the JIND model's outputs"):
+        model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)

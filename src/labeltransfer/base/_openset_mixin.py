@@ -89,6 +89,14 @@ class OpenSetMixin:
             self.rejection_ = {**rule, "thresholds": np.zeros(n_classes)}
             return
         logits = self._forward(self.adata, indices=val, return_latent=False).logits
+        if not np.isfinite(logits).all():
+            raise RuntimeError(
+                f"Training diverged: the {type(self).__name__} model's outputs on held-out "
+                "reference cells are not finite (NaN or inf), so nothing it would call can be "
+                "trusted. Train again with a lower learning rate (`plan_kwargs={'lr': ...}`) "
+                "and check the input for extreme values (e.g. data scaled after "
+                "normalisation)."
+            )
         truth = codes[val]
         temperature = fit_temperature(logits, truth) if self.calibrate else 1.0
         raw = self._probabilities(logits, temperature=1.0)
@@ -130,7 +138,7 @@ class OpenSetMixin:
         start = 0
         for tensors in self._make_data_loader(adata=self.adata, indices=fit_rows):
             x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
-            part = expression_features(x, module.feature_idx, module.input_type).cpu().numpy()
+            part = expression_features(x, module).cpu().numpy()
             features[start : start + part.shape[0]] = part
             start += part.shape[0]
         space = ReferenceSpace.fit(features, seed=seed)
@@ -153,7 +161,7 @@ class OpenSetMixin:
             return None
         module = self.module
         x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
-        return space.project(expression_features(x, module.feature_idx, module.input_type))
+        return space.project(expression_features(x, module))
 
     # ------------------------------------------------------------------ applying
     def rejection_thresholds(self, theta: float | None = None) -> pd.Series:
