@@ -215,7 +215,8 @@ def test_model_rejects_an_unknown_input_type(model, pair):
     ref = pair[0].copy()
     getattr(lt, model).setup_anndata(ref, labels_key="cell_type")
     with pytest.raises(
-        ValueError, match="input_type must be one of 'auto', 'counts', 'lognorm', got 'raw'"
+        ValueError,
+        match="input_type must be one of 'auto', 'counts', 'lognorm', 'peaks', got 'raw'",
     ):
         getattr(lt, model)(ref, input_type="raw")
 

@@ -100,7 +100,7 @@ INIT_CASES = [
     ("JIND", "class_weight_eps", math.inf, "a positive number"),
     ("JIND", "n_top_genes", 0, "a positive integer or None"),
     ("JIND", "n_reference_codes", 0, "a positive integer"),
-    ("JIND", "input_type", "raw", "one of 'auto', 'counts', 'lognorm'"),
+    ("JIND", "input_type", "raw", "one of 'auto', 'counts', 'lognorm', 'peaks'"),
     ("JIND", "calibrate", "yes", "True or False"),
     ("JIND", "features", "gene_0", str(Genes())),
     ("JIND", "features", [], str(Genes())),

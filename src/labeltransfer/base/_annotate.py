@@ -204,7 +204,9 @@ class AnnotateMixin:
                 "classes": types,
                 "rejection": rule,
                 "calibration": self.calibration_,
-                "input_type": self.module.input_type,
+                "input_type": (
+                    "peaks" if self.module.peak_weights is not None else self.module.input_type
+                ),
                 "gene_overlap": overlap if overlap is not None else {"overlap": 1.0},
                 "n_cells": int(target.n_obs),
                 "n_rejected": int(rejected.sum()),

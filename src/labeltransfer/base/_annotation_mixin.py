@@ -6,7 +6,7 @@ inference, the open-set layer, write-back and save/load.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,7 @@ from scvi.utils import setup_anndata_dsp
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.data import select_features
+from labeltransfer.data._peaks import looks_like_peaks, most_open_peaks, peak_weights
 from labeltransfer.dataloaders import labelled_mask
 
 from ._annotate import AnnotateMixin
@@ -119,26 +120,44 @@ class AnnotationMixin(
         input_type: str,
         n_top_genes: int | None,
         features: Sequence[str] | None,
-    ) -> tuple[str, list[str], np.ndarray]:
-        """Resolve the input type and the model's genes on the registered reference.
+        feature_cells: Literal["reference", "all"] = "reference",
+    ) -> tuple[str, list[str], np.ndarray, np.ndarray | None]:
+        """Resolve the input type and the model's features on the registered data.
 
-        Returns the input type (detected when ``"auto"``), the feature names (the
-        ``n_top_genes`` Seurat HVGs of the labelled cells, all genes for ``None``, or
-        ``features`` as given) and their indices among the registered genes.
+        Returns the input type (detected when ``"auto"``: ``"counts"``, ``"lognorm"`` or
+        ``"peaks"``, peak counts read as TF-IDF), the feature names (``features`` as given; else all features for ``None``,
+        otherwise the ``n_top_genes`` Seurat HVGs of ``feature_cells`` or, for peaks, the
+        peaks open in most of them), their indices among the registered features, and the
+        peaks' TF-IDF weights (``None`` unless the input is scATAC-seq peaks:
+        ``input_type="peaks"``, or ``"auto"`` on counts whose features are genomic intervals,
+        see :mod:`labeltransfer.data._peaks`).
         """
         layer = self.adata_manager.registry["setup_args"].get("layer")
-        input_type = resolve_input_type(self.adata, layer=layer, input_type=input_type)
+        declared = "auto" if input_type == "peaks" else input_type
+        data_type = resolve_input_type(self.adata, layer=layer, input_type=declared)
+        if input_type == "peaks" and data_type != "counts":
+            raise ValueError(
+                "input_type='peaks' needs the peak counts (whole numbers), but the registered "
+                "data look log-normalised. Register the raw peak counts "
+                "(setup_anndata(..., layer=...)) or pass input_type='lognorm'."
+            )
+        peaks = input_type == "peaks" or (
+            input_type == "auto" and data_type == "counts" and looks_like_peaks(self.adata.var)
+        )
         genes = pd.Index(self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names)
         if features is None:
+            mask = labelled_mask(self.adata_manager) if feature_cells == "reference" else None
             if n_top_genes is None or n_top_genes >= len(genes):
                 idx = np.arange(len(genes))
+            elif peaks:
+                idx = most_open_peaks(self.adata, layer, n_top_genes, mask)
             else:
                 idx = select_features(
                     self.adata,
                     n_top_genes=n_top_genes,
                     layer=layer,
-                    input_type=input_type,
-                    mask=labelled_mask(self.adata_manager),
+                    input_type=data_type,
+                    mask=mask,
                 )
             features = [str(g) for g in genes[idx]]
         else:
@@ -149,4 +168,7 @@ class AnnotationMixin(
                     f"{len(missing)} requested features are not genes of the AnnData (e.g. "
                     f"{missing[:5]}). Pass names from adata.var_names."
                 )
-        return input_type, features, genes.get_indexer(features)
+        idx = genes.get_indexer(features)
+        if peaks:
+            return "peaks", features, idx, peak_weights(self.adata, layer, idx)
+        return data_type, features, idx, None

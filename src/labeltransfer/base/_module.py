@@ -27,17 +27,32 @@ class AnnotationModule(BaseModuleClass):
     feature_idx
         Indices of the genes used as input.
     input_type
-        ``"counts"`` (log(CPM + 1) per minibatch) or ``"lognorm"`` (used as is).
+        ``"counts"`` (log(CPM + 1) per minibatch), ``"lognorm"`` (used as is) or ``"peaks"``
+        (scATAC-seq peak counts, read as TF-IDF with ``peak_weights``; the module's
+        :attr:`input_type` is then ``"counts"``, the kind of data it takes).
+    peak_weights
+        The peaks' TF-IDF weights (``input_type="peaks"`` only; a buffer, saved with the
+        module).
     """
 
     def __init__(
-        self, n_input: int, n_labels: int, *, feature_idx: Sequence[int], input_type: str
+        self,
+        n_input: int,
+        n_labels: int,
+        *,
+        feature_idx: Sequence[int],
+        input_type: str,
+        peak_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         self.n_input = n_input
         self.n_labels = n_labels
-        self.input_type = input_type
+        if (input_type == "peaks") != (peak_weights is not None):
+            raise ValueError("peak_weights go with input_type='peaks', and only with it.")
+        self.input_type = "counts" if input_type == "peaks" else input_type
         self.register_buffer("feature_idx", torch.as_tensor(feature_idx, dtype=torch.long))
+        weights = None if peak_weights is None else torch.as_tensor(peak_weights)
+        self.register_buffer("peak_weights", None if weights is None else weights.float())
 
     @property
     def n_features(self) -> int:
@@ -48,8 +63,10 @@ class AnnotationModule(BaseModuleClass):
     target_sum: float = 1e6
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-normalise a minibatch and keep the model's genes."""
-        return normalize_input(x, self.feature_idx, self.input_type, self.target_sum)
+        """Log-normalise a minibatch (TF-IDF for peaks) and keep the model's features."""
+        return normalize_input(
+            x, self.feature_idx, self.input_type, self.target_sum, self.peak_weights
+        )
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
         return {"x": tensors[REGISTRY_KEYS.X_KEY]}

@@ -74,11 +74,14 @@ TARGET_SUM = 1e4
 _BLOCK = 4096
 
 
-def expression_features(
-    x: torch.Tensor, feature_idx: torch.Tensor, input_type: str
-) -> torch.Tensor:
-    """``log1p`` counts per 10,000 of the model's genes (log-normalised input as given)."""
-    return normalize_input(x, feature_idx, input_type, TARGET_SUM)
+def expression_features(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``log1p`` counts per 10,000 of the module's genes (log-normalised input as given).
+
+    Peaks (a module with ``peak_weights``) are read as the module reads them: TF-IDF.
+    """
+    return normalize_input(
+        x, module.feature_idx, module.input_type, TARGET_SUM, module.peak_weights
+    )
 
 
 def bank_rows(labels: np.ndarray, size: int = BANK_SIZE, seed: int = 0) -> np.ndarray:

@@ -256,7 +256,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         ] = "auto",
         n_top_genes: int | None = None,
         features: Sequence[str] | None = None,
-        input_type: Literal["auto", "counts", "lognorm"] = "auto",
+        input_type: Literal["auto", "counts", "lognorm", "peaks"] = "auto",
         n_latent: int = 64,
         n_hidden: int | None = None,
         pr_weight: float | None = None,
@@ -298,7 +298,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         }
         self.mudata_setup_ = record
 
-        input_type, features, feature_idx = self._select_inputs(
+        input_type, features, feature_idx, peak_weights = self._select_inputs(
             input_type=input_type, n_top_genes=n_top_genes, features=features
         )
         n_labels = len(self.cell_types)
@@ -311,6 +311,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
             n_labels=n_labels,
             feature_idx=feature_idx,
             input_type=input_type,
+            peak_weights=peak_weights,
             n_latent=n_latent,
             n_hidden=n_hidden,
         )

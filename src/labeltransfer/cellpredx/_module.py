@@ -110,12 +110,19 @@ class CellPredXModule(AnnotationModule):
         *,
         feature_idx: Sequence[int],
         input_type: str,
+        peak_weights: Sequence[float] | None = None,
         n_latent: int = 64,
         n_hidden: int | None = None,
         dropout_rate: float = 0.2,
         n_context: int | None = None,
     ):
-        super().__init__(n_input, n_labels, feature_idx=feature_idx, input_type=input_type)
+        super().__init__(
+            n_input,
+            n_labels,
+            feature_idx=feature_idx,
+            input_type=input_type,
+            peak_weights=peak_weights,
+        )
         self.n_latent = n_latent
         if n_hidden is None:
             self.encoder = nn.Linear(self.n_features, n_latent)

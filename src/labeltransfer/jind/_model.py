@@ -124,7 +124,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         *,
         n_top_genes: int = 5000,
         features: Sequence[str] | None = None,
-        input_type: Literal["auto", "counts", "lognorm"] = "auto",
+        input_type: Literal["auto", "counts", "lognorm", "peaks"] = "auto",
         n_latent: int = 256,
         n_hidden: int = 256,
         dropout_rate: float = 0.2,
@@ -135,7 +135,7 @@ class JIND(AnnotationMixin, BaseModelClass):
     ):
         check_arguments(JIND.__init__, locals(), _INIT_RULES)
         super().__init__(adata)
-        input_type, features, feature_idx = self._select_inputs(
+        input_type, features, feature_idx, peak_weights = self._select_inputs(
             input_type=input_type, n_top_genes=n_top_genes, features=features
         )
 
@@ -156,6 +156,7 @@ class JIND(AnnotationMixin, BaseModelClass):
             n_labels=n_labels,
             feature_idx=feature_idx,
             input_type=input_type,
+            peak_weights=peak_weights,
             class_weights=class_weights,
             n_latent=n_latent,
             n_hidden=n_hidden,

@@ -79,6 +79,7 @@ class JINDModule(AnnotationModule):
         *,
         feature_idx: Sequence[int],
         input_type: str,
+        peak_weights: Sequence[float] | None = None,
         class_weights: Sequence[float],
         n_latent: int = 256,
         n_hidden: int = 256,
@@ -86,7 +87,13 @@ class JINDModule(AnnotationModule):
         n_hidden_generator: int = 512,
         discriminator_sizes: Sequence[int] = (512, 256, 256),
     ):
-        super().__init__(n_input, n_labels, feature_idx=feature_idx, input_type=input_type)
+        super().__init__(
+            n_input,
+            n_labels,
+            feature_idx=feature_idx,
+            input_type=input_type,
+            peak_weights=peak_weights,
+        )
         self.register_buffer("class_weights", torch.as_tensor(class_weights, dtype=torch.float32))
         n_features = self.n_features
         # F: the latent code is the encoder output *before* the ReLU

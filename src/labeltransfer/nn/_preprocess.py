@@ -14,6 +14,7 @@ def normalize_input(
     feature_idx: torch.Tensor,
     input_type: InputType,
     target_sum: float = 1e6,
+    peak_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Turn a dense minibatch into the log-normalised model input.
 
@@ -30,11 +31,20 @@ def normalize_input(
     target_sum
         Library size after scaling; ``1e6`` gives log(CPM + 1) as in scNym (JIND takes
         ``log2(1 + x)`` of library-normalised data, the same up to the log base).
+    peak_weights
+        scATAC-seq peaks (count input): the TF-IDF weights of the features
+        (:func:`labeltransfer.data._peaks.peak_weights`). The input is then the binarised
+        counts divided by the cell's number of open peaks (over *all* registered peaks), the
+        features selected and multiplied by these weights; ``target_sum`` is not used.
 
     Returns
     -------
     Tensor of shape ``(n_cells, len(feature_idx))``.
     """
+    if peak_weights is not None:
+        is_open = (x > 0).to(x.dtype)
+        n_open = is_open.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return is_open.index_select(1, feature_idx) / n_open * peak_weights
     if input_type == "counts":
         library = x.sum(dim=1, keepdim=True).clamp_min(1.0)
         return torch.log1p(x.index_select(1, feature_idx) / library * target_sum)

@@ -18,7 +18,6 @@ from scvi.model.base import BaseModelClass
 
 from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin
-from labeltransfer.data import check_input, select_features
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import normalize_input
 from labeltransfer.train import fit_stage
@@ -218,7 +217,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
         n_top_genes: int | None = 2000,
         features: Sequence[str] | None = None,
         feature_cells: Literal["all", "reference"] = "all",
-        input_type: Literal["auto", "counts", "lognorm"] = "auto",
+        input_type: Literal["auto", "counts", "lognorm", "peaks"] = "auto",
         n_hidden: Sequence[int] = (512, 256),
         n_latent: int = 128,
         temperature: float = 0.1,
@@ -227,10 +226,11 @@ class SCDET(AnnotationMixin, BaseModelClass):
     ):
         check_arguments(SCDET.__init__, locals(), _INIT_RULES)
         super().__init__(adata)
-        if features is None and n_top_genes is not None:
-            features = self._variable_features(input_type, n_top_genes, feature_cells)
-        input_type, features, feature_idx = self._select_inputs(
-            input_type=input_type, n_top_genes=n_top_genes, features=features
+        input_type, features, feature_idx, peak_weights = self._select_inputs(
+            input_type=input_type,
+            n_top_genes=n_top_genes,
+            features=features,
+            feature_cells=feature_cells,
         )
         n_labels = len(self.cell_types)
         self.n_novel_ = None if n_novel is None else int(n_novel)
@@ -247,6 +247,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
             "n_novel": self.n_novel_ or 0,
             "feature_idx": feature_idx,
             "input_type": input_type,
+            "peak_weights": peak_weights,
             "n_hidden": tuple(n_hidden),
             "n_latent": n_latent,
             "temperature": temperature,
@@ -259,22 +260,6 @@ class SCDET(AnnotationMixin, BaseModelClass):
         )
         self.training_summary_: dict[str, Any] = {}
         self.init_params_ = self._get_init_params(locals())
-
-    def _variable_features(
-        self, input_type: str, n_top_genes: int, cells: str
-    ) -> list[str] | None:
-        """HVGs of all registered cells or of the reference's, or ``None`` for all genes."""
-        genes = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
-        if n_top_genes >= len(genes):
-            return None
-        layer = self.adata_manager.registry["setup_args"].get("layer")
-        if input_type == "auto":
-            input_type = check_input(self.adata, layer=layer, name="reference")["input_type"]
-        mask = labelled_mask(self.adata_manager) if cells == "reference" else None
-        idx = select_features(
-            self.adata, n_top_genes=n_top_genes, layer=layer, input_type=input_type, mask=mask
-        )
-        return [str(g) for g in np.asarray(genes)[idx]]
 
     # ------------------------------------------------------------- classes
     @property

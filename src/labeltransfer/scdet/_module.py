@@ -77,12 +77,19 @@ class SCDETModule(AnnotationModule):
         n_novel: int,
         feature_idx: Sequence[int],
         input_type: str,
+        peak_weights: Sequence[float] | None = None,
         n_hidden: Sequence[int] = (512, 256),
         n_latent: int = 128,
         n_head: int = 128,
         temperature: float = 0.1,
     ):
-        super().__init__(n_input, n_labels, feature_idx=feature_idx, input_type=input_type)
+        super().__init__(
+            n_input,
+            n_labels,
+            feature_idx=feature_idx,
+            input_type=input_type,
+            peak_weights=peak_weights,
+        )
         if n_novel < 0:
             raise ValueError(f"n_novel must be >= 0, got {n_novel}.")
         if temperature <= 0:

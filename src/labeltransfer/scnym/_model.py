@@ -168,7 +168,7 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         *,
         n_top_genes: int | None = None,
         features: Sequence[str] | None = None,
-        input_type: Literal["auto", "counts", "lognorm"] = "auto",
+        input_type: Literal["auto", "counts", "lognorm", "peaks"] = "auto",
         n_hidden: int = 256,
         n_layers: int = 2,
         dropout_rate: float = 0.5,
@@ -180,7 +180,7 @@ class SCNYM(AnnotationMixin, BaseModelClass):
     ):
         check_arguments(SCNYM.__init__, locals(), _INIT_RULES)
         super().__init__(adata)
-        input_type, features, feature_idx = self._select_inputs(
+        input_type, features, feature_idx, peak_weights = self._select_inputs(
             input_type=input_type, n_top_genes=n_top_genes, features=features
         )
 
@@ -209,6 +209,7 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             n_domains=len(self.domains_),
             feature_idx=feature_idx,
             input_type=input_type,
+            peak_weights=peak_weights,
             domain_source=domain_source,
             n_hidden=n_hidden,
             n_layers=n_layers,

@@ -67,13 +67,20 @@ class SCNYMModule(AnnotationModule):
         *,
         feature_idx: Sequence[int],
         input_type: str,
+        peak_weights: Sequence[float] | None = None,
         domain_source: str = "role",
         n_hidden: int = 256,
         n_layers: int = 2,
         dropout_rate: float = 0.5,
         n_hidden_adversary: int = 256,
     ):
-        super().__init__(n_input, n_labels, feature_idx=feature_idx, input_type=input_type)
+        super().__init__(
+            n_input,
+            n_labels,
+            feature_idx=feature_idx,
+            input_type=input_type,
+            peak_weights=peak_weights,
+        )
         if domain_source not in ("batch", "role"):
             raise ValueError(f"domain_source must be 'batch' or 'role', got {domain_source!r}.")
         self.n_domains = n_domains

@@ -156,7 +156,7 @@ class Genes:
 INPUT_RULES: dict[str, Rule] = {
     "n_top_genes": Number(low=1, integer=True, optional=True),
     "features": Genes(),
-    "input_type": OneOf(("auto", "counts", "lognorm")),
+    "input_type": OneOf(("auto", "counts", "lognorm", "peaks")),
     "calibrate": Flag(),
     "confidence_threshold": Number(low=0, high=1, optional=True),
 }
