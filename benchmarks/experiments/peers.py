@@ -189,11 +189,17 @@ def figures(frame: pd.DataFrame, meta: dict[str, Any], directory: Path) -> list[
                 if stats is None:
                     continue
                 x = np.arange(len(tasks)) + (i - (len(tools) - 1) / 2) * width
+                spread = stats["std"].fillna(0).to_numpy()
+                mean = stats["mean"].fillna(0).to_numpy()
+                # error bars stay in the metric's range: never below 0 (nor to 0 on a log
+                # axis), and the accuracy panel's fractions never above 1
+                lower = np.minimum(spread, mean * (0.9 if log else 1))
+                upper = spread if log else np.minimum(spread, np.maximum(1 - mean, 0))
                 ax.bar(
                     x,
                     stats["mean"],
                     width,
-                    yerr=stats["std"].fillna(0),
+                    yerr=np.vstack([lower, upper]),
                     label=DISPLAY[tool],
                     color=colors(i % 10),
                     error_kw={"elinewidth": 0.6},
