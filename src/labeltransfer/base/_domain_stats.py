@@ -16,6 +16,14 @@ So, as AdaBN (Li et al. 2016) and domain-specific batch normalisation (Chang et 
   computed on those query cells (:func:`query_statistics`, from at most
   :data:`STATISTICS_CELLS` of them, evenly spaced), restored afterwards. A query of fewer than
   :data:`MIN_STATISTICS_CELLS` cells keeps the reference's statistics.
+- those query cells are weighted to the reference's type proportions (:func:`balanced_rows`,
+  by the types the model calls, :data:`BALANCE_ROUNDS` times, starting from the query's
+  unweighted statistics): the statistics should differ from the reference's by the shift, not
+  by the query's composition. A query of mostly one type (a sorted population) otherwise moves
+  every cell by that type's profile: a reference-only scNym called a Kang query of 80% one
+  type 0.667 right with its unweighted statistics, 0.895 weighted and 0.915 with the
+  reference's; on ``cellbench_c2d_strongshift`` weighting changed 0.973 to 0.969 and 0.982 to
+  0.978 (seeds 0, 1; the reference's: 0.707, 0.920).
 
 A cell's call therefore depends on the query it is annotated with, as for any transductive
 method: the same cell annotated in another query gets the same call only when the queries'
@@ -34,6 +42,7 @@ import torch
 from anndata import AnnData
 from torch import nn
 
+from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.dataloaders import labelled_mask
 
 from ._query import EMPTY_CELLS_WARNING
@@ -44,6 +53,13 @@ STATISTICS_CELLS = 20_000
 MIN_STATISTICS_CELLS = 32
 #: Cells per minibatch of the statistics' pass.
 STATISTICS_BATCH_SIZE = 1024
+#: Largest factor by which the cells of a called type are weighted up or down to match the
+#: reference's type proportions in the query's statistics.
+MAX_REWEIGHT = 5.0
+#: Rounds of calling the query's types and weighting its statistics by them: on a Kang query
+#: of 80% one type (scNym, seed 0) one round called 0.791 right, three 0.895, five 0.895 (the
+#: reference's statistics: 0.915, the query's unweighted: 0.667).
+BALANCE_ROUNDS = 3
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -56,6 +72,26 @@ def statistics_rows(rows: np.ndarray) -> np.ndarray:
     if rows.size <= STATISTICS_CELLS:
         return rows
     return rows[np.linspace(0, rows.size - 1, STATISTICS_CELLS).round().astype(int)]
+
+
+def balanced_rows(rows: np.ndarray, called: np.ndarray, proportions: np.ndarray) -> np.ndarray:
+    """``rows`` resampled so their called types follow ``proportions`` (deterministic).
+
+    Each called type's cells are repeated or thinned, evenly spaced, to its share of
+    ``proportions`` (renormalised over the types called at all), by a factor within
+    ``1 / MAX_REWEIGHT .. MAX_REWEIGHT``; the result is sorted and may repeat rows.
+    """
+    counts = np.bincount(called, minlength=proportions.size)
+    present = counts > 0
+    share = np.where(present, proportions, 0.0)
+    target = share / share.sum() * rows.size if share.sum() > 0 else counts.astype(float)
+    target = np.clip(target, counts / MAX_REWEIGHT, counts * MAX_REWEIGHT)
+    kept = []
+    for label in np.flatnonzero(present):
+        members = rows[called == label]
+        n = max(int(round(target[label])), 1)
+        kept.append(members[np.arange(n) * members.size // n])
+    return np.sort(np.concatenate(kept))
 
 
 @torch.no_grad()
@@ -122,15 +158,56 @@ class DomainStatisticsMixin:
             adata=registered, indices=rows, batch_size=STATISTICS_BATCH_SIZE
         )
 
-    def _fit_statistics(self, rows: np.ndarray) -> None:
-        """Make the batch norms' running statistics those of ``rows`` of the model's data."""
-        loader = self._statistics_loader(self.adata, rows)
+    def _query_statistics_loader(
+        self, registered: AnnData, rows: np.ndarray
+    ) -> Iterable[dict[str, torch.Tensor]] | None:
+        """Minibatches of query ``rows`` weighted to the reference's type proportions.
+
+        The types are those the model calls with the rows' plain statistics
+        (:func:`balanced_rows`); a model saved without the proportions uses the rows as they
+        are. ``None``: too few rows.
+        """
+        sample = statistics_rows(rows)
+        loader = self._statistics_loader(registered, sample)
+        proportions = getattr(self, "reference_proportions_", None)
+        if loader is None or proportions is None:
+            return loader
+        for _ in range(BALANCE_ROUNDS):
+            with query_statistics(self.module, loader):
+                logits = self._forward(registered, indices=sample, return_latent=False).logits
+            called = logits[:, : len(proportions)].argmax(axis=1)
+            rows = balanced_rows(sample, called, np.asarray(proportions, dtype=float))
+            loader = self._make_data_loader(
+                adata=registered, indices=rows, batch_size=STATISTICS_BATCH_SIZE
+            )
+        return loader
+
+    def _fit_statistics(self, rows: np.ndarray, *, query: bool = False) -> None:
+        """Make the batch norms' running statistics those of ``rows`` of the model's data.
+
+        ``query=True``: the rows are query cells, weighted as :meth:`_query_statistics_loader`.
+        """
+        if query:
+            loader = self._query_statistics_loader(self.adata, rows)
+        else:
+            loader = self._statistics_loader(self.adata, rows)
         if loader is not None:
             fit_statistics(self.module, loader)
 
     def _fit_reference_statistics(self) -> None:
-        """Make the batch norms' running statistics the reference cells' (after training)."""
-        self._fit_statistics(np.flatnonzero(labelled_mask(self.adata_manager)))
+        """Make the batch norms' running statistics the reference cells' (after training).
+
+        Also keeps the reference's type proportions (``reference_proportions_``, saved with
+        the model), to which the query's statistics are weighted.
+        """
+        if not batch_norms(self.module):
+            return
+        labelled = np.flatnonzero(labelled_mask(self.adata_manager))
+        codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        n_labels = int(self.module.n_labels)
+        counts = np.bincount(codes[labelled], minlength=n_labels)[:n_labels]
+        self.reference_proportions_ = counts / max(counts.sum(), 1)
+        self._fit_statistics(labelled)
 
     def _forward_by_domain(
         self, registered: AnnData, indices: Sequence[int] | None, forward: dict[str, Any]
@@ -142,7 +219,8 @@ class DomainStatisticsMixin:
         query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
         if not query.any():
             return self._forward(registered, indices=indices, **forward)
-        with query_statistics(self.module, self._statistics_loader(registered, rows[query])):
+        loader = self._query_statistics_loader(registered, rows[query])
+        with query_statistics(self.module, loader):
             if query.all():
                 return self._forward(registered, indices=indices, **forward)
             query_part = self._forward(registered, indices=rows[query], **forward)
@@ -171,7 +249,7 @@ class DomainStatisticsMixin:
             warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
             registered, _ = self._prepare(sample, **harmonize_kwargs)
         try:
-            loader = self._statistics_loader(registered, np.arange(registered.n_obs))
+            loader = self._query_statistics_loader(registered, np.arange(registered.n_obs))
             with query_statistics(self.module, loader):
                 yield
         finally:

@@ -335,7 +335,7 @@ class ReferenceMappingMixin:
         # the query's own batch-norm statistics first (base/_domain_stats.py): the anchors'
         # calls are then the reference model's calls as annotate() makes them, and the fit
         # keeps updating the query's statistics
-        self._fit_statistics(np.arange(self.adata.n_obs))
+        self._fit_statistics(np.arange(self.adata.n_obs), query=True)
         encoder = self._mapping_encoder()
         bank = getattr(self, "reference_codes_", None)
         if bank is None:
