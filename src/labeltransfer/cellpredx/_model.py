@@ -178,6 +178,8 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
         log(1 + counts per 10,000) per minibatch (CellPredX log-normalises both sets; 10,000
         as its reference implementation).
+        ``"peaks"`` (and ``"auto"`` on counts whose features are genomic intervals): scATAC-seq
+        peak counts, read as TF-IDF (user guide, *scATAC-seq peaks*).
     n_latent
         Embedding dimensionality (CellPredX: 64).
     n_hidden

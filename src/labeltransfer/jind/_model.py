@@ -79,6 +79,8 @@ class JIND(AnnotationMixin, BaseModelClass):
     input_type
         ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
         log(CPM+1) per minibatch.
+        ``"peaks"`` (and ``"auto"`` on counts whose features are genomic intervals): scATAC-seq
+        peak counts, read as TF-IDF (user guide, *scATAC-seq peaks*).
     n_latent
         Size of the latent code (JIND: 256).
     n_hidden

@@ -121,7 +121,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
         Number of highly variable genes (Seurat flavour) used as input, selected on *all*
         registered cells (reference and target: the novel types' marker genes must be
         among them); ``None`` uses every gene. The paper's preprocessing is in its
-        supplement; 2,000 genes is the scanpy / Seurat default.
+        supplement; 2,000 genes is the scanpy / Seurat default. For scATAC-seq peaks, the
+        peaks open in most of the ``feature_cells``.
     features
         Explicit list of genes to use instead.
     feature_cells
@@ -133,6 +134,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
     input_type
         ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
         log(CPM + 1) per minibatch.
+        ``"peaks"`` (and ``"auto"`` on counts whose features are genomic intervals): scATAC-seq
+        peak counts, read as TF-IDF (user guide, *scATAC-seq peaks*).
     n_hidden
         Encoder widths (scDET, following scGAD: 512, 256); the decoder mirrors them.
     n_latent

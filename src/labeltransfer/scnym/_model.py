@@ -107,6 +107,8 @@ class SCNYM(AnnotationMixin, BaseModelClass):
     input_type
         ``"auto"`` detects raw counts vs log-normalised data; counts are turned into
         log(CPM + 1) per minibatch (scNym).
+        ``"peaks"`` (and ``"auto"`` on counts whose features are genomic intervals): scATAC-seq
+        peak counts, read as TF-IDF (user guide, *scATAC-seq peaks*).
     n_hidden
         Width of the hidden layers (scNym: 256).
     n_layers
