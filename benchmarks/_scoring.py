@@ -5,6 +5,8 @@ The same metrics for models and peers, from ``lt.metrics``:
 - closed-set, on the query cells of reference types (``lt.metrics.annotation_report``): raw
   accuracy, seen-cell rejection rate (``rejection_rate``: rejected, or called a type that is not
   a reference type), effective accuracy, macro-F1, kappa, ECE and overconfidence error;
+- ``balanced_accuracy``: the argmax call's mean recall over the query's seen types (a
+  query whose composition differs from the reference's weighs each type equally);
 - open-set, where the query holds types absent from the reference: ``novel_auroc``, the AUROC
   of the tool's novelty score (``obs[K + "_novelty"]`` when the tool writes one, else
   ``1 - confidence``; ``lt.metrics.novel_auroc``), OSCR, ``novel_rejection_rate`` (held-out
@@ -103,6 +105,10 @@ def score(task: Task, calls: Calls) -> dict[str, Any]:
     truth = obs[TRUE_KEY].to_numpy(dtype=str)
     novel = ~np.isin(truth, task.reference_types)
     known = ~novel
+    if known.any():  # the argmax call's mean recall over the query's seen types
+        hit = np.asarray(calls.prediction, dtype=str)[known] == truth[known]
+        recalls = [hit[truth[known] == t].mean() for t in np.unique(truth[known])]
+        record["balanced_accuracy"] = float(np.mean(recalls))
     if novel.any():
         record["novel_rejection_rate"] = float(report["novel_rejection_rate"])
         record["median_confidence_novel"] = float(np.median(calls.confidence[novel]))

@@ -317,3 +317,19 @@ def test_quick_run_of_one_model_and_one_peer_writes_every_column(shared_data, tm
     text = out.with_suffix(".md").read_text()
     assert f"commit `{meta['commit']}`" in text
     assert "<!-- table:novel_auroc -->" in text
+
+
+def test_score_balanced_accuracy_weighs_each_seen_type_equally():
+    from anndata import AnnData
+
+    truth = np.array(["A", "A", "A", "B", "N"])
+    query = AnnData(obs=pd.DataFrame({"cell_type": truth}, index=[f"c{i}" for i in range(5)]))
+    task = _tasks.Task("toy", AnnData(obs=query.obs.iloc[:4]), query, ("N",), False)
+    probabilities = pd.DataFrame(
+        [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.5, 0.5]],
+        index=task.query.obs_names,
+        columns=["A", "B"],
+    )
+    record = score(task, Calls.from_probabilities(probabilities))
+    assert record["raw_accuracy"] == pytest.approx(0.75)  # every seen cell called A
+    assert record["balanced_accuracy"] == pytest.approx(0.5)  # A 3/3, B 0/1

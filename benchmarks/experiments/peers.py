@@ -30,6 +30,7 @@ PEER_TASKS = tuple(name for name, spec in TASKS.items() if spec.peer_table)
 #: (column, title, digits, which tasks: "all", "closed" or "novel")
 METRICS = (
     ("raw_accuracy", "Raw accuracy (seen cells)", 3, "all"),
+    ("balanced_accuracy", "Balanced accuracy (mean recall over the seen types)", 3, "all"),
     ("rejection_rate", "Seen-cell rejection rate (rejected or called a novel group)", 3, "all"),
     ("effective_accuracy", "Effective accuracy (seen cells not rejected)", 3, "all"),
     ("macro_f1", "Macro-F1", 3, "all"),
