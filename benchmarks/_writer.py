@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 
 # ----------------------------------------------------------------------------- tables
 def mean_sd(values: Sequence[Any], digits: int = 3) -> str:
-    """``mean ± sd`` (sample sd) of the finite values, ``mean`` alone for one, ``–`` for none."""
+    """``mean ± sd`` (sample sd) of the finite values, ``mean`` alone for one, ``–`` for none.
+
+    The spaces around ``±`` are non-breaking, so a narrow table column never wraps one figure
+    over lines (the documentation's tables scroll instead).
+    """
     finite = []
     for value in values:
         try:
@@ -45,7 +49,7 @@ def mean_sd(values: Sequence[Any], digits: int = 3) -> str:
     if len(finite) == 1:
         return f"{mean:.{digits}f}"
     sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return f"{mean:.{digits}f}\u00a0±\u00a0{sd:.{digits}f}"
 
 
 def digits_of(column: str) -> int:

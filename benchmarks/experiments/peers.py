@@ -148,72 +148,97 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: The figures of the peer table: one file each, two heatmaps side by side
+#: (column, label, colour scale: "up" higher is better, "down" lower is better, "log" seconds/MiB).
+PANELS = {
+    "accuracy": (
+        ("raw_accuracy", "raw accuracy", "up"),
+        ("balanced_accuracy", "balanced accuracy", "up"),
+    ),
+    "trust": (("rejection_rate", "seen rejection", "down"), ("ece", "ECE", "down")),
+    "novelty": (
+        ("novel_auroc", "open-set AUROC", "up"),
+        ("novel_rejection_rate", "held-out caught", "up"),
+    ),
+    "cost": (("train_s", "train seconds", "log"), ("peak_rss_mb", "peak MiB", "log")),
+}
+
+
+def _cell_text(value: float, scale: str) -> str:
+    """A heatmap cell's text in at most 4 characters: ``.88``, ``1.00``, ``3.2``, ``672``, ``1.1k``."""
+    if scale == "log" and value >= 1000:
+        return f"{value / 1000:.1f}k"
+    if scale == "log" and value >= 10:
+        return f"{value:.0f}"
+    if scale == "log" and value >= 1:
+        return f"{value:.1f}"
+    return f"{value:.2f}".removeprefix("0")
+
+
 def figures(frame: pd.DataFrame, meta: dict[str, Any], directory: Path) -> list[Path]:
-    """Grouped bar charts (mean ± sd over seeds) of the accuracy and the cost metrics."""
+    """Heatmaps (tasks x tools, the mean over seeds written in each cell) of the main metrics.
+
+    Each figure is drawn at the documentation's column width (6.6 in at 150 dpi), so it is
+    shown at its own scale: the tables beside it carry the spreads over seeds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
 
     directory.mkdir(parents=True, exist_ok=True)
-    tasks = [r["task"] for r in meta["tasks"]]
+    order = [r["task"] for r in meta["tasks"]]
     tools = [t for t in DISPLAY if t in set(frame["tool"])]
-    panels = {
-        "accuracy": [
-            ("raw_accuracy", "raw accuracy", False),
-            ("effective_accuracy", "effective accuracy", False),
-            ("rejection_rate", "seen rejection", False),
-            ("ece", "ECE", False),
-            ("novel_auroc", "open-set AUROC", False),
-            ("novel_rejection_rate", "held-out caught", False),
-        ],
-        "cost": [
-            ("train_s", "train s", True),
-            ("predict_s", "predict s", True),
-            ("peak_rss_mb", "peak MiB", True),
-        ],
-    }
-    colors = plt.get_cmap("tab10")
-    width = 0.8 / len(tools)
     written = []
-    for name, metrics in panels.items():
-        fig, axes = plt.subplots(len(metrics), 1, figsize=(16, 2.4 * len(metrics)), sharex=True)
-        for ax, (column, label, log) in zip(np.atleast_1d(axes), metrics, strict=True):
-            for i, tool in enumerate(tools):
-                values = frame[frame["tool"] == tool]
-                stats = (
-                    values.groupby("task")[column].agg(["mean", "std"]).reindex(tasks)
-                    if column in values
-                    else None
-                )
-                if stats is None:
-                    continue
-                x = np.arange(len(tasks)) + (i - (len(tools) - 1) / 2) * width
-                spread = stats["std"].fillna(0).to_numpy()
-                mean = stats["mean"].fillna(0).to_numpy()
-                # error bars stay in the metric's range: never below 0 (nor to 0 on a log
-                # axis), and the accuracy panel's fractions never above 1
-                lower = np.minimum(spread, mean * (0.9 if log else 1))
-                upper = spread if log else np.minimum(spread, np.maximum(1 - mean, 0))
-                ax.bar(
-                    x,
-                    stats["mean"],
-                    width,
-                    yerr=np.vstack([lower, upper]),
-                    label=DISPLAY[tool],
-                    color=colors(i % 10),
-                    error_kw={"elinewidth": 0.6},
-                )
-            ax.set_ylabel(label)
-            if log:
-                ax.set_yscale("log")
-            ax.grid(axis="y", alpha=0.3)
-        axes[-1].set_xticks(np.arange(len(tasks)), tasks, rotation=35, ha="right")
-        axes[0].legend(ncol=len(tools), fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.02))
-        fig.tight_layout()
+    for name, panels in PANELS.items():
+        panels = [p for p in panels if p[0] in frame and frame[p[0]].notna().any()]
+        if not panels:
+            continue
+        means = [
+            frame.pivot_table(index="task", columns="tool", values=column, aggfunc="mean")
+            for column, _, _ in panels
+        ]
+        tasks = [t for t in order if any(t in m.index for m in means)]
+        fig, axes = plt.subplots(
+            1,
+            len(panels),
+            figsize=(6.6, 1.1 + 0.2 * len(tasks)),
+            sharey=True,
+            squeeze=False,
+        )
+        for ax, (_, label, scale), mean in zip(axes[0], panels, means, strict=True):
+            values = mean.reindex(index=tasks, columns=tools).to_numpy(dtype=float)
+            finite = values[np.isfinite(values)]
+            if scale == "log":
+                norm = LogNorm(max(finite.min(), 1e-3), max(finite.max(), 1e-2))
+            else:
+                norm = Normalize(0, max(1e-3, finite.max()) if scale == "down" else 1)
+            cmap = plt.get_cmap("viridis_r" if scale != "up" else "viridis")
+            ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
+            for (row, col), value in np.ndenumerate(values):
+                if np.isfinite(value):
+                    shade = norm(value) if scale == "up" else 1 - norm(value)
+                    ax.text(
+                        col,
+                        row,
+                        _cell_text(value, scale),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if shade > 0.55 else "white",
+                    )
+            ax.set_title(label, fontsize=9)
+            ax.set_xticks(
+                range(len(tools)), [DISPLAY[t] for t in tools], rotation=90, fontsize=7.5
+            )
+            ax.set_yticks(range(len(tasks)), tasks, fontsize=7.5)
+            ax.tick_params(length=0)
+            ax.set_facecolor("#eeeeee")
+        fig.tight_layout(w_pad=0.4)
         path = directory / f"run_{meta['suite']}_{name}.png"
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=150)
         plt.close(fig)
         written.append(path)
     return written
