@@ -103,10 +103,11 @@ def score(task: Task, calls: Calls) -> dict[str, Any]:
     record["novelty_score"] = "1 - confidence" if calls.novelty is None else "novelty"
 
     truth = obs[TRUE_KEY].to_numpy(dtype=str)
+    predicted = np.asarray(calls.prediction, dtype=str)
     novel = ~np.isin(truth, task.reference_types)
     known = ~novel
     if known.any():  # the argmax call's mean recall over the query's seen types
-        hit = np.asarray(calls.prediction, dtype=str)[known] == truth[known]
+        hit = predicted[known] == truth[known]
         recalls = [hit[truth[known] == t].mean() for t in np.unique(truth[known])]
         record["balanced_accuracy"] = float(np.mean(recalls))
     if novel.any():
@@ -134,6 +135,6 @@ def score(task: Task, calls: Calls) -> dict[str, Any]:
         singlet = task.query.obs["singlet"].to_numpy(dtype=bool) & known
         if singlet.any():
             record["singlet_accuracy"] = lt.metrics.raw_accuracy(
-                truth[singlet], np.asarray(calls.prediction, dtype=str)[singlet]
+                truth[singlet], predicted[singlet]
             )
     return record

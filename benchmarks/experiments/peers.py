@@ -192,8 +192,8 @@ def figures(frame: pd.DataFrame, meta: dict[str, Any], directory: Path) -> list[
     order = [r["task"] for r in meta["tasks"]]
     tools = [t for t in DISPLAY if t in set(frame["tool"])]
     written = []
-    for name, panels in PANELS.items():
-        panels = [p for p in panels if p[0] in frame and frame[p[0]].notna().any()]
+    for name, candidates in PANELS.items():
+        panels = [p for p in candidates if p[0] in frame and frame[p[0]].notna().any()]
         if not panels:
             continue
         means = [
