@@ -9,7 +9,7 @@ import pytest
 import scvi
 
 import labeltransfer as lt
-from labeltransfer.jind._shift import domain_gap, null_sd
+from labeltransfer.jind._shift import alignment_failed, domain_gap, null_sd
 
 FAST = {"enable_progress_bar": False, "accelerator": "cpu"}
 
@@ -69,6 +69,8 @@ def test_shifted_query_is_aligned_and_moves_closer(model, data):
     decision = model.alignments_["shifted"]["decision"]
     assert decision["shifted"] is True
     assert decision["aligned"] is True
+    assert decision["undone"] is False
+    assert 0.8 <= decision["agreement"] <= 1.0
     assert decision["final_gap"] < decision["query_gap"]
     gaps = model.history["align_domain_gap"]
     assert gaps.index[0] == 0
@@ -86,3 +88,40 @@ def test_early_stopping_false_runs_every_epoch(model, data):
     model.annotate(query, key_added="j")
     assert query.uns["j"]["aligned"] is True
     assert "alignment_decision" not in query.uns["j"]
+
+
+def test_alignment_failed_needs_both_signals():
+    # the gap closed: kept, whatever the calls did (Kang ctrl -> stim: 0.99 -> 0.81)
+    assert not alignment_failed(0.99, 0.81, agreement=0.5)
+    # the gap did not close but the calls stayed (CellBench Drop-seq -> CEL-seq2)
+    assert not alignment_failed(0.94, 1.00, agreement=0.98)
+    # neither: a strongly shifted query (CellBench, gap 1.00 -> 1.00, 68% of calls unchanged)
+    assert alignment_failed(1.00, 1.00, agreement=0.68)
+    assert alignment_failed(1.00, 0.96, agreement=0.79)
+    assert not alignment_failed(1.00, 0.95, agreement=0.79)
+
+
+def test_an_alignment_that_fails_is_undone_with_a_warning(model, data):
+    """Another platform: the generator cannot close the gap and rewrites the calls."""
+    query = lt.data.strong_shift(data[1], gene_factor_sd=2, seed=0)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    scvi.settings.seed = 0
+    model.align(query, name="forced", max_epochs=60, early_stopping=False, **FAST)
+    forced = model.predict(query)
+    scvi.settings.seed = 0
+    with pytest.warns(UserWarning, match="did not bring the query closer.*was undone"):
+        model.align(query, name="undone", max_epochs=60, **FAST)
+    decision = model.alignments_["undone"]["decision"]
+    assert decision["shifted"] is True
+    assert decision["undone"] is True
+    assert decision["aligned"] is False
+    assert decision["reason"] == "undone: the gap did not close and the calls changed"
+    assert decision["final_gap"] > decision["query_gap"] - 0.05
+    assert decision["agreement"] < 0.8
+    # the stored generator is the identity: the calls are the unaligned model's
+    calls = model.predict(query, alignment="undone")
+    np.testing.assert_array_equal(calls, model.predict(query, alignment=None))
+    assert (calls == truth).mean() > (forced == truth).mean() + 0.1
+    model.annotate(query, key_added="j", alignment="undone")
+    assert query.uns["j"]["aligned"] is False
+    assert query.uns["j"]["alignment_decision"]["undone"] is True
