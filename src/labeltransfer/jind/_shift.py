@@ -18,19 +18,22 @@ default)
   gap, kept the identity on Kang ctrl -> stim (the gap falls slowly, 0.99 to 0.83 in 400
   epochs) and lost the alignment's 3 points of accuracy, so the alignment is not cut short
   on a shifted query;
-- undoes an alignment that *failed* (:func:`alignment_failed`): one whose final gap is not
-  :data:`GAP_TOLERANCE` below the query's gap before aligning (the generator did not bring
-  the query closer) *and* that changed the classifier's call of more than
-  ``1 -`` :data:`MIN_AGREEMENT` of the measured cells (it rewrote the calls instead of
-  refining them). A shift-and-scale generator that cannot close the gap of a query from
-  another platform or species still moves its codes onto the reference's densest types:
-  measured at the default 400 epochs (3 seeds), the gap stayed at 0.98-1.00 on the strongly
-  shifted CellBench and Kang queries and on Granja's scATAC donors, the calls agreed on
-  33-68% of the cells, and the alignment cost 2-33 points of accuracy; on Kang ctrl -> stim
-  the gap fell by 0.18-0.28 and the alignment gained 2-3 points with 90-93% of the calls
-  unchanged; on CellBench Drop-seq -> CEL-seq2 the gap did not fall but 98% of the calls
-  stayed and the alignment gained 2 points, so either signal alone undoes a useful
-  alignment.
+- undoes an alignment that *failed* (:func:`alignment_failed`): one that changed the
+  classifier's call of more than ``1 -`` :data:`MIN_AGREEMENT` of the measured cells (it moved
+  whole populations between types instead of refining the calls), or, when its final gap is
+  not :data:`GAP_TOLERANCE` below the query's gap before aligning (the generator did not
+  bring the query closer), of more than ``1 -`` :data:`MIN_AGREEMENT_OPEN_GAP`. Adversarial
+  alignment matches the query's *distribution* to the reference's. A shift-and-scale
+  generator that cannot close the gap of a query from another platform or species still
+  moves its codes onto the reference's densest types, and one facing a query whose types are
+  not in the reference's proportions closes the gap by moving cells of the abundant type onto
+  others. Measured at the default 400 epochs (3 seeds): on the strongly shifted CellBench and
+  Kang queries the gap stayed at 0.98-1.00, 33-68% of the calls stayed, and the alignment
+  cost 2-33 points of accuracy; on Granja's scATAC donors (51% B cells in the query, 9% in
+  the reference; seed 0) the gap closed (0.79 -> 0.71), 62% of the calls stayed and the
+  accuracy fell from 0.750 to 0.417; on Kang ctrl -> stim the gap fell by 0.18-0.28, 77-93% of
+  the calls stayed and the alignment gained 2-16 points; on CellBench Drop-seq -> CEL-seq2 the
+  gap did not fall, 98% of the calls stayed and the alignment gained 1-2 points.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ GAP_CELLS = 1_000
 GAP_TOLERANCE = 0.05
 #: Epochs between two measurements of the aligned query's gap.
 CHECK_EVERY = 10
-#: An alignment that did not close the gap is undone when fewer of its calls agree with the
-#: unaligned calls than this.
-MIN_AGREEMENT = 0.8
+#: An alignment is undone when fewer of its calls agree with the unaligned calls than this ...
+MIN_AGREEMENT = 0.7
+#: ... or than this when it did not close the gap.
+MIN_AGREEMENT_OPEN_GAP = 0.8
 
 
 def null_sd(n: int) -> float:
@@ -152,7 +156,8 @@ def alignment_failed(query_gap: float, final_gap: float, agreement: float) -> bo
     agreement
         Fraction of the measured query cells whose call the alignment left unchanged.
     """
-    return final_gap > query_gap - GAP_TOLERANCE and agreement < MIN_AGREEMENT
+    gap_closed = final_gap <= query_gap - GAP_TOLERANCE
+    return agreement < (MIN_AGREEMENT if gap_closed else MIN_AGREEMENT_OPEN_GAP)
 
 
 class GapStopping(pl.Callback):
