@@ -9,7 +9,7 @@ import pytest
 import scvi
 
 import labeltransfer as lt
-from labeltransfer.jind._shift import alignment_failed, domain_gap, null_sd
+from labeltransfer.jind._shift import alignment_failure, domain_gap, null_sd
 
 FAST = {"enable_progress_bar": False, "accelerator": "cpu"}
 
@@ -90,17 +90,18 @@ def test_early_stopping_false_runs_every_epoch(model, data):
     assert "alignment_decision" not in query.uns["j"]
 
 
-def test_alignment_failed_reads_the_changed_calls_and_the_gap():
+def test_alignment_failure_reads_the_changed_calls_and_the_gap():
     # the gap closed and most calls stayed: kept (Kang ctrl -> stim: 0.99 -> 0.73, 77% kept)
-    assert not alignment_failed(0.99, 0.73, agreement=0.77)
+    assert alignment_failure(0.99, 0.73, agreement=0.77) is None
     # the gap closed by moving a whole population (Granja scATAC, 62% of the calls kept)
-    assert alignment_failed(0.79, 0.71, agreement=0.62)
+    assert alignment_failure(0.79, 0.71, agreement=0.62) == "it changed the calls"
     # the gap did not close but the calls stayed (CellBench Drop-seq -> CEL-seq2)
-    assert not alignment_failed(0.94, 1.00, agreement=0.98)
+    assert alignment_failure(0.94, 1.00, agreement=0.98) is None
     # neither: a strongly shifted query (CellBench, gap 1.00 -> 1.00, 68% of calls unchanged)
-    assert alignment_failed(1.00, 1.00, agreement=0.68)
-    assert alignment_failed(1.00, 0.96, agreement=0.79)
-    assert not alignment_failed(1.00, 0.95, agreement=0.79)
+    open_gap = "it changed the calls and did not close the gap"
+    assert alignment_failure(1.00, 1.00, agreement=0.68) == open_gap
+    assert alignment_failure(1.00, 0.96, agreement=0.79) == open_gap
+    assert alignment_failure(1.00, 0.95, agreement=0.79) is None
 
 
 def test_an_alignment_that_fails_is_undone_with_a_warning(model, data):

@@ -40,9 +40,8 @@ from ._alignment import alignment_record, select_alignment
 from ._module import JINDModule
 from ._shift import (
     GAP_CELLS,
-    GAP_TOLERANCE,
     GapStopping,
-    alignment_failed,
+    alignment_failure,
     domain_gap,
     shift_decision,
 )
@@ -513,23 +512,18 @@ class JIND(AnnotationMixin, BaseModelClass):
     def _undo_failed_alignment(
         self, registered: AnnData, rows: np.ndarray, decision: dict[str, Any], name: str
     ) -> dict[str, Any]:
-        """Reset the generator to the identity if the alignment failed (``alignment_failed``)."""
+        """Reset the generator to the identity if the alignment failed (``alignment_failure``)."""
         before = self._forward(registered, indices=rows, return_latent=False).logits
         after = self._forward(
             registered, indices=rows, inference_kwargs={"aligned": True}, return_latent=False
         ).logits
         agreement = float(np.mean(before.argmax(1) == after.argmax(1)))
-        failed = alignment_failed(decision["query_gap"], decision["final_gap"], agreement)
-        decision = {**decision, "agreement": agreement, "undone": failed}
-        if not failed:
+        failure = alignment_failure(decision["query_gap"], decision["final_gap"], agreement)
+        decision = {**decision, "agreement": agreement, "undone": failure is not None}
+        if failure is None:
             return decision
         self.module.reset_alignment()
-        gap_closed = decision["final_gap"] <= decision["query_gap"] - GAP_TOLERANCE
-        decision.update(
-            aligned=False,
-            reason="undone: it changed the calls"
-            + ("" if gap_closed else " and did not close the gap"),
-        )
+        decision.update(aligned=False, reason=f"undone: {failure}")
         warnings.warn(
             f"The alignment {name!r} changed the call of {1 - agreement:.0%} of the cells "
             f"(domain gap {decision['query_gap']:.3f} -> {decision['final_gap']:.3f}, the bar "
@@ -539,7 +533,7 @@ class JIND(AnnotationMixin, BaseModelClass):
             "trained on reference and query together (SCNYM, CellPredX) may do better. See "
             f"model.alignments_[{name!r}]['decision'].",
             UserWarning,
-            stacklevel=settings.warnings_stacklevel,
+            stacklevel=settings.warnings_stacklevel + 1,  # the caller of align
         )
         return decision
 

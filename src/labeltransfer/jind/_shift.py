@@ -18,7 +18,7 @@ default)
   gap, kept the identity on Kang ctrl -> stim (the gap falls slowly, 0.99 to 0.83 in 400
   epochs) and lost the alignment's 3 points of accuracy, so the alignment is not cut short
   on a shifted query;
-- undoes an alignment that *failed* (:func:`alignment_failed`): one that changed the
+- undoes an alignment that *failed* (:func:`alignment_failure`): one that changed the
   classifier's call of more than ``1 -`` :data:`MIN_AGREEMENT` of the measured cells (it moved
   whole populations between types instead of refining the calls), or, when its final gap is
   not :data:`GAP_TOLERANCE` below the query's gap before aligning (the generator did not
@@ -144,8 +144,8 @@ def shift_decision(
     }
 
 
-def alignment_failed(query_gap: float, final_gap: float, agreement: float) -> bool:
-    """Whether an alignment should be undone (see the module docstring).
+def alignment_failure(query_gap: float, final_gap: float, agreement: float) -> str | None:
+    """Why an alignment should be undone, or ``None`` to keep it (see the module docstring).
 
     Parameters
     ----------
@@ -156,8 +156,11 @@ def alignment_failed(query_gap: float, final_gap: float, agreement: float) -> bo
     agreement
         Fraction of the measured query cells whose call the alignment left unchanged.
     """
-    gap_closed = final_gap <= query_gap - GAP_TOLERANCE
-    return agreement < (MIN_AGREEMENT if gap_closed else MIN_AGREEMENT_OPEN_GAP)
+    if final_gap <= query_gap - GAP_TOLERANCE:
+        return "it changed the calls" if agreement < MIN_AGREEMENT else None
+    if agreement < MIN_AGREEMENT_OPEN_GAP:
+        return "it changed the calls and did not close the gap"
+    return None
 
 
 class GapStopping(pl.Callback):
