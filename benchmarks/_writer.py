@@ -149,6 +149,8 @@ def header(title: str, meta: dict[str, Any], out: Path) -> list[str]:
             f"{', '.join(added['what'])}; {added['total_s'] / 60:.1f} min, load at the start "
             f"`{added['uptime_start']}`."
         )
+        if added.get("source_start", "") != added.get("source_end", ""):
+            lines.append("  **The source changed during this re-run.**")
     return [*lines, ""]
 
 

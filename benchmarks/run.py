@@ -174,9 +174,11 @@ def merge(old: pd.DataFrame, old_meta: dict, new: pd.DataFrame, new_meta: dict):
         if not any((f["tool"], f["task"], s) in redone for s in f["seeds"])
     ] + new_meta["failures"]
     what = sorted({f"{c['tool']} {c['task']}" for c in new_meta["configs"]})
-    added = {k: new_meta[k] for k in ("commit", "total_s", "uptime_start")}
-    meta["added"] = [*old_meta.get("added", []), {**added, "what": what}]
-    meta["source_end"] = new_meta["source_end"]
+    keys = ("commit", "total_s", "uptime_start", "source_start", "source_end")
+    added = {k: new_meta[k] for k in keys}
+    # an earlier re-run whose rows this one all replaces no longer describes any row
+    earlier = [a for a in old_meta.get("added", []) if not set(a["what"]) <= set(what)]
+    meta["added"] = [*earlier, {**added, "what": what}]
     return pd.concat([old[keep], new], ignore_index=True), meta
 
 
