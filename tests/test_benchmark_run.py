@@ -249,13 +249,21 @@ def test_merge_replaces_the_redone_rows_only():
     new = pd.DataFrame({"tool": ["celltypist", "celltypist_mv"], "task": ["kang"] * 2})
     new["seed"], new["value"] = 0, 2
     config = {"tool": "celltypist", "task": "kang", "seeds": [0]}
-    old_meta = {"failures": [{**config, "error": "boom"}]}
+    earlier = {"what": ["celltypist kang"], "commit": "old"}
+    kept = {"what": ["scanvi kang"], "commit": "older"}
+    old_meta = {
+        "failures": [{**config, "error": "boom"}],
+        "source_start": "sha0",
+        "source_end": "sha0",
+        "added": [kept, earlier],
+    }
     new_meta = {
         "configs": [config],
         "failures": [],
         "commit": "abc",
         "total_s": 1.0,
         "uptime_start": "up",
+        "source_start": "sha",
         "source_end": "sha",
     }
     frame, meta = run.merge(old, old_meta, new, new_meta)
@@ -265,7 +273,12 @@ def test_merge_replaces_the_redone_rows_only():
         ("jind", 1),
     ]
     assert meta["failures"] == []
-    assert meta["added"][0]["what"] == ["celltypist kang"]
+    # the re-run every row of which this one replaces is dropped; its own source is recorded
+    assert [a["commit"] for a in meta["added"]] == ["older", "abc"]
+    assert meta["added"][1]["what"] == ["celltypist kang"]
+    assert meta["added"][1]["source_start"] == meta["added"][1]["source_end"] == "sha"
+    # the original run's source is left as it was: a re-run is not a change during the run
+    assert meta["source_start"] == meta["source_end"] == "sha0"
 
 
 def test_grid_options_are_refused_for_custom_suites(capsys):
