@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,10 @@ def test_shifted_query_is_aligned_and_moves_closer(model, data):
     model.annotate(query, key_added="j")
     assert query.uns["j"]["aligned"] is True
     assert query.uns["j"]["alignment_decision"]["epochs"] == decision["epochs"]
+    # the outputs page names every key written, the decision's included
+    outputs = (Path(__file__).parents[2] / "docs" / "outputs.md").read_text()
+    for key in [*query.uns["j"], *query.uns["j"]["alignment_decision"]]:
+        assert f"`{key}`" in outputs, key
 
 
 def test_early_stopping_false_runs_every_epoch(model, data):
