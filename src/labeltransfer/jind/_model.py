@@ -378,8 +378,8 @@ class JIND(AnnotationMixin, BaseModelClass):
         than 30% of the query's cells, or of more than 20% without bringing its gap 0.05
         closer (distribution matching moves whole populations between types when the
         query's types are not in the reference's proportions or when a shift-and-scale
-        cannot reach the reference: measured on strongly shifted and cross-donor scATAC
-        queries, it cost 2-33 points of accuracy). The generator is reset to the identity,
+        cannot reach the reference; the measurements are in the user guide, *When to
+        align*). The generator is reset to the identity,
         ``aligned`` is ``False`` and the decision's ``reason`` starts with ``"undone"``.
         The decision (gaps, bar, epochs run, whether it stopped early, ``agreement`` and
         ``undone``) is stored in ``alignments_[name]["decision"]`` and written to
@@ -442,9 +442,9 @@ class JIND(AnnotationMixin, BaseModelClass):
         if max_epochs is None:
             max_epochs = int(np.clip(math.ceil(2000 / len(loader)), 20, 400))
         self.module.reset_alignment()
-        decision, stopper, rows = None, None, None
+        decision, stopper, agreement = None, None, []
         if early_stopping:
-            decision, stopper, rows = self._alignment_stopping(registered)
+            decision, stopper, agreement = self._alignment_stopping(registered)
         history: dict[str, pd.DataFrame] = {}
         if decision is None or decision["shifted"]:
             plan = JINDAlignmentPlan(self.module, **(plan_kwargs or {}))
@@ -464,7 +464,7 @@ class JIND(AnnotationMixin, BaseModelClass):
         if decision is not None:
             decision = self._record_decision(decision, stopper, history, max_epochs)
             if decision["aligned"]:
-                decision = self._undo_failed_alignment(registered, rows, decision, name)
+                decision = self._undo_failed_alignment(decision, agreement, name)
         record = alignment_record(adata, self._feature_names())
         for previous in [
             n for n, a in self.alignments_.items() if a["fingerprint"] == record["fingerprint"]
@@ -486,8 +486,12 @@ class JIND(AnnotationMixin, BaseModelClass):
 
     def _alignment_stopping(
         self, registered: AnnData
-    ) -> tuple[dict[str, Any], GapStopping, np.ndarray]:
-        """Measure the query's gap before aligning; the callback that stops at the bar; its cells."""
+    ) -> tuple[dict[str, Any], GapStopping, list[float]]:
+        """Measure the query's gap before aligning; the callback that stops at the bar.
+
+        The callback's measurements also append to the returned list the share of the measured
+        cells whose call the alignment left unchanged (for ``_undo_failed_alignment``).
+        """
         seed = settings.seed or 0
         held_out = getattr(self, "reference_codes_held_out_", None)
         codes = self.reference_codes_
@@ -497,27 +501,29 @@ class JIND(AnnotationMixin, BaseModelClass):
             train, held_out_codes = codes[~held_out], codes[held_out]
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(registered.n_obs, min(GAP_CELLS, registered.n_obs), False))
-        query_codes = self._forward(registered, indices=rows).latent
-        decision = shift_decision(train, held_out_codes, query_codes, seed=seed)
+        unaligned = self._forward(registered, indices=rows)
+        decision = shift_decision(train, held_out_codes, unaligned.latent, seed=seed)
+        calls, agreement = unaligned.logits.argmax(1), []
 
         def measure() -> float:
             modes = [(m, m.training) for m in self.module.modules()]
             aligned = self._forward(registered, indices=rows, inference_kwargs={"aligned": True})
             for module, training in modes:
                 module.train(training)
+            agreement.append(float(np.mean(aligned.logits.argmax(1) == calls)))
             return domain_gap(train, aligned.latent, seed=seed)
 
-        return decision, GapStopping(measure, decision["target"]), rows
+        return decision, GapStopping(measure, decision["target"]), agreement
 
     def _undo_failed_alignment(
-        self, registered: AnnData, rows: np.ndarray, decision: dict[str, Any], name: str
+        self, decision: dict[str, Any], agreements: list[float], name: str
     ) -> dict[str, Any]:
-        """Reset the generator to the identity if the alignment failed (``alignment_failure``)."""
-        before = self._forward(registered, indices=rows, return_latent=False).logits
-        after = self._forward(
-            registered, indices=rows, inference_kwargs={"aligned": True}, return_latent=False
-        ).logits
-        agreement = float(np.mean(before.argmax(1) == after.argmax(1)))
+        """Reset the generator to the identity if the alignment failed (``alignment_failure``).
+
+        ``agreements`` come from the gap measurements, whose last one is the final state (the
+        same measurement as ``decision["final_gap"]``); none measured: no call changed.
+        """
+        agreement = agreements[-1] if agreements else 1.0
         failure = alignment_failure(decision["query_gap"], decision["final_gap"], agreement)
         decision = {**decision, "agreement": agreement, "undone": failure is not None}
         if failure is None:
