@@ -46,6 +46,26 @@ def test_splitter_yields_reference_query_pairs(concat_manager):
         assert (batch["labels"] < unlabeled_code).all()
 
 
+def test_validation_cells_join_the_query_stream(concat_manager):
+    adata, manager = concat_manager
+    splitter = RefQueryDataSplitter(
+        manager, train_size=0.8, use_query=True, validation_in_query_stream=True, batch_size=64
+    )
+    splitter.setup()
+    query_loader = splitter.train_dataloader().loader_b
+    unlabelled = np.sort(np.asarray(query_loader.indices))
+    expected = np.sort(np.concatenate([splitter.query_idx, splitter.val_idx]))
+    np.testing.assert_array_equal(unlabelled, expected)
+    # the labelled stream and the validation set are unchanged
+    assert not set(splitter.ref_train_idx) & set(splitter.val_idx)
+    default = RefQueryDataSplitter(manager, train_size=0.8, use_query=True, batch_size=64)
+    default.setup()
+    np.testing.assert_array_equal(default.val_idx, splitter.val_idx)
+    np.testing.assert_array_equal(
+        np.sort(np.asarray(default.train_dataloader().loader_b.indices)), splitter.query_idx
+    )
+
+
 def test_splitter_is_stratified_and_seeded(concat_manager):
     adata, manager = concat_manager
     a = RefQueryDataSplitter(manager, train_size=0.7)

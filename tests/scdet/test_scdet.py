@@ -312,6 +312,34 @@ def test_loss_terms_are_finite_and_sampling_applies():
         )
 
 
+def test_held_out_reference_cells_in_the_target_stay_out_of_the_distribution_match():
+    torch.manual_seed(0)
+    module = SCDETModule(
+        n_input=30, n_labels=3, n_novel=2, feature_idx=range(30), input_type="counts"
+    )
+    module.class_distribution.copy_(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]))
+    module.eval()  # no dropout or batch-norm updates: the two losses see the same network
+    reference = {"X": torch.poisson(torch.full((16, 30), 5.0)), "labels": torch.arange(16) % 3}
+    target = {"X": torch.poisson(torch.full((12, 30), 5.0)), "labels": torch.full((12,), 3)}
+    held_out = {"X": torch.poisson(torch.full((6, 30), 9.0)), "labels": torch.arange(6) % 3}
+    mixed = {key: torch.cat([target[key], held_out[key]]) for key in target}
+    config = SCDETLossConfig(regularise="target", noise_sd=0.0, mask_rate=0.0)
+
+    def regulariser(query):
+        torch.manual_seed(1)
+        return module.loss(reference, query=query, config=config).extra_metrics[
+            "regularisation_loss"
+        ]
+
+    torch.testing.assert_close(regulariser(mixed), regulariser(target))
+    assert regulariser(held_out) == 0  # no target cell in the minibatch
+    # the held-out cells still get the target's self-training
+    assert (
+        module.loss(reference, query=held_out, config=config).extra_metrics["self_training_loss"]
+        > 0
+    )
+
+
 def test_feature_cells_selects_the_genes_on_the_reference_or_on_all_cells(scdet_adata):
     adata = scdet_adata.copy()
     lt.SCDET.setup_anndata(adata, labels_key="cell_type")

@@ -196,16 +196,20 @@ def test_splitter_gives_reference_query_pairs_to_the_plan(scnym_adata):
 
     model.module.semisupervised_loss = recording
     model.train(max_epochs=1, enable_progress_bar=False, accelerator="cpu")
-    assert len(seen) == 3  # max(ceil(540 / 256), ceil(400 / 256)) steps
+    # the unlabelled stream: the 400 query cells and the 56 held-out reference cells
+    assert len(seen) == 3  # max(ceil(544 / 256), ceil(456 / 256)) steps
     query_codes = adata.obs["batch"].cat.categories.get_loc("query")
-    for reference, query in seen:
+    n_held_out = 0
+    for reference, query in seen[:2]:
         assert query is not None
         assert (reference["labels"] < n_labels).all()
-        assert (query["labels"] == n_labels).all()
-        assert (query["batch"] == query_codes).all()
         assert (reference["batch"] != query_codes).all()
-    n_query_cells = sum(q["X"].shape[0] for _, q in seen[:2])
-    assert n_query_cells == 400
+        held_out = query["labels"].ravel() < n_labels
+        assert (query["batch"].ravel()[~held_out] == query_codes).all()
+        assert (query["batch"].ravel()[held_out] != query_codes).all()
+        n_held_out += int(held_out.sum())
+    assert n_held_out == model.training_summary_["n_validation"] == 56
+    assert sum(q["X"].shape[0] for _, q in seen[:2]) == 456
 
 
 def test_semisupervised_loss_excludes_unconfident_cells():

@@ -94,6 +94,10 @@ class TrainingMixin:
     #: Splitter built by :meth:`train`; a model may use a subclass (CellPredX adds the query
     #: cells' kNN neighbours to its query minibatches).
     _splitter_cls: type[RefQueryDataSplitter] = RefQueryDataSplitter
+    #: Whether the held-out reference cells also join the unlabelled query minibatches (see
+    #: ``RefQueryDataSplitter``): where co-training raises the query's confidence, thresholds
+    #: fitted on reference cells the model never trained on would reject too few query cells.
+    _validation_in_query_stream: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -173,7 +177,11 @@ class TrainingMixin:
             use_query=arguments["use_query"],
             batch_size=batch_size,
             distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", "auto")),
-            **{**self._splitter_kwargs(arguments), **(arguments["datasplitter_kwargs"] or {})},
+            **{
+                "validation_in_query_stream": self._validation_in_query_stream,
+                **self._splitter_kwargs(arguments),
+                **(arguments["datasplitter_kwargs"] or {}),
+            },
         )
         splitter.setup()  # seeded, so the runner's setup gives the same split
         self._before_training(splitter, arguments, options, trainer_kwargs)

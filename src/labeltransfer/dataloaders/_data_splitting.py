@@ -79,6 +79,11 @@ class RefQueryDataSplitter(DataSplitter):
         Pair every reference minibatch with a query minibatch.
     shuffle_set_split
         Shuffle before splitting (seeded by ``scvi.settings.seed``).
+    validation_in_query_stream
+        With ``use_query``, the validation cells also go into the unlabelled (query)
+        minibatches, without their labels: the model then treats them as it treats the query
+        (pseudo-labels, consistency, the adversary), so the calibration and rejection
+        thresholds fitted on them hold on the query. Their labels still serve validation.
     **kwargs
         Passed to :class:`~scvi.dataloaders.AnnDataLoader` (``batch_size``, ``drop_last``, ...).
         ``distributed_sampler=True`` (set by the models under a DDP strategy) gives each
@@ -94,6 +99,7 @@ class RefQueryDataSplitter(DataSplitter):
         *,
         use_query: bool = False,
         shuffle_set_split: bool = True,
+        validation_in_query_stream: bool = False,
         **kwargs,
     ):
         if not 0.0 < train_size <= 1.0:
@@ -101,6 +107,7 @@ class RefQueryDataSplitter(DataSplitter):
         if adata_manager.adata.uns.get(LOADED_WITHOUT_DATA_KEY, False):
             raise ValueError(NO_TRAINING_DATA)
         self.use_query = use_query
+        self.validation_in_query_stream = validation_in_query_stream
         mask = labelled_mask(adata_manager)
         self.labelled_idx = np.flatnonzero(mask)
         self.query_idx = np.flatnonzero(~mask)
@@ -164,7 +171,10 @@ class RefQueryDataSplitter(DataSplitter):
         ref = self._loader(self.ref_train_idx, shuffle=True, drop_last=self.drop_last)
         if not self.use_query:
             return ref
-        query = self._loader(self.query_idx, shuffle=True, drop_last=self.drop_last)
+        unlabelled = self.query_idx
+        if self.validation_in_query_stream:
+            unlabelled = np.concatenate([self.query_idx, self.val_idx])
+        query = self._loader(unlabelled, shuffle=True, drop_last=self.drop_last)
         return PairedDataLoader(ref, query)
 
     def val_dataloader(self):

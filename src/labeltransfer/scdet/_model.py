@@ -306,6 +306,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
     )
     # no epoch is "best" on the reference alone: keep the final weights
     _keep_final_weights = True
+    # the target losses raise the query's confidence: thresholds come from cells trained like it
+    _validation_in_query_stream = True
     _train_doc = """Train on the labelled reference and the unlabelled target cells together.
 
         Every step takes a reference and a target minibatch

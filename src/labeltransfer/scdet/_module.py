@@ -295,6 +295,14 @@ class SCDETModule(AnnotationModule):
         if (labels >= self.n_labels).any():
             raise ValueError("The reference minibatch contains unlabelled cells.")
         n_ref, n_tgt = x_ref.shape[0], x_tgt.shape[0]
+        # held-out reference cells in the target stream (they carry a label) are trained like
+        # the target, but stay out of the match to the target's class distribution
+        target_labels = query.get(REGISTRY_KEYS.LABELS_KEY)
+        in_target = (
+            torch.ones(n_tgt, dtype=torch.bool, device=x_tgt.device)
+            if target_labels is None
+            else target_labels.long().ravel() >= self.n_labels
+        )
         clean = torch.cat([x_ref, x_tgt])
         view1, view2 = self.augment(clean, mask_rate=config.mask_rate, noise_sd=config.noise_sd)
         n = n_ref + n_tgt
@@ -329,12 +337,16 @@ class SCDETModule(AnnotationModule):
             regulariser = zero
             for view_logits in (logits1, logits2):
                 p = torch.softmax(view_logits, dim=1)
+                if not in_target.any():
+                    break
+                target_p = p[n_ref:][in_target].mean(0)
                 if config.regularise == "all":
-                    mean_p = config.reference_fraction * p[:n_ref].mean(0) + (
-                        1.0 - config.reference_fraction
-                    ) * p[n_ref:].mean(0)
+                    mean_p = (
+                        config.reference_fraction * p[:n_ref].mean(0)
+                        + (1.0 - config.reference_fraction) * target_p
+                    )
                 else:
-                    mean_p = p[n_ref:].mean(0)
+                    mean_p = target_p
                 regulariser = regulariser + distribution_kl(mean_p, target)
         classification = ref_ce + self_training + regulariser
 

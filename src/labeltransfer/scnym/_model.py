@@ -241,6 +241,8 @@ class SCNYM(AnnotationMixin, BaseModelClass):
     }
     _train_rules = _TRAIN_RULES
     _plan_cls = SCNYMTrainingPlan
+    # MixMatch raises the query's confidence: thresholds come from cells trained like the query
+    _validation_in_query_stream = True
     _plan_rules = _PLAN_RULES
     _no_query_message = (
         "No unlabelled query cells are registered: training scNym on the reference "

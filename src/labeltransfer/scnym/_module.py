@@ -131,7 +131,12 @@ class SCNYMModule(AnnotationModule):
         device = tensors[REGISTRY_KEYS.X_KEY].device
         if self.domain_source == "batch":
             return tensors[REGISTRY_KEYS.BATCH_KEY].long().ravel()
-        return torch.full((n,), role, dtype=torch.long, device=device)
+        domains = torch.full((n,), role, dtype=torch.long, device=device)
+        labels = tensors.get(REGISTRY_KEYS.LABELS_KEY)
+        if labels is None:
+            return domains
+        # held-out reference cells in the query stream (they carry a label) are reference
+        return domains.masked_fill(labels.long().ravel() < self.n_labels, 0)
 
     def semisupervised_loss(
         self,
