@@ -130,6 +130,10 @@ def _worker(out_dir: Path, names: list[str]) -> None:
             "world_size": world_size,
             "seen": seen.epochs,
             "train_indices": np.asarray(model.train_indices).tolist(),
+            # scNym and scDET also train on the held-out cells, labels hidden
+            "unlabelled_validation": np.asarray(
+                model.validation_indices if model._validation_in_query_stream else []
+            ).tolist(),
             "checksum": _checksum(model),
             "current_epoch": int(model.trainer.current_epoch),
             "training_summary": {
@@ -175,8 +179,9 @@ def ddp_records(tmp_path_factory) -> dict[str, list[dict]]:
 def test_ddp_ranks_train_on_disjoint_shards(ddp_records, name):
     rank0, rank1 = ddp_records[name]
     assert (rank0["rank"], rank1["rank"], rank0["world_size"]) == (0, 1, 2)
-    train = set(rank0["train_indices"])
+    train = set(rank0["train_indices"]) | set(rank0["unlabelled_validation"])
     assert rank0["train_indices"] == rank1["train_indices"]
+    assert bool(rank0["unlabelled_validation"]) is (name in ("SCNYM", "SCDET"))
     assert len(rank0["seen"]) == len(rank1["seen"]) == EPOCHS
     for epoch in range(EPOCHS):
         seen0, seen1 = set(rank0["seen"][epoch]), set(rank1["seen"][epoch])
