@@ -274,7 +274,10 @@ class SCDETModule(AnnotationModule):
         config
             The objective's hyper-parameters; ``None`` for evaluation.
         query
-            Target minibatch (training only).
+            Target minibatch (training only). Cells in it that carry a reference label are
+            held-out reference cells trained like the target
+            (``RefQueryDataSplitter(validation_in_query_stream=True)``): every term applies to
+            them but :math:`\mathcal L_{reg}`, whose mean is over the target cells only.
 
         Returns
         -------
@@ -335,10 +338,8 @@ class SCDETModule(AnnotationModule):
             else:
                 target = smoothed_distribution(self.target_distribution, config.rho)
             regulariser = zero
-            for view_logits in (logits1, logits2):
+            for view_logits in (logits1, logits2) if in_target.any() else ():
                 p = torch.softmax(view_logits, dim=1)
-                if not in_target.any():
-                    break
                 target_p = p[n_ref:][in_target].mean(0)
                 if config.regularise == "all":
                     mean_p = (
@@ -383,7 +384,9 @@ class SCDETModule(AnnotationModule):
             reconstruction + config.lambda_cls * classification + config.lambda_con * contrastive
         )
         novel_fraction = (
-            (logits1[n_ref:].argmax(dim=1) >= self.n_labels).float().mean() if n_tgt else zero
+            (logits1[n_ref:][in_target].argmax(dim=1) >= self.n_labels).float().mean()
+            if in_target.any()
+            else zero
         )
         return LossOutput(
             loss=loss,

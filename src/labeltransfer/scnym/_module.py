@@ -165,7 +165,10 @@ class SCNYMModule(AnnotationModule):
            averaged over the query minibatch (unconfident cells contribute zero).
         5. ``L_adv``: cross-entropy of the adversary predicting the domain of the (unmixed)
            reference and confident query cells from the embedding, through the gradient
-           reversal layer (its weight is set by the training plan).
+           reversal layer (its weight is set by the training plan). Cells of the query
+           minibatch that carry a reference label (held-out reference cells trained like the
+           query, ``RefQueryDataSplitter(validation_in_query_stream=True)``) are reference
+           cells to the adversary; their labels serve nothing else.
 
         The returned loss is ``L_CE + consistency_weight * L_SSL + L_adv``. Without a query
         minibatch it is supervised MixUp training (plus the adversary over reference
