@@ -68,6 +68,19 @@ class AnnotationModule(BaseModuleClass):
             x, self.feature_idx, self.input_type, self.target_sum, self.peak_weights
         )
 
+    def held_out_reference(self, unlabelled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mask of the cells of an unlabelled minibatch that carry a reference label.
+
+        They are held-out reference cells trained like the query
+        (``RefQueryDataSplitter(validation_in_query_stream=True)``); a minibatch without a
+        labels tensor has none.
+        """
+        labels = unlabelled.get(REGISTRY_KEYS.LABELS_KEY)
+        if labels is None:
+            x = unlabelled[REGISTRY_KEYS.X_KEY]
+            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return labels.long().ravel() < self.n_labels
+
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
         return {"x": tensors[REGISTRY_KEYS.X_KEY]}
 

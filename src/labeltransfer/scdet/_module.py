@@ -298,14 +298,9 @@ class SCDETModule(AnnotationModule):
         if (labels >= self.n_labels).any():
             raise ValueError("The reference minibatch contains unlabelled cells.")
         n_ref, n_tgt = x_ref.shape[0], x_tgt.shape[0]
-        # held-out reference cells in the target stream (they carry a label) are trained like
-        # the target, but stay out of the match to the target's class distribution
-        target_labels = query.get(REGISTRY_KEYS.LABELS_KEY)
-        in_target = (
-            torch.ones(n_tgt, dtype=torch.bool, device=x_tgt.device)
-            if target_labels is None
-            else target_labels.long().ravel() >= self.n_labels
-        )
+        # held-out reference cells in the target stream are trained like the target, but
+        # stay out of the match to the target's class distribution
+        in_target = ~self.held_out_reference(query)
         clean = torch.cat([x_ref, x_tgt])
         view1, view2 = self.augment(clean, mask_rate=config.mask_rate, noise_sd=config.noise_sd)
         n = n_ref + n_tgt

@@ -132,11 +132,8 @@ class SCNYMModule(AnnotationModule):
         if self.domain_source == "batch":
             return tensors[REGISTRY_KEYS.BATCH_KEY].long().ravel()
         domains = torch.full((n,), role, dtype=torch.long, device=device)
-        labels = tensors.get(REGISTRY_KEYS.LABELS_KEY)
-        if labels is None:
-            return domains
-        # held-out reference cells in the query stream (they carry a label) are reference
-        return domains.masked_fill(labels.long().ravel() < self.n_labels, 0)
+        # held-out reference cells in the query stream are reference cells to the adversary
+        return domains.masked_fill(self.held_out_reference(tensors), 0)
 
     def semisupervised_loss(
         self,
