@@ -86,6 +86,47 @@ def test_a_query_without_a_new_type_is_covered():
     ).mean() < 0.05
 
 
+def _blobs(n_per_blob: int, uncovered_share: list[float], seed: int = 0):
+    """Well separated blobs of query cells, each with its share of cells without a partner."""
+    from labeltransfer.base._neighbors import knn
+
+    rng = np.random.default_rng(seed)
+    blob = np.repeat(np.arange(len(uncovered_share)), n_per_blob)
+    coords = (rng.normal(size=(blob.size, 5)) + 20 * np.eye(5)[blob]).astype(np.float32)
+    covered = rng.random(blob.size) >= np.asarray(uncovered_share)[blob]
+    return coords, knn(coords, openset.N_NEIGHBORS, seed=seed), covered, blob
+
+
+@pytest.mark.parametrize("sample", [None, 400])
+def test_a_community_far_less_covered_than_the_rest_is_uncovered(monkeypatch, sample):
+    # a held-out type near a seen type keeps mutual partners for 60% of its cells: too many
+    # for the neighbourhood cut, far fewer than the 97% of the seen types
+    if sample is not None:  # a query larger than the sample the communities are found on
+        monkeypatch.setattr(openset, "COMMUNITY_SAMPLE", sample)
+    coords, graph, covered, blob = _blobs(300, [0.03, 0.03, 0.03, 0.4])
+    flagged = openset.uncovered_communities(coords, graph, covered, seed=0)
+    assert flagged[blob == 3].all()
+    assert not flagged[blob < 3].any()
+
+
+def test_an_evenly_shifted_query_has_no_uncovered_community():
+    # a shift that leaves 30% of every type without a partner is not a new type
+    coords, graph, covered, _ = _blobs(300, [0.3, 0.3, 0.3, 0.3])
+    assert not openset.uncovered_communities(coords, graph, covered, seed=0).any()
+
+
+def test_only_query_cells_of_uncovered_communities_are_lifted_past_the_cut(planted, monkeypatch):
+    space, coords, prediction, _ = planted
+    monkeypatch.setattr(openset, "COMMUNITY_MIN_SHARE", 1.0)  # no community reaches it
+    alone = openset.uncovered_fraction(space, coords, prediction)
+    flag_all = lambda coords, graph, covered, seed: np.ones(len(coords), dtype=bool)  # noqa: E731
+    monkeypatch.setattr(openset, "uncovered_communities", flag_all)
+    query = np.arange(len(coords)) % 2 == 0  # the others stand for registered reference cells
+    lifted = openset.uncovered_fraction(space, coords, prediction, query=query)
+    np.testing.assert_array_equal(lifted[query], np.maximum(alone[query], openset.PAST_CUT))
+    np.testing.assert_array_equal(lifted[~query], alone[~query])
+
+
 def test_novelty_breaks_ties_by_confidence_without_crossing_steps():
     uncovered = np.array([0.0, 0.0, 1 / 15, 1 / 15])
     confidence = np.array([0.99, 0.2, 0.99, 0.2])

@@ -291,7 +291,7 @@ class OpenSetMixin:
         centred = centre_by_group(coords, domains)
         seed = settings.seed or 0
         query = domains >= 0
-        uncovered = uncovered_fraction(space, centred, prediction, seed=seed)
+        uncovered = uncovered_fraction(space, centred, prediction, query=query, seed=seed)
         novel = uncovered > NOVEL_CUT
         shifted = [
             int(g) for g in np.unique(domains[query]) if novel[domains == g].mean() > RESCALE_CUT
@@ -299,7 +299,7 @@ class OpenSetMixin:
         if not shifted:
             return centred, uncovered, None
         centred = scale_groups(centred, domains, shifted, space.bank.std(axis=0))
-        rescaled = uncovered_fraction(space, centred, prediction, seed=seed)
+        rescaled = uncovered_fraction(space, centred, prediction, query=query, seed=seed)
         before = float(novel[query].mean())
         record = {
             "rescaled_domains": shifted,
