@@ -115,16 +115,27 @@ def test_an_evenly_shifted_query_has_no_uncovered_community():
     assert not openset.uncovered_communities(coords, graph, covered, seed=0).any()
 
 
-def test_only_query_cells_of_uncovered_communities_are_lifted_past_the_cut(planted, monkeypatch):
+def test_cells_of_uncovered_communities_are_lifted_to_the_cut(planted, monkeypatch):
     space, coords, prediction, _ = planted
     monkeypatch.setattr(openset, "COMMUNITY_MIN_SHARE", 1.0)  # no community reaches it
     alone = openset.uncovered_fraction(space, coords, prediction)
-    flag_all = lambda coords, graph, covered, seed: np.ones(len(coords), dtype=bool)  # noqa: E731
-    monkeypatch.setattr(openset, "uncovered_communities", flag_all)
-    query = np.arange(len(coords)) % 2 == 0  # the others stand for registered reference cells
-    lifted = openset.uncovered_fraction(space, coords, prediction, query=query)
-    np.testing.assert_array_equal(lifted[query], np.maximum(alone[query], openset.PAST_CUT))
-    np.testing.assert_array_equal(lifted[~query], alone[~query])
+    every_other = lambda coords, graph, covered, seed: np.arange(len(coords)) % 2 == 0  # noqa: E731
+    monkeypatch.setattr(openset, "uncovered_communities", every_other)
+    lifted = openset.uncovered_fraction(space, coords, prediction)
+    np.testing.assert_array_equal(lifted[::2], np.maximum(alone[::2], openset.PAST_CUT))
+    np.testing.assert_array_equal(lifted[1::2], alone[1::2])
+
+
+def test_registered_reference_cells_leave_the_query_coverage_unchanged(planted):
+    from labeltransfer.base._openset_mixin import _uncovered
+
+    space, coords, prediction, _ = planted
+    alone = openset.uncovered_fraction(space, coords, prediction)
+    # a co-trained model's registered AnnData: reference cells (here the bank's) and the query
+    cells = np.vstack([space.bank, coords])
+    predicted = np.concatenate([space.bank_labels, prediction])
+    query = np.arange(len(cells)) >= len(space.bank)
+    np.testing.assert_array_equal(_uncovered(space, cells, predicted, query, 0)[query], alone)
 
 
 def test_novelty_breaks_ties_by_confidence_without_crossing_steps():

@@ -247,7 +247,6 @@ def uncovered_fraction(
     coords: np.ndarray,
     prediction: np.ndarray,
     *,
-    query: np.ndarray | None = None,
     seed: int = 0,
 ) -> np.ndarray:
     """Fraction of each cell's query neighbourhood without a mutual reference partner.
@@ -261,9 +260,6 @@ def uncovered_fraction(
     prediction
         Predicted reference type code of each query cell (a code outside the reference's
         types, e.g. one of scDET's novel classes, never has a partner).
-    query
-        The query cells among them (all by default), whose communities are tested
-        (:func:`uncovered_communities`); registered reference cells are not.
     seed
         Random state of the approximate search of very large queries and of the communities.
 
@@ -289,11 +285,9 @@ def uncovered_fraction(
     neighbours = knn(coords, min(N_NEIGHBORS, n_query - 1), seed=seed)
     with_self = np.column_stack([np.arange(n_query), neighbours])
     uncovered = 1.0 - covered[with_self].mean(axis=1)
-    rows = np.arange(n_query) if query is None else np.flatnonzero(query)
-    if rows.size > N_NEIGHBORS:
-        graph = neighbours if rows.size == n_query else knn(coords[rows], N_NEIGHBORS, seed=seed)
-        rows = rows[uncovered_communities(coords[rows], graph, covered[rows], seed=seed)]
-        uncovered[rows] = np.maximum(uncovered[rows], PAST_CUT)
+    if n_query > N_NEIGHBORS:
+        flagged = uncovered_communities(coords, neighbours, covered, seed=seed)
+        uncovered[flagged] = np.maximum(uncovered[flagged], PAST_CUT)
     return uncovered
 
 
