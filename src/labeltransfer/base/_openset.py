@@ -243,11 +243,7 @@ def scale_groups(
 
 
 def uncovered_fraction(
-    space: ReferenceSpace,
-    coords: np.ndarray,
-    prediction: np.ndarray,
-    *,
-    seed: int = 0,
+    space: ReferenceSpace, coords: np.ndarray, prediction: np.ndarray, *, seed: int = 0
 ) -> np.ndarray:
     """Fraction of each cell's query neighbourhood without a mutual reference partner.
 
