@@ -115,6 +115,25 @@ def test_an_evenly_shifted_query_has_no_uncovered_community():
     assert not openset.uncovered_communities(coords, graph, covered, seed=0).any()
 
 
+def test_the_community_test_reads_partners_of_any_type(planted, monkeypatch):
+    space, coords, prediction, novel = planted
+    wrong = np.where(novel, prediction, (prediction + 1) % 4)  # every seen call is wrong
+    seen = []
+    real = openset.uncovered_communities
+
+    def spy(coords, graph, partnered, *, seed):
+        flagged = real(coords, graph, partnered, seed=seed)
+        seen.append((partnered, flagged))
+        return flagged
+
+    monkeypatch.setattr(openset, "uncovered_communities", spy)
+    openset.uncovered_fraction(space, coords, wrong)
+    partnered, flagged = seen[0]
+    assert partnered[~novel].mean() > 0.8  # seen cells keep partners, whatever the call
+    assert not flagged[~novel].any()
+    assert flagged[novel].mean() > 0.9
+
+
 def test_cells_of_uncovered_communities_are_lifted_to_the_cut(planted, monkeypatch):
     space, coords, prediction, _ = planted
     monkeypatch.setattr(openset, "COMMUNITY_MIN_SHARE", 1.0)  # no community reaches it
