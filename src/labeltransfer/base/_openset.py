@@ -328,22 +328,23 @@ def uncovered_communities(
     membership = leiden(graph, COMMUNITY_RESOLUTION, seed)
     sizes = np.bincount(membership)
     share = np.bincount(membership, weights=~partnered[sample]) / sizes
-    order = np.argsort(share, kind="stable")
-    weight = np.cumsum(sizes[order])
-    typical = share[order][np.searchsorted(weight, weight[-1] / 2)]
+    typical = np.quantile(share[membership], 0.5, method="inverted_cdf")  # over cells
     cut = max(COMMUNITY_FOLD * typical, COMMUNITY_MIN_SHARE)
     flagged = np.zeros(n, dtype=bool)
     flagged[sample] = ((share > cut) & (sizes > N_NEIGHBORS))[membership]
     decided = np.zeros(n, dtype=bool)
     decided[sample] = True
-    while not decided.all():
-        votes = decided[neighbours]
-        step = ~decided & votes.any(axis=1)
-        if not step.any():  # cells unreachable from the sample stay unflagged
+    todo = np.flatnonzero(~decided)
+    while todo.size:
+        votes = decided[neighbours[todo]]
+        reached = votes.any(axis=1)
+        if not reached.any():  # cells unreachable from the sample stay unflagged
             break
-        yes = (flagged[neighbours] & votes).sum(axis=1)
-        flagged[step] = 2 * yes[step] > votes[step].sum(axis=1)
-        decided |= step
+        yes = (flagged[neighbours[todo]] & votes).sum(axis=1)
+        rows = todo[reached]
+        flagged[rows] = 2 * yes[reached] > votes[reached].sum(axis=1)
+        decided[rows] = True
+        todo = todo[~reached]
     return flagged
 
 
