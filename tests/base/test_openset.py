@@ -146,15 +146,15 @@ def test_cells_of_uncovered_communities_are_lifted_to_the_cut(planted, monkeypat
 
 
 def test_registered_reference_cells_leave_the_query_coverage_unchanged(planted):
-    from labeltransfer.base._openset_mixin import _uncovered
-
     space, coords, prediction, _ = planted
     alone = openset.uncovered_fraction(space, coords, prediction)
     # a co-trained model's registered AnnData: reference cells (here the bank's) and the query
     cells = np.vstack([space.bank, coords])
     predicted = np.concatenate([space.bank_labels, prediction])
     query = np.arange(len(cells)) >= len(space.bank)
-    np.testing.assert_array_equal(_uncovered(space, cells, predicted, query, 0)[query], alone)
+    np.testing.assert_array_equal(
+        openset.uncovered_apart(space, cells, predicted, query)[query], alone
+    )
 
 
 def test_novelty_breaks_ties_by_confidence_without_crossing_steps():

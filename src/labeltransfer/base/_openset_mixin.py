@@ -25,7 +25,7 @@ from ._openset import (
     expression_features,
     novel_groups,
     scale_groups,
-    uncovered_fraction,
+    uncovered_apart,
 )
 from ._rejection import fit_temperature, per_type_thresholds, query_thresholds
 
@@ -40,24 +40,6 @@ RULES = ("openset", "per_type", "paper", "default", "none")
 MIN_NOVEL_GROUP = 10
 #: Fraction of rejected cells above which annotate() warns.
 WARN_REJECTED = 0.5
-
-
-def _uncovered(
-    space: ReferenceSpace, coords: np.ndarray, prediction: np.ndarray, query: np.ndarray, seed: int
-) -> np.ndarray:
-    """Each cell's uncovered fraction, the query's cells and registered reference cells apart.
-
-    Annotating a co-trained model's registered AnnData, its reference cells would otherwise
-    compete with the query's for the bank cells' nearest "query" cells, and the query's
-    coverage would depend on how many reference cells were registered: on CellBench CEL-seq2
-    -> Drop-seq with HCC827 held out (scNym, seed 1) the held-out line's community had 24% of
-    its cells without a partner, under the community test's floor, against 38% tested alone.
-    """
-    out = np.zeros(len(prediction))
-    for rows in (query, ~query):
-        if rows.any():
-            out[rows] = uncovered_fraction(space, coords[rows], prediction[rows], seed=seed)
-    return out
 
 
 class OpenSetMixin:
@@ -309,7 +291,7 @@ class OpenSetMixin:
         centred = centre_by_group(coords, domains)
         seed = settings.seed or 0
         query = domains >= 0
-        uncovered = _uncovered(space, centred, prediction, query, seed)
+        uncovered = uncovered_apart(space, centred, prediction, query, seed=seed)
         novel = uncovered > NOVEL_CUT
         shifted = [
             int(g) for g in np.unique(domains[query]) if novel[domains == g].mean() > RESCALE_CUT
@@ -317,7 +299,7 @@ class OpenSetMixin:
         if not shifted:
             return centred, uncovered, None
         centred = scale_groups(centred, domains, shifted, space.bank.std(axis=0))
-        rescaled = _uncovered(space, centred, prediction, query, seed)
+        rescaled = uncovered_apart(space, centred, prediction, query, seed=seed)
         before = float(novel[query].mean())
         record = {
             "rescaled_domains": shifted,
