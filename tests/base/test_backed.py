@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import labeltransfer as lt
-from labeltransfer.base import _inference
+from labeltransfer.base import _inference, _openset_mixin
 
 
 def test_backed_query_gives_the_in_memory_annotation(model_and_query, tmp_path, monkeypatch):
@@ -44,6 +44,9 @@ def test_backed_query_gives_the_in_memory_annotation(model_and_query, tmp_path, 
 
 def test_a_large_query_in_memory_is_annotated_chunk_by_chunk(model_and_query, monkeypatch):
     model, query = model_and_query
+    # the query's residual axes are fitted on a sample of 30 cells, read at once
+    monkeypatch.setattr(_openset_mixin, "MIN_FIT", 30)
+    monkeypatch.setattr(_openset_mixin, "FIT_VALUES", 30 * model.module.n_features)
     reordered = query[:, query.var_names[::-1]].copy()  # genes in another order: reindexed
     expected = model.annotate(reordered, key_added="jind", copy=True)
     seen = []
@@ -56,8 +59,9 @@ def test_a_large_query_in_memory_is_annotated_chunk_by_chunk(model_and_query, mo
     monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)
     monkeypatch.setattr(model, "_prepare", prepare)
     out = model.annotate(reordered, key_added="jind", copy=True)
-    assert max(seen) == 37  # never the whole query at once
-    assert sum(seen) == query.n_obs
+    assert seen[0] == 30  # the sample
+    assert max(seen[1:]) == 37  # then never the whole query at once
+    assert sum(seen[1:]) == query.n_obs
     for column in ("jind", "jind_prediction", "jind_confidence", "jind_novelty"):
         pd.testing.assert_series_equal(out.obs[column], expected.obs[column])
     np.testing.assert_allclose(out.obsm["X_jind"], expected.obsm["X_jind"], rtol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import scvi
 
 import labeltransfer as lt
-from labeltransfer.base import _neighbors
+from labeltransfer.base import _inference, _neighbors
 from labeltransfer.base._neighbors import knn
 from labeltransfer.scdet import _estimation
 
@@ -37,8 +37,11 @@ def sparse_data():
 
 
 @pytest.mark.parametrize("name", ["JIND", "SCNYM", "SCDET", "CellPredX"])
-def test_training_and_annotation_make_no_dense_copy(sparse_data, name):
+def test_training_and_annotation_make_no_dense_copy(sparse_data, name, monkeypatch):
     """Numpy allocations (tracemalloc) stay far below one dense copy of the data."""
+    # the passes after training (calibration, coverage, reference codes) read 1,024 cells at
+    # a time: a dense float64 batch of 41 MB, which would not grow with the data
+    monkeypatch.setattr(_inference, "INFERENCE_BATCH_SIZE", BATCH_SIZE)
     scvi.settings.seed = 0
     adata = sparse_data.copy()
     cls = getattr(lt, name)

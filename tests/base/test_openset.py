@@ -7,6 +7,7 @@ from sklearn.metrics import roc_auc_score
 
 import labeltransfer as lt
 from labeltransfer.base import _openset as openset
+from labeltransfer.base._neighbors import knn
 
 
 def _space(reference) -> openset.ReferenceSpace:
@@ -277,3 +278,39 @@ def test_scale_groups_gives_the_chosen_domains_the_reference_spread():
     scaled = openset.scale_groups(coords, groups, [0], spread)
     np.testing.assert_allclose(scaled[50:].std(axis=0), spread, rtol=1e-5)
     np.testing.assert_array_equal(scaled[:50], coords[:50].astype(np.float32))
+
+
+def test_residual_axes_separate_a_type_the_reference_has_no_axis_for():
+    """A held-out type that differs only in genes the reference never varies.
+
+    In the reference's components it lands on the seen type it resembles; the query's own
+    residual axes hold its genes, and with them its cells are each other's neighbours.
+    """
+    rng = np.random.default_rng(0)
+    n_genes, own = 400, slice(300, 400)
+    profiles = np.zeros((3, n_genes))
+    profiles[:, :40] = rng.normal(0, 2, (3, 40))
+    novel_profile = profiles[0].copy()
+    novel_profile[own] = 0.4  # type 0 plus genes of its own
+
+    def cells(profile, n):
+        return (profile + rng.normal(0, 0.3, (n, n_genes))).astype(np.float32)
+
+    reference = np.vstack([cells(p, 200) for p in profiles])
+    space = openset.ReferenceSpace.fit(reference.copy())
+    query = np.vstack([cells(profiles[0], 150), cells(profiles[1], 150), cells(novel_profile, 60)])
+    novel = np.repeat([False, False, True], [150, 150, 60])
+
+    axes = space.residual_axes(query.copy())
+    assert axes.shape == (openset.N_RESIDUAL, n_genes)
+    assert (axes[0, own] ** 2).sum() > 0.8  # the first axis is the novel type's genes
+    plain = space.project(query)
+    extended = space.project(query, axes)
+    np.testing.assert_allclose(extended[:, : plain.shape[1]], plain, rtol=1e-5, atol=1e-5)
+
+    def novel_neighbours(coords):
+        neighbours = knn(coords, 15, seed=0)
+        return novel[neighbours[novel]].mean()
+
+    assert novel_neighbours(plain) < 0.8  # mixed with type 0
+    assert novel_neighbours(extended) > 0.95

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from anndata.abc import CSRDataset
 
-from labeltransfer.base import _inference
+from labeltransfer.base import _inference, _openset_mixin
 from labeltransfer.base._zarr import is_lazy, open_zarr
 
 FIELDS = ("jind", "jind_prediction", "jind_confidence", "jind_rejected")
@@ -20,6 +20,9 @@ def test_zarr_query_is_annotated_in_chunks_and_written_back(
     model, query = model_and_query
     path = tmp_path / "query.zarr"
     query.write_zarr(path)
+    # the query's residual axes are fitted on a sample of 30 cells, read at once
+    monkeypatch.setattr(_openset_mixin, "MIN_FIT", 30)
+    monkeypatch.setattr(_openset_mixin, "FIT_VALUES", 30 * model.module.n_features)
     expected = model.annotate(query, key_added="jind", copy=True)
 
     reads = []
@@ -33,8 +36,8 @@ def test_zarr_query_is_annotated_in_chunks_and_written_back(
     monkeypatch.setattr(type(open_zarr(path).X), "__getitem__", spy)
     monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)  # several uneven chunks
     assert model.annotate(path, key_added="jind") is None
-    assert reads
-    assert max(reads) <= 37  # X was read 37 cells at a time, never whole
+    assert reads[0] == 30  # the sample
+    assert max(reads[1:]) <= 37  # then X was read 37 cells at a time, never whole
 
     back = ad.read_zarr(path)
     for column in FIELDS:

@@ -157,7 +157,9 @@ class InferenceMixin(DomainStatisticsMixin):
                 if overlap is not None:  # a query: annotate() rejects its cells without counts
                     empty = empty_cells(self, registered)
                     overlap = {**overlap, "empty": empty if indices is None else empty[indices]}
-                outputs = self._forward_by_domain(registered, indices, forward)
+                axes = self._query_residual_axes(registered, indices) if return_coords else None
+                with self._residual(axes):
+                    outputs = self._forward_by_domain(registered, indices, forward)
             finally:  # also on an error or Ctrl+C
                 self._release(registered)
             names = registered.obs_names
@@ -168,7 +170,15 @@ class InferenceMixin(DomainStatisticsMixin):
         filled: dict[str, np.ndarray] = {}
         names, overlap, empty = [], None, []
         step = BACKED_CHUNK_SIZE
-        with self._chunked_query_statistics(adata, positions, harmonize_kwargs):
+        axes = (
+            self._chunked_residual_axes(adata, positions, harmonize_kwargs)
+            if return_coords
+            else None
+        )
+        with (
+            self._chunked_query_statistics(adata, positions, harmonize_kwargs),
+            self._residual(axes),
+        ):
             for start in range(0, positions.size, step):
                 stop = min(start + step, positions.size)
                 # a slice reads a contiguous range; an index array is 20-40x slower on zarr

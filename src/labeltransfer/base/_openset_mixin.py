@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +29,7 @@ from ._openset import (
     scale_groups,
     uncovered_apart,
 )
+from ._query import EMPTY_CELLS_WARNING
 from ._rejection import fit_temperature, per_type_thresholds, query_thresholds
 
 if TYPE_CHECKING:
@@ -131,37 +134,96 @@ class OpenSetMixin:
         """
         seed = settings.seed or 0
         rows = rows[bank_rows(codes[rows], seed=seed)]
-        module = self.module
-        n_fit = max(MIN_FIT, FIT_VALUES // module.n_features)
+        n_fit = max(MIN_FIT, FIT_VALUES // self.module.n_features)
         fit_rows = rows[bank_rows(codes[rows], size=n_fit, seed=seed)]
-        features = np.empty((fit_rows.size, module.n_features), dtype=np.float32)
-        start = 0
-        for tensors in self._make_data_loader(adata=self.adata, indices=fit_rows):
-            x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
-            part = expression_features(x, module).cpu().numpy()
-            features[start : start + part.shape[0]] = part
-            start += part.shape[0]
-        space = ReferenceSpace.fit(features, seed=seed)
-        del features
+        space = ReferenceSpace.fit(self._features(self.adata, fit_rows), seed=seed)
         self.reference_space_ = space.state()  # _coords projects with it from here on
         bank = self._forward(
             self.adata, indices=rows, batch_size=256, return_latent=False, return_coords=True
         )
         self.reference_space_.update(bank=bank.coords, bank_labels=codes[rows].astype(np.int64))
 
+    def _features(self, registered: AnnData, rows: np.ndarray) -> np.ndarray:
+        """Log-normalised model genes of ``rows`` of a registered AnnData (cells x genes)."""
+        module = self.module
+        features = np.empty((rows.size, module.n_features), dtype=np.float32)
+        start = 0
+        for tensors in self._make_data_loader(adata=registered, indices=rows):
+            x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
+            part = expression_features(x, module).cpu().numpy()
+            features[start : start + part.shape[0]] = part
+            start += part.shape[0]
+        return features
+
     @property
     def _reference_space(self) -> ReferenceSpace | None:
         state = getattr(self, "reference_space_", None)
         return None if state is None else ReferenceSpace(**state)
 
+    #: The annotated query's residual axes while it is annotated (:meth:`_residual`).
+    _residual_axes: np.ndarray | None = None
+
     def _coords(self, tensors: dict[str, torch.Tensor]) -> np.ndarray | None:
-        """Coverage-space coordinates of a minibatch (``None`` before the space is fitted)."""
+        """Coverage-space coordinates of a minibatch (``None`` before the space is fitted).
+
+        The reference's components, then, while a query is annotated, its residual axes.
+        """
         space = self._reference_space
         if space is None:
             return None
         module = self.module
         x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
-        return space.project(expression_features(x, module))
+        return space.project(expression_features(x, module), self._residual_axes)
+
+    def _query_residual_axes(
+        self, registered: AnnData, indices: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """Return the residual axes of the query cells among ``indices`` of registered data.
+
+        Fitted on as many evenly spaced cells as the reference's components (at most
+        :data:`FIT_VALUES` values). Why: the reference's components hold no axis for a type
+        the reference lacks, so such a type lands among seen cells in them (Kang, B cells held
+        out: B cells shared query communities and novel groups with T cells); its own genes
+        make the query's largest residual axes. The registered reference cells of a
+        co-trained model are left out.
+        """
+        space = self._reference_space
+        if space is None:
+            return None
+        rows = np.arange(registered.n_obs) if indices is None else np.asarray(indices)
+        query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
+        rows = rows[query] if query.any() else rows
+        if rows.size < 3:
+            return None
+        return space.residual_axes(self._features(registered, self._residual_sample(rows)))
+
+    def _residual_sample(self, rows: np.ndarray) -> np.ndarray:
+        n = min(rows.size, max(MIN_FIT, FIT_VALUES // self.module.n_features))
+        return rows[np.linspace(0, rows.size - 1, n).round().astype(int)]
+
+    def _chunked_residual_axes(
+        self, adata: AnnData, positions: np.ndarray, harmonize_kwargs: dict[str, Any]
+    ) -> np.ndarray | None:
+        """:meth:`_query_residual_axes` of a query read by chunks: its sample is read at once."""
+        if self._reference_space is None or positions.size < 3:
+            return None
+        sample = adata[np.unique(self._residual_sample(positions))].to_memory()
+        with warnings.catch_warnings():  # the empty cells are reported chunk by chunk
+            warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
+            registered, _ = self._prepare(sample, **harmonize_kwargs)
+        try:
+            return self._query_residual_axes(registered)
+        finally:
+            self._release(registered)
+
+    @contextmanager
+    def _residual(self, axes: np.ndarray | None) -> Iterator[None]:
+        """Within the block, coverage coordinates carry the query's residual ``axes``."""
+        self._residual_axes = axes
+        try:
+            yield
+        finally:
+            self._residual_axes = None
 
     # ------------------------------------------------------------------ applying
     def rejection_thresholds(self, theta: float | None = None) -> pd.Series:
@@ -298,7 +360,10 @@ class OpenSetMixin:
         ]
         if not shifted:
             return centred, uncovered, None
-        centred = scale_groups(centred, domains, shifted, space.bank.std(axis=0))
+        shared = space.bank.shape[1]  # the residual axes are the query's own: not scaled
+        centred[:, :shared] = scale_groups(
+            centred[:, :shared], domains, shifted, space.bank.std(axis=0)
+        )
         rescaled = uncovered_apart(space, centred, prediction, query, seed=seed)
         before = float(novel[query].mean())
         record = {
