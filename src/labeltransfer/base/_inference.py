@@ -157,9 +157,9 @@ class InferenceMixin(DomainStatisticsMixin):
                 if overlap is not None:  # a query: annotate() rejects its cells without counts
                     empty = empty_cells(self, registered)
                     overlap = {**overlap, "empty": empty if indices is None else empty[indices]}
-                axes = self._query_residual_axes(registered, indices) if return_coords else None
-                with self._residual(axes):
-                    outputs = self._forward_by_domain(registered, indices, forward)
+                if return_coords:  # passed down, not stored: threads may share the model
+                    forward["residual_axes"] = self._query_residual_axes(registered, indices)
+                outputs = self._forward_by_domain(registered, indices, forward)
             finally:  # also on an error or Ctrl+C
                 self._release(registered)
             names = registered.obs_names
@@ -170,15 +170,11 @@ class InferenceMixin(DomainStatisticsMixin):
         filled: dict[str, np.ndarray] = {}
         names, overlap, empty = [], None, []
         step = BACKED_CHUNK_SIZE
-        axes = (
-            self._chunked_residual_axes(adata, positions, harmonize_kwargs)
-            if return_coords
-            else None
-        )
-        with (
-            self._chunked_query_statistics(adata, positions, harmonize_kwargs),
-            self._residual(axes),
-        ):
+        if return_coords:
+            forward["residual_axes"] = self._chunked_residual_axes(
+                adata, positions, harmonize_kwargs
+            )
+        with self._chunked_query_statistics(adata, positions, harmonize_kwargs):
             for start in range(0, positions.size, step):
                 stop = min(start + step, positions.size)
                 # a slice reads a contiguous range; an index array is 20-40x slower on zarr
@@ -225,8 +221,13 @@ class InferenceMixin(DomainStatisticsMixin):
         inference_kwargs: dict[str, Any] | None = None,
         return_latent: bool = True,
         return_coords: bool = False,
+        residual_axes: np.ndarray | None = None,
     ) -> Outputs:
-        """Logits, embeddings and coverage coordinates of ``adata`` (registered), by batch."""
+        """Logits, embeddings and coverage coordinates of ``adata`` (registered), by batch.
+
+        ``residual_axes``: the query's own axes appended to the coverage coordinates
+        (:meth:`~labeltransfer.base._openset_mixin.OpenSetMixin._query_residual_axes`).
+        """
         self._check_if_trained(warn=False)
         self.module.eval()
         loader = self._make_data_loader(
@@ -242,7 +243,7 @@ class InferenceMixin(DomainStatisticsMixin):
             part = Outputs(
                 outputs["logits"].float().cpu().numpy(),
                 outputs["z"].float().cpu().numpy() if return_latent else None,
-                self._coords(tensors) if return_coords else None,
+                self._coords(tensors, residual_axes) if return_coords else None,
             )
             _fill(filled, part, start, n_cells)
             start += part.logits.shape[0]

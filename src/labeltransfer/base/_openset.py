@@ -49,8 +49,8 @@ residuals, fitted on a sample of the query when it is annotated; the mutual part
 still found in the reference's components alone (the bank has no residual). With them,
 81-96% of the novel-group cells were B cells and 6-10% of the seen cells were rejected
 (10-13% without). What a principal subspace leaves out is the classic novelty signal of
-PCA monitoring (the Q statistic; Jackson & Mudholkar, *Technometrics* 1979) and of ViM
-(Wang et al., *CVPR* 2022); here it shapes the query's graph rather than being a score.
+PCA monitoring (the Q statistic) and of ViM (Wang et al., *CVPR* 2022); here it shapes the
+query's graph rather than being a score.
 
 The novelty score written to ``obs[key + "_novelty"]`` is that uncovered fraction (0 to 1),
 with ties broken by the calibrated confidence: ``uncovered + (1 - confidence) /

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -160,20 +158,19 @@ class OpenSetMixin:
         state = getattr(self, "reference_space_", None)
         return None if state is None else ReferenceSpace(**state)
 
-    #: The annotated query's residual axes while it is annotated (:meth:`_residual`).
-    _residual_axes: np.ndarray | None = None
-
-    def _coords(self, tensors: dict[str, torch.Tensor]) -> np.ndarray | None:
+    def _coords(
+        self, tensors: dict[str, torch.Tensor], residual_axes: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Coverage-space coordinates of a minibatch (``None`` before the space is fitted).
 
-        The reference's components, then, while a query is annotated, its residual axes.
+        The reference's components, then the query's ``residual_axes`` when given.
         """
         space = self._reference_space
         if space is None:
             return None
         module = self.module
         x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
-        return space.project(expression_features(x, module), self._residual_axes)
+        return space.project(expression_features(x, module), residual_axes)
 
     def _query_residual_axes(
         self, registered: AnnData, indices: np.ndarray | None = None
@@ -215,15 +212,6 @@ class OpenSetMixin:
             return self._query_residual_axes(registered)
         finally:
             self._release(registered)
-
-    @contextmanager
-    def _residual(self, axes: np.ndarray | None) -> Iterator[None]:
-        """Within the block, coverage coordinates carry the query's residual ``axes``."""
-        self._residual_axes = axes
-        try:
-            yield
-        finally:
-            self._residual_axes = None
 
     # ------------------------------------------------------------------ applying
     def rejection_thresholds(self, theta: float | None = None) -> pd.Series:
