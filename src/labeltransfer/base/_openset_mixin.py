@@ -195,6 +195,7 @@ class OpenSetMixin:
         return space.residual_axes(self._features(registered, self._residual_sample(rows)))
 
     def _residual_sample(self, rows: np.ndarray) -> np.ndarray:
+        """Evenly spaced ``rows``, as many as the reference's components were fitted on."""
         n = min(rows.size, max(MIN_FIT, FIT_VALUES // self.module.n_features))
         return rows[np.linspace(0, rows.size - 1, n).round().astype(int)]
 
