@@ -32,7 +32,6 @@ statistics agree.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -44,8 +43,6 @@ from torch import nn
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.dataloaders import labelled_mask
-
-from ._query import EMPTY_CELLS_WARNING
 
 #: At most this many query cells, evenly spaced, give the query's statistics.
 STATISTICS_CELLS = 20_000
@@ -244,13 +241,7 @@ class DomainStatisticsMixin:
             yield
             return
         rows = statistics_rows(positions)
-        sample = adata[np.sort(rows)].to_memory()
-        with warnings.catch_warnings():  # the empty cells are reported chunk by chunk
-            warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
-            registered, _ = self._prepare(sample, **harmonize_kwargs)
-        try:
+        with self._registered_sample(adata, rows, harmonize_kwargs) as registered:
             loader = self._query_statistics_loader(registered, np.arange(registered.n_obs))
             with query_statistics(self.module, loader):
                 yield
-        finally:
-            self._release(registered)

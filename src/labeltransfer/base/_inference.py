@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -198,6 +200,23 @@ class InferenceMixin(DomainStatisticsMixin):
         overlap = {**(overlap or {}), "empty": empty}
         outputs = Outputs(*(filled.get(field) for field in Outputs._fields))
         return Inference(*outputs, overlap, names[0].append(names[1:]))
+
+    @contextmanager
+    def _registered_sample(
+        self, adata: AnnData, rows: np.ndarray, harmonize_kwargs: dict[str, Any]
+    ) -> Iterator[AnnData]:
+        """Within the block, ``rows`` of a query read by chunks, in memory and registered.
+
+        Its cells without counts are not reported here: the chunks report them.
+        """
+        sample = adata[np.unique(rows)].to_memory()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
+            registered, _ = self._prepare(sample, **harmonize_kwargs)
+        try:
+            yield registered
+        finally:
+            self._release(registered)
 
     def _release(self, registered: AnnData) -> None:
         """Forget a query AnnData registered only for one inference call.

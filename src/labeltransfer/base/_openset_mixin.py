@@ -27,7 +27,6 @@ from ._openset import (
     scale_groups,
     uncovered_apart,
 )
-from ._query import EMPTY_CELLS_WARNING
 from ._rejection import fit_temperature, per_type_thresholds, query_thresholds
 
 if TYPE_CHECKING:
@@ -132,8 +131,7 @@ class OpenSetMixin:
         """
         seed = settings.seed or 0
         rows = rows[bank_rows(codes[rows], seed=seed)]
-        n_fit = max(MIN_FIT, FIT_VALUES // self.module.n_features)
-        fit_rows = rows[bank_rows(codes[rows], size=n_fit, seed=seed)]
+        fit_rows = rows[bank_rows(codes[rows], size=self._fit_cells, seed=seed)]
         space = ReferenceSpace.fit(self._features(self.adata, fit_rows), seed=seed)
         self.reference_space_ = space.state()  # _coords projects with it from here on
         bank = self._forward(
@@ -194,9 +192,14 @@ class OpenSetMixin:
             return None
         return space.residual_axes(self._features(registered, self._residual_sample(rows)))
 
+    @property
+    def _fit_cells(self) -> int:
+        """Cells the coverage space's PCAs are fitted on: :data:`FIT_VALUES` values, >= MIN_FIT."""
+        return max(MIN_FIT, FIT_VALUES // self.module.n_features)
+
     def _residual_sample(self, rows: np.ndarray) -> np.ndarray:
         """Evenly spaced ``rows``, as many as the reference's components were fitted on."""
-        n = min(rows.size, max(MIN_FIT, FIT_VALUES // self.module.n_features))
+        n = min(rows.size, self._fit_cells)
         return rows[np.linspace(0, rows.size - 1, n).round().astype(int)]
 
     def _chunked_residual_axes(
@@ -205,14 +208,9 @@ class OpenSetMixin:
         """:meth:`_query_residual_axes` of a query read by chunks: its sample is read at once."""
         if self._reference_space is None or positions.size < 3:
             return None
-        sample = adata[np.unique(self._residual_sample(positions))].to_memory()
-        with warnings.catch_warnings():  # the empty cells are reported chunk by chunk
-            warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
-            registered, _ = self._prepare(sample, **harmonize_kwargs)
-        try:
+        rows = self._residual_sample(positions)
+        with self._registered_sample(adata, rows, harmonize_kwargs) as registered:
             return self._query_residual_axes(registered)
-        finally:
-            self._release(registered)
 
     # ------------------------------------------------------------------ applying
     def rejection_thresholds(self, theta: float | None = None) -> pd.Series:
