@@ -67,6 +67,10 @@ def test_open_set_layer_keeps_novel_classes_and_scores_them_novel(trained_scdet)
     assert out.uns[KEY]["rejection"]["n_novel_groups"] == 0  # scDET forms its own
 
 
+def uns_undone(out: ad.AnnData) -> int:
+    return int(out.uns[KEY]["rejection"]["n_covered_novel_calls"])
+
+
 def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
     adata = trained_scdet.adata
     obs_before, obsm_before, uns_before = set(adata.obs), set(adata.obsm), set(adata.uns)
@@ -102,8 +106,17 @@ def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
     assert isinstance(probs, pd.DataFrame)
     assert list(probs.columns) == classes
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(probs.max(axis=1), out.obs[f"{KEY}_confidence"], rtol=1e-6)
-    assert (probs.idxmax(axis=1) == out.obs[f"{KEY}_prediction"].astype(str)).all()
+    # the model's own calls, but for its novel calls the reference covers (a reference type,
+    # its confidence read among the reference types)
+    prediction = out.obs[f"{KEY}_prediction"].astype(str)
+    undone = (probs.idxmax(axis=1) != prediction).to_numpy()
+    assert undone.sum() == uns_undone(out)
+    assert probs.idxmax(axis=1)[undone].str.startswith(NOVEL_PREFIX).all()
+    assert prediction[undone].isin(seen).all()
+    confidence = out.obs[f"{KEY}_confidence"].to_numpy()
+    np.testing.assert_allclose(probs.max(axis=1)[~undone], confidence[~undone], rtol=1e-6)
+    among_seen = probs[seen].max(axis=1) / probs[seen].sum(axis=1)
+    np.testing.assert_allclose(among_seen[undone], confidence[undone], rtol=1e-6)
     embedding = out.obsm[f"X_{KEY}"]
     assert embedding.shape == (out.n_obs, 128)
     assert embedding.dtype == np.float32

@@ -158,15 +158,17 @@ class AnnotateMixin:
             inference_kwargs=inference_kwargs,
         )
         probs = self._probabilities(logits)
-        prediction = probs.argmax(axis=1)
-        confidence = probs.max(axis=1)
-        domains = self._coverage_groups(None if adata is None else target, prediction.size)
-        centred, uncovered, coverage = self._coverage(coords, domains, prediction)
+        domains = self._coverage_groups(None if adata is None else target, len(probs))
+        prediction, confidence, centred, uncovered, coverage, covered_novel = self._covered_calls(
+            probs, coords, domains, rejection
+        )
         rejected, rule = self._reject(
             confidence, prediction, rejection, uncovered, query=domains >= 0
         )
         if coverage is not None:
             rule = {**rule, "coverage": coverage}
+        if covered_novel is not None:
+            rule = {**rule, "n_covered_novel_calls": covered_novel}
         empty = overlap.pop("empty") if overlap is not None else np.zeros_like(rejected)
         if empty.any():  # no count in the model's genes: nothing to base a call on
             rejected = rejected | empty
