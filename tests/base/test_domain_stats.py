@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 import labeltransfer as lt
-from labeltransfer.base import _domain_stats
+from labeltransfer.base import _domain_stats, _inference
 from labeltransfer.base._domain_stats import (
     STATISTICS_CELLS,
     fit_statistics,
@@ -137,6 +139,24 @@ def test_reference_cells_keep_the_reference_statistics(scnym):
     with_query = model.predict(soft=True).to_numpy()[is_reference]
     direct = model._forward(adata, indices=np.flatnonzero(is_reference)).logits
     np.testing.assert_allclose(with_query, model._probabilities(direct), rtol=1e-5, atol=1e-6)
+
+
+def test_a_query_read_by_chunks_gets_its_in_memory_annotation(
+    scnym, shifted, tmp_path, monkeypatch
+):
+    """Backed, its statistics and residual axes come from samples, then 37-cell chunks."""
+    model, _ = scnym
+    query = shifted[1]
+    expected = model.annotate(query, key_added="scnym", copy=True)
+    query.write_h5ad(tmp_path / "query.h5ad")
+    monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    model.annotate(backed, key_added="scnym")
+    for column in ("scnym", "scnym_prediction", "scnym_rejected"):
+        pd.testing.assert_series_equal(backed.obs[column], expected.obs[column])
+    for column in ("scnym_confidence", "scnym_novelty"):
+        np.testing.assert_allclose(backed.obs[column], expected.obs[column], rtol=1e-5)
+    backed.file.close()
 
 
 def test_a_query_too_small_for_statistics_keeps_the_reference_statistics(scnym, shifted):
