@@ -319,10 +319,14 @@ class OpenSetMixin:
         n_seen = len(self.cell_types)
         if probs.shape[1] == n_seen or self._resolve_rule(rule) != "openset":
             return (prediction, confidence, *self._coverage(coords, domains, prediction), None)
+        own = prediction >= n_seen
+        if not own.any():
+            return (prediction, confidence, *self._coverage(coords, domains, prediction), 0)
         seen = probs[:, :n_seen]
         best = seen.argmax(axis=1)
-        own = prediction >= n_seen
-        uncovered = self._coverage(coords, domains, np.where(own, best, prediction))[1]
+        with warnings.catch_warnings():  # a rescaled domain is reported by the final pass
+            warnings.simplefilter("ignore", UserWarning)
+            uncovered = self._coverage(coords, domains, np.where(own, best, prediction))[1]
         moved = np.zeros_like(own)
         if uncovered is not None:  # a model saved before the layer keeps its calls
             for novel in np.unique(prediction[own]):
