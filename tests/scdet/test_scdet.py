@@ -67,10 +67,6 @@ def test_open_set_layer_keeps_novel_classes_and_scores_them_novel(trained_scdet)
     assert out.uns[KEY]["rejection"]["n_novel_groups"] == 0  # scDET forms its own
 
 
-def uns_undone(out: ad.AnnData) -> int:
-    return int(out.uns[KEY]["rejection"]["n_covered_novel_calls"])
-
-
 def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
     adata = trained_scdet.adata
     obs_before, obsm_before, uns_before = set(adata.obs), set(adata.obsm), set(adata.uns)
@@ -110,7 +106,7 @@ def test_annotate_writes_exactly_the_documented_fields(trained_scdet, tmp_path):
     # its confidence read among the reference types)
     prediction = out.obs[f"{KEY}_prediction"].astype(str)
     undone = (probs.idxmax(axis=1) != prediction).to_numpy()
-    assert undone.sum() == uns_undone(out)
+    assert undone.sum() == out.uns[KEY]["rejection"]["n_covered_novel_calls"]
     assert probs.idxmax(axis=1)[undone].str.startswith(NOVEL_PREFIX).all()
     assert prediction[undone].isin(seen).all()
     confidence = out.obs[f"{KEY}_confidence"].to_numpy()

@@ -145,7 +145,7 @@ class AnnotateMixin:
             target = target.copy()
         self._check_output_key(target, key, store=zarr_path)
         self._check_if_trained(warn=False)
-        self._resolve_rule(rejection)  # a wrong rule or novel= fails before any inference
+        rule_name = self._resolve_rule(rejection)  # a wrong rule fails before inference
         self._check_novel(novel)
         inference_kwargs = self._inference_kwargs(target, **inference_options)
         logits, latent, coords, overlap, _ = self._infer(
@@ -160,7 +160,7 @@ class AnnotateMixin:
         probs = self._probabilities(logits)
         domains = self._coverage_groups(None if adata is None else target, len(probs))
         prediction, confidence, centred, uncovered, coverage, covered_novel = self._covered_calls(
-            probs, coords, domains, rejection
+            probs, coords, domains, rule_name
         )
         rejected, rule = self._reject(
             confidence, prediction, rejection, uncovered, query=domains >= 0
