@@ -383,6 +383,8 @@ def test_bad_input_raises(scdet_adata, scdet_pair):
         model.train(max_epochs=1, plan_kwargs={"rho": 2.0}, **FAST)
     with pytest.raises(ValueError, match="max_epochs"):
         model.train(max_epochs=0, **FAST)
+    with pytest.raises(ValueError, match="pseudo_labels must be one of None, True, False"):
+        model.train(max_epochs=1, pseudo_labels="yes", **FAST)
     with pytest.raises(RuntimeError, match="not been trained|train"):
         model.predict()
 
@@ -392,6 +394,27 @@ def test_bad_input_raises(scdet_adata, scdet_pair):
     ref_model = lt.SCDET(ref, n_novel=1, n_top_genes=None)
     with pytest.raises(ValueError, match="n_novel=1 novel classes are learned from target"):
         ref_model.train(max_epochs=1, **FAST)
+
+
+def test_pseudo_labels_are_trained_only_with_novel_classes(scdet_adata, trained_scdet):
+    """Without novel classes the target is trained with the representation objective alone."""
+
+    def self_training_loss(model) -> float:
+        return float(model.history["train_self_training_loss"].iloc[-1, 0])
+
+    assert trained_scdet.training_summary_["pseudo_labels"] is True
+    assert self_training_loss(trained_scdet) > 0
+    for pseudo_labels, expected in ((None, False), (True, True)):
+        scvi.settings.seed = 0
+        adata = scdet_adata.copy()
+        lt.SCDET.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")
+        model = lt.SCDET(adata, n_novel=0, n_top_genes=None)
+        model.train(max_epochs=3, pseudo_labels=pseudo_labels, **FAST)
+        assert model.training_summary_["pseudo_labels"] is expected
+        assert (self_training_loss(model) > 0) is expected
+        assert (float(model.history["train_soft_contrastive_loss"].iloc[-1, 0]) > 0) is expected
+        # the reference cross-entropy and the contrastive loss on all cells are trained either way
+        assert float(model.history["train_unsupervised_contrastive_loss"].iloc[-1, 0]) > 0
 
 
 def test_same_seed_same_predictions(scdet_adata):
