@@ -415,6 +415,13 @@ def test_pseudo_labels_are_trained_only_with_novel_classes(scdet_adata, trained_
         assert (float(model.history["train_soft_contrastive_loss"].iloc[-1, 0]) > 0) is expected
         # the reference cross-entropy and the contrastive loss on all cells are trained either way
         assert float(model.history["train_unsupervised_contrastive_loss"].iloc[-1, 0]) > 0
+    # switched off for a model with novel classes: they stay untrained, and it says so
+    adata = scdet_adata.copy()
+    lt.SCDET.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")
+    model = lt.SCDET(adata, n_novel=2, n_top_genes=None)
+    with pytest.warns(UserWarning, match="pseudo_labels=False leaves the 2 novel class"):
+        model.train(max_epochs=1, pseudo_labels=False, **FAST)
+    assert model.training_summary_["pseudo_labels"] is False
 
 
 def test_same_seed_same_predictions(scdet_adata):

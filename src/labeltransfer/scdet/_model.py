@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -386,7 +387,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
             accuracy on the Granja scATAC donors went 0.32 -> 0.69 and 0.31 -> 0.63 (seeds
             0, 1), on strongly shifted CellBench 0.83 -> 0.94 and on pbmc68k 0.74 -> 0.81
             (seed 0), on strongly shifted Kang 0.69 -> 0.68. ``True``: always (the paper);
-            ``False``: never (novel classes then stay untrained).
+            ``False``: never (novel classes then stay untrained; a warning says so).
         %(param_accelerator)s
         %(param_devices)s
         plan_kwargs
@@ -475,6 +476,15 @@ class SCDET(AnnotationMixin, BaseModelClass):
         )
         if not arguments["pseudo_labels"]:  # the representation objective of the warm-up
             options["config"] = replace(options["config"], warmup=True)
+            if self.module.n_novel:
+                warnings.warn(
+                    f"SCDET.train: pseudo_labels=False leaves the {self.module.n_novel} novel "
+                    "class(es) untrained (they are learned from the pseudo-labels alone). "
+                    "Create the model with n_novel=0 to leave novel cells to the open-set "
+                    "layer, or pass pseudo_labels=None.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         estimation = DistributionEstimation(
             arguments["estimation_interval"],
             stop_tol=arguments["early_stopping_tol"] if arguments["early_stopping"] else None,
