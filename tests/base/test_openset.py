@@ -8,7 +8,6 @@ from sklearn.metrics import roc_auc_score
 import labeltransfer as lt
 from labeltransfer.base import _openset as openset
 from labeltransfer.base._neighbors import knn
-from labeltransfer.base._openset_mixin import OpenSetMixin
 
 
 def _space(reference) -> openset.ReferenceSpace:
@@ -315,49 +314,3 @@ def test_residual_axes_separate_a_type_the_reference_has_no_axis_for():
 
     assert novel_neighbours(plain) < 0.8  # mixed with type 0
     assert novel_neighbours(extended) > 0.95
-
-
-class _OwnNovelClasses(OpenSetMixin):
-    """The layer's part of a model with novel classes of its own (as scDET), on ``planted``."""
-
-    def __init__(self, space: openset.ReferenceSpace):
-        self.reference_space_ = space.state()
-        self.cell_types = ["type_0", "type_1", "type_2", "type_3"]
-        self.rejection_ = {"rule": "openset"}
-
-
-def test_own_novel_classes_the_reference_covers_get_their_reference_type(planted):
-    space, coords, prediction, novel = planted
-    # the model's novel class 4 took the seen type_1 whole; class 5 holds the planted novel
-    # type and, a minority, 20 cells of the seen type_2
-    took = ~novel & (prediction == 1)
-    joined = np.flatnonzero(~novel & (prediction == 2))[:20]
-    probs = np.full((len(prediction), 6), 0.02)
-    probs[np.arange(len(prediction)), prediction] = 0.3
-    probs[took, 4] = 0.6
-    probs[novel, 5] = 0.6
-    probs[joined, 5] = 0.6
-    probs /= probs.sum(axis=1, keepdims=True)
-    model = _OwnNovelClasses(space)
-    domains = np.zeros(len(prediction), dtype=np.int64)
-
-    calls, confidence, _, uncovered, _, undone = model._covered_calls(
-        probs, coords, domains, "openset"
-    )
-    np.testing.assert_array_equal(calls[took], 1)  # the whole class goes back
-    assert undone == took.sum()
-    # its confidence is read among the reference types: 0.3 / (0.3 + 3 x 0.02)
-    np.testing.assert_allclose(confidence[took], 0.3 / 0.36, rtol=1e-6)
-    np.testing.assert_array_equal(calls[novel], 5)  # an uncovered class stays whole
-    np.testing.assert_array_equal(calls[joined], 5)
-    kept = ~novel & ~took
-    kept[joined] = False
-    np.testing.assert_array_equal(calls[kept], prediction[kept])
-    # the coverage is that of the final calls: a novel-class call is never covered
-    assert (uncovered[novel] > openset.NOVEL_CUT).mean() > 0.9
-
-    # the other rules keep the model's own calls
-    calls, confidence, *_, undone = model._covered_calls(probs, coords, domains, "per_type")
-    np.testing.assert_array_equal(calls, probs.argmax(axis=1))
-    np.testing.assert_array_equal(confidence, probs.max(axis=1))
-    assert undone is None

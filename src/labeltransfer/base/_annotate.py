@@ -145,7 +145,7 @@ class AnnotateMixin:
             target = target.copy()
         self._check_output_key(target, key, store=zarr_path)
         self._check_if_trained(warn=False)
-        rule_name = self._resolve_rule(rejection)  # a wrong rule fails before inference
+        self._resolve_rule(rejection)  # a wrong rule or novel= fails before any inference
         self._check_novel(novel)
         inference_kwargs = self._inference_kwargs(target, **inference_options)
         logits, latent, coords, overlap, _ = self._infer(
@@ -158,17 +158,15 @@ class AnnotateMixin:
             inference_kwargs=inference_kwargs,
         )
         probs = self._probabilities(logits)
-        domains = self._coverage_groups(None if adata is None else target, len(probs))
-        prediction, confidence, centred, uncovered, coverage, covered_novel = self._covered_calls(
-            probs, coords, domains, rule_name
-        )
+        prediction = probs.argmax(axis=1)
+        confidence = probs.max(axis=1)
+        domains = self._coverage_groups(None if adata is None else target, prediction.size)
+        centred, uncovered, coverage = self._coverage(coords, domains, prediction)
         rejected, rule = self._reject(
             confidence, prediction, rejection, uncovered, query=domains >= 0
         )
         if coverage is not None:
             rule = {**rule, "coverage": coverage}
-        if covered_novel is not None:
-            rule = {**rule, "n_covered_novel_calls": covered_novel}
         empty = overlap.pop("empty") if overlap is not None else np.zeros_like(rejected)
         if empty.any():  # no count in the model's genes: nothing to base a call on
             rejected = rejected | empty

@@ -303,39 +303,6 @@ class OpenSetMixin:
         )
         return (seen & (confidence < applied[prediction])) | not_covered, rule
 
-    def _covered_calls(
-        self, probs: np.ndarray, coords: np.ndarray | None, domains: np.ndarray, rule: Rejection
-    ) -> tuple[np.ndarray, np.ndarray, Any, Any, dict[str, Any] | None, int | None]:
-        """Return calls, confidences, :meth:`_coverage`'s three values and novel calls undone.
-
-        ``rule`` is resolved (:meth:`_resolve_rule`). Under ``"openset"``, each of the model's
-        own novel classes (scDET) is tested with its cells called their most probable reference
-        type: a class most of whose cells the reference then covers is a seen type, and its
-        cells get that type (confidence read among the reference types). Measured (scDET,
-        CellBench Drop-seq -> CEL-seq2, H2228 held out, seed 0): its novel class had taken the
-        seen H1975 line (100% covered; true novel classes 2-8%): 61% of the seen cells
-        rejected, AUROC 0.44; with the test 6% and 1.00.
-        """
-        prediction, confidence = probs.argmax(axis=1), probs.max(axis=1)
-        n_seen = len(self.cell_types)
-        tested = probs.shape[1] > n_seen and rule == "openset"
-        own = prediction >= n_seen
-        if tested and own.any():
-            seen = probs[:, :n_seen]
-            best = seen.argmax(axis=1)
-            with warnings.catch_warnings():  # a rescaled domain is reported by the final pass
-                warnings.simplefilter("ignore", UserWarning)
-                uncovered = self._coverage(coords, domains, np.where(own, best, prediction))[1]
-            moved = np.zeros_like(own)
-            if uncovered is not None:  # a model saved before the layer keeps its calls
-                for novel in np.unique(prediction[own]):
-                    cells = prediction == novel
-                    moved[cells] = (uncovered[cells] <= NOVEL_CUT).mean() > 0.5
-            prediction = np.where(moved, best, prediction)
-            confidence = np.where(moved, seen.max(axis=1) / seen.sum(axis=1), confidence)
-        undone = int((prediction != probs.argmax(axis=1)).sum()) if tested else None
-        return prediction, confidence, *self._coverage(coords, domains, prediction), undone
-
     def _coverage_groups(self, adata: AnnData | None, n_cells: int) -> np.ndarray:
         """Return the domain of each annotated cell, each centred on its own mean.
 
