@@ -471,10 +471,9 @@ class SCDET(AnnotationMixin, BaseModelClass):
                 options["config"], reference_fraction=n_ref_train / (n_ref_train + n_query)
             )
         pseudo_labels = arguments["pseudo_labels"]
-        arguments["pseudo_labels"] = (
-            self.module.n_novel > 0 if pseudo_labels is None else pseudo_labels
-        )
-        if not arguments["pseudo_labels"]:  # the representation objective of the warm-up
+        if pseudo_labels is None:
+            pseudo_labels = self.module.n_novel > 0
+        if not pseudo_labels:  # the representation objective of the warm-up
             options["config"] = replace(options["config"], warmup=True)
             if self.module.n_novel:
                 warnings.warn(
@@ -505,7 +504,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
             "n_novel_estimated": self.n_novel_estimate_ is not None,
             "estimation_interval": int(arguments["estimation_interval"]),
             "estimation_epochs": [] if estimation is None else list(estimation.epochs),
-            "pseudo_labels": bool(arguments["pseudo_labels"]),
+            "pseudo_labels": not plan.config.warmup,
             "lr": float(arguments["lr"]),
         }
 
