@@ -96,3 +96,24 @@ def test_peak_input_can_be_declared_or_turned_off():
     assert lt.JIND(lognorm).module.peak_weights is None  # not counts: used as given
     with pytest.raises(ValueError, match="input_type='peaks' needs the peak counts"):
         lt.JIND(lognorm, input_type="peaks")
+
+
+def test_open_set_layer_reads_peaks_as_unit_length_tfidf():
+    from labeltransfer.base._openset import expression_features
+
+    adata = _peak_anndata()
+    lt.JIND.setup_anndata(adata, labels_key="cell_type")
+    module = lt.JIND(adata).module
+    x = torch.as_tensor(adata.X.toarray())
+    features = expression_features(x, module)
+    tfidf = normalize_input(x, module.feature_idx, "counts", 1e6, module.peak_weights)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(adata.n_obs))
+    torch.testing.assert_close(features * tfidf.norm(dim=1, keepdim=True), tfidf)
+    genes = _peak_anndata()
+    genes.var_names = [f"gene_{i}" for i in range(genes.n_vars)]
+    lt.JIND.setup_anndata(genes, labels_key="cell_type")
+    module = lt.JIND(genes).module  # genes: log(CP10k + 1), not scaled
+    x = torch.as_tensor(genes.X.toarray())
+    torch.testing.assert_close(
+        expression_features(x, module), normalize_input(x, module.feature_idx, "counts", 1e4)
+    )

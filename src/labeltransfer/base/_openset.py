@@ -125,11 +125,21 @@ _BLOCK = 4096
 def expression_features(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """``log1p`` counts per 10,000 of the module's genes (log-normalised input as given).
 
-    Peaks (a module with ``peak_weights``) are read as the module reads them: TF-IDF.
+    Peaks (a module with ``peak_weights``) are read as the module reads them, TF-IDF, and
+    each cell is then scaled to unit length, so that distances are cosine distances, as in
+    the LSI of scATAC-seq tools. Why: a cell's TF-IDF values are its open peaks' weights
+    divided by its number of open peaks, so without the scaling a cell's depth set its
+    place in the space as much as its peaks did. Measured on the Granja scATAC donors
+    (``atac_novel_b``, 17_B held out, 3 seeds): 58% of the query's cells had a mutual
+    reference partner, 91% with the scaling (JIND, seed 2, all types kept), and the open-set
+    AUROC rose from 0.654 / 0.807 / 0.721 to 0.773 / 0.935 / 0.929 (JIND, scNym, CellPredX).
     """
-    return normalize_input(
+    features = normalize_input(
         x, module.feature_idx, module.input_type, TARGET_SUM, module.peak_weights
     )
+    if module.peak_weights is None:
+        return features
+    return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def bank_rows(labels: np.ndarray, size: int = BANK_SIZE, seed: int = 0) -> np.ndarray:
