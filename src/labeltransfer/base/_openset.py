@@ -129,10 +129,10 @@ def expression_features(x: torch.Tensor, module: torch.nn.Module) -> torch.Tenso
     each cell is then scaled to unit length, so that distances are cosine distances, as in
     the LSI of scATAC-seq tools. Why: a cell's TF-IDF values are its open peaks' weights
     divided by its number of open peaks, so without the scaling a cell's depth set its
-    place in the space as much as its peaks did. Measured on the Granja scATAC donors
-    (``atac_novel_b``, 17_B held out, 3 seeds): 58% of the query's cells had a mutual
-    reference partner, 91% with the scaling (JIND, seed 2, all types kept), and the open-set
-    AUROC rose from 0.654 / 0.807 / 0.721 to 0.773 / 0.935 / 0.929 (JIND, scNym, CellPredX).
+    place in the space as much as its peaks did. Measured on the Granja scATAC donors (full
+    suite, 3 seeds): with 17_B held out the open-set AUROC rose from 0.654 / 0.807 / 0.648 /
+    0.721 to 0.774 / 0.936 / 0.669 / 0.929 (JIND, scNym, scDET, CellPredX); with every type
+    kept, 91% of the query's cells had a mutual reference partner, 58% before (JIND, seed 2).
     """
     features = normalize_input(
         x, module.feature_idx, module.input_type, TARGET_SUM, module.peak_weights
