@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import scvi
+from sklearn.metrics import roc_auc_score
 
 import labeltransfer as lt
 
@@ -67,8 +68,6 @@ def test_granja_scatac_held_out_b_cells_rank_as_novel(shared_data):
     scaling this run's AUROC was 0.67 (0.89 with it) and it rejected or grouped as novel 28%
     of the seen cells (4%).
     """
-    from sklearn.metrics import roc_auc_score
-
     adata = ad.read_h5ad(shared_data / "granja2019_bmmc_atac.h5ad")
     donor = adata.obs["batch"] == "BMMC_D6T1"
     reference = adata[donor & (adata.obs["cell_type"] != "17_B")].copy()

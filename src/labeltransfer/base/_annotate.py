@@ -145,7 +145,7 @@ class AnnotateMixin:
             target = target.copy()
         self._check_output_key(target, key, store=zarr_path)
         self._check_if_trained(warn=False)
-        self._resolve_rule(rejection)  # a wrong rule or novel= fails before any inference
+        self._resolve_rule(rejection)  # a wrong rule fails before any inference
         self._check_novel(novel)
         inference_kwargs = self._inference_kwargs(target, **inference_options)
         logits, latent, coords, overlap, _ = self._infer(

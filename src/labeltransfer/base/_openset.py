@@ -139,7 +139,7 @@ def expression_features(x: torch.Tensor, module: torch.nn.Module) -> torch.Tenso
     )
     if module.peak_weights is None:
         return features
-    return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.nn.functional.normalize(features, dim=1)
 
 
 def bank_rows(labels: np.ndarray, size: int = BANK_SIZE, seed: int = 0) -> np.ndarray:
