@@ -72,6 +72,22 @@ def test_novel_groups_gather_the_planted_type(planted):
     assert novel[largest].mean() > 0.9  # the largest group is the planted type
 
 
+def test_novel_groups_of_many_candidates_are_found_on_a_sample(monkeypatch):
+    """Above COMMUNITY_SAMPLE candidates, the communities of a sample are spread to the rest."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 6, (4, 10))
+    truth = np.repeat([0, 1, 2, 3], [900, 600, 300, 200])
+    coords = (centres[truth] + rng.normal(0, 1, (truth.size, 10))).astype(np.float32)
+    candidates = np.ones(truth.size, bool)
+    whole = openset.novel_groups(coords, candidates, min_cells=10)
+    monkeypatch.setattr(openset, "COMMUNITY_SAMPLE", 400)
+    monkeypatch.setattr(openset, "BANK_SIZE", 150)
+    sampled = openset.novel_groups(coords, candidates, min_cells=10)
+    assert pd.crosstab(truth, sampled).shape == (4, 4)  # one group per planted cluster
+    assert (pd.crosstab(truth, sampled).max(axis=1) == np.bincount(truth)).all()
+    assert np.array_equal(whole, sampled)  # numbered by size, so the same numbers
+
+
 def test_a_query_without_a_new_type_is_covered():
     reference, query = lt.data.synthetic(
         n_reference=600, n_query=400, n_genes=300, n_types=4, batch_shift=0.5, seed=5

@@ -267,22 +267,36 @@ def _nearest(bank: np.ndarray, points: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _nearest_reversed(points: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
-    """``k`` nearest ``points`` of each bank row, by blocks of ``points`` (memory bounded)."""
-    k = min(k, len(points))
+def _mutual_search(
+    bank: np.ndarray, points: np.ndarray, k: int, k_query: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's ``k`` nearest bank rows and each bank row's ``k_query`` nearest points.
+
+    One pass of exact distances, by blocks of points (memory bounded). A bank row's running
+    ``k_query``-th distance bounds what a later block can add to its list, so a block's
+    reverse ranking covers only as many of its points as beat that bound for some row: on
+    a 1,000,000-cell query, a few per block instead of ``k_query`` (both searches took 27 s
+    here on 300,000 cells in one pass, 32 s as two).
+    """
+    k, k_query = min(k, len(bank)), min(k_query, len(points))
     bank_t = torch.as_tensor(bank, dtype=torch.float32)
-    best_d = torch.full((len(bank), 0), float("inf"))
-    best_i = torch.zeros((len(bank), 0), dtype=torch.long)
+    to_bank = np.empty((len(points), k), dtype=np.int64)
+    best_d = torch.full((len(bank), k_query), float("inf"))
+    best_i = torch.zeros((len(bank), k_query), dtype=torch.long)
     for start in range(0, len(points), _BLOCK):
         block = torch.as_tensor(points[start : start + _BLOCK], dtype=torch.float32)
-        dist = torch.cdist(bank_t, block)
-        take = min(k, block.shape[0])
-        d, i = dist.topk(take, largest=False)
-        best_d = torch.cat([best_d, d], dim=1)
-        best_i = torch.cat([best_i, i + start], dim=1)
-        order = best_d.topk(min(k, best_d.shape[1]), largest=False)[1]
-        best_d, best_i = best_d.gather(1, order), best_i.gather(1, order)
-    return best_i.numpy()
+        dist = torch.cdist(block, bank_t)
+        to_bank[start : start + len(block)] = dist.topk(k, dim=1, largest=False)[1]
+        reverse = dist.T.contiguous()  # bank rows x block points
+        beats = reverse < best_d[:, -1:]
+        take = int(beats.sum(dim=1).max())
+        if take == 0:
+            continue
+        d, i = reverse.masked_fill_(~beats, float("inf")).topk(take, dim=1, largest=False)
+        d, i = torch.cat([best_d, d], dim=1), torch.cat([best_i, i + start], dim=1)
+        order = d.topk(k_query, dim=1, largest=False)[1]
+        best_d, best_i = d.gather(1, order), i.gather(1, order)
+    return to_bank, best_i.numpy()
 
 
 def centre_by_group(coords: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -338,8 +352,7 @@ def uncovered_fraction(
     k = N_MUTUAL
     k_query = int(np.clip(round(k * n_query / n_bank), k, MAX_QUERY_NEIGHBORS))
     shared = coords[:, : space.bank.shape[1]]  # the reference's components
-    to_bank = _nearest(space.bank, shared, k)  # query -> reference
-    to_query = _nearest_reversed(shared, space.bank, k_query)  # reference -> query
+    to_bank, to_query = _mutual_search(space.bank, shared, k, k_query)
     pairs = np.unique(np.repeat(np.arange(n_bank), to_query.shape[1]) * n_query + to_query.ravel())
     mutual = np.isin(to_bank * n_query + np.arange(n_query)[:, None], pairs)
     partnered = mutual.any(axis=1)  # a mutual partner of any type
@@ -448,6 +461,13 @@ def novel_groups(
 ) -> np.ndarray:
     """Leiden communities of the candidate cells with at least ``min_cells`` cells.
 
+    More than :data:`COMMUNITY_SAMPLE` candidates: the communities are found on a sample of
+    that size, and each other candidate joins the community most of its
+    :data:`N_NEIGHBORS` nearest anchors belong to: :data:`BANK_SIZE` sampled candidates,
+    stratified by community as the reference bank is by type (at least
+    :data:`MIN_PER_TYPE` of each). Leiden on all 990,000 candidates of a 1,000,000-cell
+    query took 4 min here; on 267,000 of 400,000 cells, the sampled search took 22 s.
+
     Returns one group number per candidate cell (``0, 1, ...`` by decreasing size), ``-1``
     for cells outside every large enough community.
     """
@@ -457,8 +477,21 @@ def novel_groups(
     groups = np.full(rows.size, -1, dtype=np.int64)
     if rows.size < max(min_cells, 2):
         return groups
-    neighbours = knn(coords[rows], min(N_NEIGHBORS, rows.size - 1), seed=seed)
-    membership = leiden(neighbours, 0.5, seed)
+    sample = np.arange(rows.size)
+    if rows.size > COMMUNITY_SAMPLE:
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(rows.size, COMMUNITY_SAMPLE, replace=False))
+    points = coords[rows[sample]]
+    membership = leiden(knn(points, min(N_NEIGHBORS, sample.size - 1), seed=seed), 0.5, seed)
+    if sample.size < rows.size:
+        from scipy.stats import mode
+
+        found, membership = membership, np.empty(rows.size, dtype=np.int64)
+        membership[sample] = found
+        rest = np.setdiff1d(np.arange(rows.size), sample, assume_unique=True)
+        anchors = bank_rows(found, BANK_SIZE, seed)  # MIN_PER_TYPE anchors per community at least
+        nearest = _nearest(points[anchors], coords[rows[rest]], N_NEIGHBORS)
+        membership[rest] = mode(found[anchors][nearest], axis=1, keepdims=False).mode
     sizes = np.bincount(membership)
     order = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= min_cells]
     for number, community in enumerate(order):
