@@ -98,6 +98,31 @@ def test_determinism():
     assert d_ref.obs.equals(a_ref.obs)
 
 
+def test_query_seed_draws_independent_parts_of_one_query():
+    kwargs = {"n_reference": 300, "n_genes": 60, "n_markers": 6, "n_types": 3, "seed": 7}
+    ref_a, part_a = synthetic(n_query=300, query_seed=1, **kwargs)
+    ref_b, part_b = synthetic(n_query=300, query_seed=2, **kwargs)
+    ref, whole = synthetic(n_query=300, **kwargs)
+    # one reference, one set of programmes; other cells in each part
+    assert (ref_a.X != ref.X).nnz == 0
+    assert (ref_b.X != ref.X).nnz == 0
+    assert part_a.uns["markers"] == whole.uns["markers"]
+    assert (part_a.X != part_b.X).nnz > 0
+    again = synthetic(n_query=300, query_seed=1, **kwargs)[1]
+    assert (again.X != part_a.X).nnz == 0
+
+    def type_means(adata):
+        x = np.log1p(adata.X.toarray())
+        labels = adata.obs["cell_type"].to_numpy()
+        return np.stack([x[labels == t].mean(axis=0) for t in sorted(set(labels))])
+
+    # the parts share the query's shift and programmes: their type means agree as closely
+    # as two halves of the whole query do, and differ from another seed's query
+    other = synthetic(n_query=300, **{**kwargs, "seed": 8})[1]
+    gap = np.abs(type_means(part_a) - type_means(part_b)).mean()
+    assert gap < 0.5 * np.abs(type_means(part_a) - type_means(other)).mean()
+
+
 def test_negative_binomial_moments():
     reference, _ = synthetic(
         n_reference=4000, n_query=5, n_genes=20, n_types=1, n_markers=0, library_size=200.0,

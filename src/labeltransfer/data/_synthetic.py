@@ -164,6 +164,7 @@ def synthetic(
     imbalance: float = 1.0,
     library_size: float = 2000.0,
     seed: int = 0,
+    query_seed: int | None = None,
     chunk_size: int = 50000,
 ) -> tuple[AnnData, AnnData]:
     """Simulate a labelled reference and a query of raw counts.
@@ -204,6 +205,11 @@ def synthetic(
         Median number of counts per cell.
     seed
         Random seed; the result is deterministic for a given seed and ``chunk_size``.
+    query_seed
+        Seed of the query's cells alone, when given: the types' programmes, the batch shift
+        and the reference still come from ``seed``, so calls with one ``seed`` and several
+        ``query_seed`` draw independent parts of one query (a large query written part by
+        part, never whole in memory).
     chunk_size
         Number of cells assembled into one CSR block before the final stacking.
 
@@ -271,6 +277,8 @@ def synthetic(
     rng_params, rng_ref, rng_query = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )
+    if query_seed is not None:
+        rng_query = np.random.default_rng([seed, query_seed])
     type_names = [f"type_{i}" for i in range(n_all)]
     gene_names = [f"gene_{i}" for i in range(n_genes)]
 
