@@ -431,11 +431,8 @@ def uncovered_communities(
     from ._neighbors import knn, leiden
 
     n = len(coords)
-    sample = np.arange(n)
-    graph = neighbours
-    if n > COMMUNITY_SAMPLE:
-        sample = np.sort(np.random.default_rng(seed).choice(n, COMMUNITY_SAMPLE, replace=False))
-        graph = knn(coords[sample], N_NEIGHBORS, seed=seed)
+    sample = _community_sample(n, seed)
+    graph = neighbours if sample.size == n else knn(coords[sample], N_NEIGHBORS, seed=seed)
     membership = leiden(graph, COMMUNITY_RESOLUTION, seed)
     sizes = np.bincount(membership)
     share = np.bincount(membership, weights=~partnered[sample]) / sizes
@@ -457,6 +454,17 @@ def uncovered_communities(
         decided[rows] = True
         todo = todo[~reached]
     return flagged
+
+
+def _community_sample(n: int, seed: int) -> np.ndarray:
+    """Sorted positions of the ``n`` cells communities are found on (a sample above the cap).
+
+    A query of at most :data:`COMMUNITY_SAMPLE` cells keeps them all; a larger one a random
+    :data:`COMMUNITY_SAMPLE` of them.
+    """
+    if n <= COMMUNITY_SAMPLE:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, COMMUNITY_SAMPLE, replace=False))
 
 
 def novelty_score(uncovered: np.ndarray, confidence: np.ndarray) -> np.ndarray:
@@ -485,10 +493,7 @@ def novel_groups(
     groups = np.full(rows.size, -1, dtype=np.int64)
     if rows.size < max(min_cells, 2):
         return groups
-    sample = np.arange(rows.size)
-    if rows.size > COMMUNITY_SAMPLE:
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(rows.size, COMMUNITY_SAMPLE, replace=False))
+    sample = _community_sample(rows.size, seed)
     points = coords[rows[sample]]
     membership = leiden(knn(points, min(N_NEIGHBORS, sample.size - 1), seed=seed), 0.5, seed)
     if sample.size < rows.size:
