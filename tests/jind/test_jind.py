@@ -103,6 +103,26 @@ def test_rejection_rules(trained_jind, synthetic_pair):
         trained_jind.annotate(query, rejection=1.5)
 
 
+def test_rules_without_coverage_skip_the_test(trained_jind, synthetic_pair, monkeypatch):
+    """Only "openset" runs the coverage test; the others give the same calls without it."""
+    query = synthetic_pair[1].copy()
+    trained_jind.annotate(query, key_added="r")
+    openset = query.obs[["r_prediction", "r_confidence"]].copy()
+    assert "r_novelty" in query.obs
+
+    def no_coverage(*args, **kwargs):
+        raise AssertionError("the coverage test ran for a rule that does not read it")
+
+    monkeypatch.setattr(type(trained_jind), "_query_residual_axes", no_coverage)
+    monkeypatch.setattr(type(trained_jind), "_coverage", no_coverage)
+    for rule in ("per_type", 0.9, None):
+        with pytest.warns(UserWarning, match="Overwriting the previous annotation"):
+            trained_jind.annotate(query, key_added="r", rejection=rule)
+        pd.testing.assert_frame_equal(query.obs[["r_prediction", "r_confidence"]], openset)
+        assert "r_novelty" not in query.obs  # the earlier score is not left beside new calls
+        assert "n_novel_groups" not in query.uns["r"]["rejection"]
+
+
 def test_thresholds_follow_theta(trained_jind):
     low = trained_jind.rejection_thresholds(0.05)
     high = trained_jind.rejection_thresholds(0.3)

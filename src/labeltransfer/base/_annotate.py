@@ -61,7 +61,9 @@ class AnnotateMixin:
             (the shared layer: per-type confidence thresholds that reject about ``theta`` of
             the held-out reference, and cells the reference does not cover),
             ``"per_type"`` (the confidence thresholds only), ``"paper"`` (the rule of the
-            model's paper), a float (one global confidence cut) or ``None``.
+            model's paper), a float (one global confidence cut) or ``None``. Only
+            ``"openset"`` runs the coverage test (novelty score, novel groups); the others are
+            the faster choice for a large query whose types the reference all has.
         novel
             ``"auto"``: rejected cells the reference does not cover that form groups of at
             least 10 cells are called ``"novel_<i>"`` (the other rejected cells stay
@@ -101,7 +103,9 @@ class AnnotateMixin:
             out-of-distribution score of the open-set layer (0 to about 1; higher = further
             from every reference type): the fraction of the cell's neighbourhood without a
             mutual nearest reference neighbour of its predicted type, ties broken by the
-            confidence.
+            confidence. Only with the ``"openset"`` rule: the other rules do not run the
+            coverage test (most of the time annotating a large query takes), and a score
+            left by an earlier annotation under ``key`` is removed.
         ``obs[f"{key}_rejected"]``
             whether the rejection rule rejected the cell (a query cell without any count in
             the model's genes is always rejected, with a warning).
@@ -145,7 +149,9 @@ class AnnotateMixin:
             target = target.copy()
         self._check_output_key(target, key, store=zarr_path)
         self._check_if_trained(warn=False)
-        self._resolve_rule(rejection)  # a wrong rule fails before any inference
+        # a wrong rule fails before any inference; only "openset" reads the coverage test,
+        # the costliest part of annotating a large query, so the other rules skip it
+        tests_coverage = self._resolve_rule(rejection) == "openset"
         self._check_novel(novel)
         inference_kwargs = self._inference_kwargs(target, **inference_options)
         logits, latent, coords, overlap, _ = self._infer(
@@ -154,14 +160,16 @@ class AnnotateMixin:
             gene_symbols=gene_symbols,
             id_map=id_map,
             layer=layer,
-            return_coords=True,
+            return_coords=tests_coverage,
             inference_kwargs=inference_kwargs,
         )
         probs = self._probabilities(logits)
         prediction = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
         domains = self._coverage_groups(None if adata is None else target, prediction.size)
-        centred, uncovered, coverage = self._coverage(coords, domains, prediction)
+        centred, uncovered, coverage = (
+            self._coverage(coords, domains, prediction) if tests_coverage else (None, None, None)
+        )
         rejected, rule = self._reject(
             confidence, prediction, rejection, uncovered, query=domains >= 0
         )
@@ -192,6 +200,8 @@ class AnnotateMixin:
             target.obs[key + OUTPUT_KEYS.NOVELTY] = novelty_score(uncovered, confidence).astype(
                 np.float32
             )
+        else:  # a previous annotation's score would not belong to these calls
+            target.obs.drop(columns=key + OUTPUT_KEYS.NOVELTY, errors="ignore", inplace=True)
         target.obsm[key + OUTPUT_KEYS.PROBABILITIES] = pd.DataFrame(
             probs.astype(np.float32), index=target.obs_names, columns=types
         )
