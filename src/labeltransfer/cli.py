@@ -721,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rejection",
         type=_parse_rejection,
         default="default",
-        help="default (openset), openset, per_type, paper, none, or a confidence cut in [0, 1]",
+        help="default (openset), openset, per_type, paper, none, or a confidence cut in [0, 1]; "
+        "only openset runs the coverage test (novelty score, novel groups), the others are faster",
     )
     ann.add_argument("--accelerator", default="auto", choices=ACCELERATORS)
     ann.add_argument("--max-epochs", type=_positive_int, default=None, help="training epochs")
