@@ -11,7 +11,12 @@ fresh child (one torch thread) that
 2. resets the peak memory and trains for one epoch (at 1,000,000 cells only the first
    200 batches run (`MAX_BATCHES`); the training part of the epoch is scaled by
    ``batches per epoch / batches run`` and the complete validation pass added);
-3. resets the peak again and annotates all cells (in memory).
+3. resets the peak again and annotates all cells (in memory);
+4. annotates the query half as a new AnnData with its genes in reverse order and the
+   ``"per_type"`` rule (confidence thresholds, no coverage test), the peak reset before, and
+   times a plain-torch forward of the same layer shapes (the ``nn.Linear`` layers
+   ``module.inference`` calls, in order, each followed by a ReLU, on dense batches of 1,024
+   cells with random inputs): the bound annotation is compared with (issue 18, point 2).
 
 Every ``nn.Linear`` call is counted by a forward hook (``2 * in * out`` per row): the forward
 arithmetic per cell of ``module.inference`` and the forward arithmetic of a training step;
@@ -94,6 +99,7 @@ class LinearFlops:
 
         self.grad = 0  # calls under autograd (training forward)
         self.no_grad = 0
+        self.shapes: list[tuple[int, int]] = []  # (in, out) of each call without autograd
         self._handles = [
             m.register_forward_hook(self._hook)
             for m in module.modules()
@@ -109,14 +115,18 @@ class LinearFlops:
             self.grad += flops
         else:
             self.no_grad += flops
+            self.shapes.append((layer.in_features, layer.out_features))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
 
 
-def _inference_flops_per_cell(model) -> float:
-    """Forward arithmetic of ``module.inference`` per cell, on one minibatch of 256 cells."""
+def _inference_layers(model) -> tuple[float, list[tuple[int, int]]]:
+    """Forward arithmetic of ``module.inference`` per cell, and its layers' shapes in call order.
+
+    Measured on one minibatch of 256 cells.
+    """
     import torch
 
     model.module.eval()
@@ -126,7 +136,53 @@ def _inference_flops_per_cell(model) -> float:
     with torch.inference_mode():
         model.module.inference(**model.module._get_inference_input(tensors))
     counter.remove()
-    return counter.no_grad / 256
+    return counter.no_grad / 256, counter.shapes
+
+
+def _torch_bound_cells_per_s(shapes: list[tuple[int, int]], repeats: int = 20) -> float:
+    """Cells per second of a plain-torch forward through ``shapes`` on dense 1,024-cell batches.
+
+    Every layer gets its own random input of its width (the layers of a model do not all
+    chain), followed by a ReLU: the arithmetic of the network and nothing else.
+    """
+    import torch
+
+    layers = [torch.nn.Linear(n_in, n_out) for n_in, n_out in shapes]
+    inputs = [torch.randn(1024, n_in) for n_in, _ in shapes]
+
+    def forward() -> None:
+        for layer, x in zip(layers, inputs, strict=True):
+            torch.relu(layer(x))
+
+    with torch.inference_mode():
+        forward()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            forward()
+    return 1024 * repeats / (time.perf_counter() - start)
+
+
+def _csr_mib(matrix) -> float:
+    return (matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) / 2**20
+
+
+def _annotate_reordered(model, adata) -> dict[str, Any]:
+    """Annotate the query half, genes reversed, with ``"per_type"``: time and added memory."""
+    query = adata[adata.obs["cell_type"] == "Unknown"]
+    query = query[:, query.var_names[::-1]].copy()
+    before = rss_mb()
+    reset = reset_peak_rss()
+    sw = Stopwatch()
+    with sw("fast_annotate"):
+        model.annotate(query, rejection="per_type", key_added="fast")
+    return {
+        "fast_n_cells": int(query.n_obs),
+        "fast_query_csr_mib": _csr_mib(query.X),
+        "fast_peak_reset": reset,
+        "fast_added_mib": peak_rss_mb() - before,
+        "fast_cells_per_s": query.n_obs / sw.seconds["fast_annotate"],
+        **sw.record(),
+    }
 
 
 def _matmul_gflops(rows: int, n_in: int, n_out: int, repeats: int = 20) -> tuple[float, float]:
@@ -178,6 +234,7 @@ def _run_model(config: dict[str, Any]) -> dict[str, Any]:
     batches_epoch = int(len(trainer.datamodule.train_dataloader()))
     epoch_measured = meter.epochs[0]
     val_s = min(meter.validation_s, epoch_measured)
+    flops_per_cell, shapes = _inference_layers(model)
     scale = batches_epoch / batches_run if batches_run else math.nan
     record.update(
         batches_run=batches_run,
@@ -188,13 +245,15 @@ def _run_model(config: dict[str, Any]) -> dict[str, Any]:
         epoch_s=(epoch_measured - val_s) * scale + val_s,
         train_steps_per_s=batches_run / (epoch_measured - val_s),
         train_forward_flops_per_step=counter.grad / batches_run if batches_run else math.nan,
-        infer_flops_per_cell=_inference_flops_per_cell(model),
+        infer_flops_per_cell=flops_per_cell,
         rss_before_annotate_mb=rss_mb(),  # includes memory training freed but kept
         peak_reset_annotate=reset_peak_rss(),
     )
     with sw("annotate"):
         model.annotate()
     record["peak_rss_annotate_mb"] = peak_rss_mb()
+    record.update(_annotate_reordered(model, adata))
+    record["torch_bound_cells_per_s"] = _torch_bound_cells_per_s(shapes)
     first = next(m for m in model.module.modules() if isinstance(m, torch.nn.Linear))
     record["matmul_gflops"], record["matmul_gflops_cpu"] = _matmul_gflops(
         1024, first.in_features, first.out_features
@@ -269,6 +328,8 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
             f"| {r['batch_size']:.0f} | {number(r['train_gflops'], 2)} "
             f"| {number(r['matmul_gflops'])} ({number(r['matmul_gflops_cpu'])}) |"
         )
+    if "fast_cells_per_s" in runs:
+        lines += _reordered_section(runs)
     data = frame[frame["step"] == "data"]
     lines += [
         "",
@@ -281,6 +342,35 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
         + ".",
         "",
     ]
+    return lines
+
+
+def _reordered_section(runs: pd.DataFrame) -> list[str]:
+    """Annotation of the reordered query against the plain-torch bound, and its added memory."""
+    lines = [
+        "",
+        "## Annotating a new query with its genes in another order",
+        "",
+        "The query half as a new AnnData, genes in reverse order (CSR in memory), "
+        '`annotate(rejection="per_type")`: reindexed, normalised and passed through the network '
+        "chunk by chunk, without the coverage test. *Bound*: a plain-torch forward of the same "
+        "`nn.Linear` shapes (each with a ReLU) on dense 1,024-cell batches in the same process, "
+        "one thread. *Added*: peak RSS during the call minus RSS before it, outputs included, "
+        "against the query's CSR size.",
+        "",
+        "| model | query cells | annotate s | cells/s | bound cells/s | fraction of bound "
+        "| CPU/wall | added MiB | query CSR MiB | added / CSR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs.to_dict("records"):
+        lines.append(
+            f"| {r['model']} | {r['fast_n_cells']:,.0f} | {number(r['fast_annotate_s'])} "
+            f"| {number(r['fast_cells_per_s'], 0)} | {number(r['torch_bound_cells_per_s'], 0)} "
+            f"| {r['fast_cells_per_s'] / r['torch_bound_cells_per_s']:.2f} "
+            f"| {r['fast_annotate_cpu_s'] / r['fast_annotate_s']:.2f} "
+            f"| {number(r['fast_added_mib'], 0)} | {number(r['fast_query_csr_mib'], 0)} "
+            f"| {r['fast_added_mib'] / r['fast_query_csr_mib']:.2f} |"
+        )
     return lines
 
 
