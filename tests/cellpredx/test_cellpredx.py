@@ -99,9 +99,14 @@ def test_annotate_mudata_writes_the_documented_fields(trained_unpaired, unpaired
         back = md.read_h5mu(tmp_path / "annotated.h5mu")
     np.testing.assert_array_equal(back["atac"].obs[KEY].astype(str), atac.obs[KEY].astype(str))
 
-    # rejection=None keeps every call
-    model.annotate(mdata, key_added="again", rejection=None)
-    assert not mdata["atac"].obs["again_rejected"].any()
+    # rejection=None keeps every call, and skips the coverage test: the novelty score of the
+    # earlier annotation under the same key goes, from the modality and the global obs
+    assert f"{KEY}_novelty" in mdata["atac"].obs
+    with pytest.warns(UserWarning, match="Overwriting the previous annotation"):
+        model.annotate(mdata, key_added=KEY, rejection=None)
+    assert not mdata["atac"].obs[f"{KEY}_rejected"].any()
+    assert f"{KEY}_novelty" not in mdata["atac"].obs
+    assert f"{KEY}_novelty" not in mdata.obs
 
 
 def test_paired_mudata_uses_the_matched_preset():

@@ -400,7 +400,12 @@ def write_back(mdata: MuData, annotated: AnnData, key: str, target: str) -> None
         key + OUTPUT_KEYS.CONFIDENCE,
         key + OUTPUT_KEYS.REJECTED,
     ]
-    obs_keys += [c for c in (key + OUTPUT_KEYS.NOVELTY,) if c in annotated.obs]
+    novelty = key + OUTPUT_KEYS.NOVELTY
+    if novelty in annotated.obs:
+        obs_keys.append(novelty)
+    else:  # a rule without the coverage test: an earlier score would not match these calls
+        for frame in (mod.obs, mdata.obs):
+            frame.drop(columns=novelty, errors="ignore", inplace=True)
     names = mod.obs_names
     for column in obs_keys:
         values = annotated.obs[column].reindex(names)
