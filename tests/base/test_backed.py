@@ -49,6 +49,8 @@ def test_a_large_query_in_memory_is_annotated_chunk_by_chunk(model_and_query, mo
     monkeypatch.setattr(_openset_mixin, "FIT_VALUES", 30 * model.module.n_features)
     reordered = query[:, query.var_names[::-1]].copy()  # genes in another order: reindexed
     expected = model.annotate(reordered, key_added="jind", copy=True)
+    in_order = query.copy()  # the model's gene order: chunks share the query's CSR arrays
+    expected_in_order = model.annotate(in_order, key_added="jind", copy=True)
     seen = []
     original = model._prepare
 
@@ -65,6 +67,13 @@ def test_a_large_query_in_memory_is_annotated_chunk_by_chunk(model_and_query, mo
     for column in ("jind", "jind_prediction", "jind_confidence", "jind_novelty"):
         pd.testing.assert_series_equal(out.obs[column], expected.obs[column])
     np.testing.assert_allclose(out.obsm["X_jind"], expected.obsm["X_jind"], rtol=1e-5)
+
+    matrix = in_order.X.copy()
+    model.annotate(in_order, key_added="jind")
+    for column in ("jind", "jind_prediction", "jind_confidence", "jind_novelty"):
+        pd.testing.assert_series_equal(in_order.obs[column], expected_in_order.obs[column])
+    for part in ("data", "indices", "indptr"):  # read in place, never written
+        np.testing.assert_array_equal(getattr(in_order.X, part), getattr(matrix, part))
 
 
 def test_backed_query_refuses_copy(model_and_query, tmp_path):

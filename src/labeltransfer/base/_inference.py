@@ -16,6 +16,7 @@ from anndata import AnnData
 from scipy.special import softmax
 
 from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer.data._checks import _csr_rows, _is_csr
 
 from ._domain_stats import DomainStatisticsMixin
 from ._query import EMPTY_CELLS_WARNING, empty_cells, prepare_query, warn_empty_cells
@@ -181,7 +182,7 @@ class InferenceMixin(DomainStatisticsMixin):
                 stop = min(start + step, positions.size)
                 # a slice reads a contiguous range; an index array is 20-40x slower on zarr
                 rows = slice(start, stop) if indices is None else positions[start:stop]
-                chunk = adata[rows].to_memory()
+                chunk = _read_chunk(adata, rows)
                 with warnings.catch_warnings():  # one warning for the whole query, below
                     warnings.filterwarnings("ignore", message=f".*{EMPTY_CELLS_WARNING}")
                     registered, overlap = self._prepare(chunk, **harmonize_kwargs)
@@ -363,3 +364,24 @@ class InferenceMixin(DomainStatisticsMixin):
             layer=layer,
             inference_kwargs=inference_kwargs,
         ).latent
+
+
+def _read_chunk(adata: AnnData, rows: slice | np.ndarray) -> AnnData:
+    """Rows of a query as an AnnData in memory, with what annotation reads: X, layers, obs, var.
+
+    A range of an in-memory query (not a view) shares its CSR arrays instead of copying them
+    (scipy's row slice copies element by element: about a tenth of the time of annotating
+    200,000 cells without the coverage test); anything else is read with ``to_memory``.
+    """
+    if isinstance(rows, np.ndarray) or is_lazy(adata) or adata.is_view:
+        return adata[rows].to_memory()
+
+    def part(matrix: Any) -> Any:
+        return _csr_rows(matrix, rows.start, rows.stop) if _is_csr(matrix) else matrix[rows]
+
+    return AnnData(
+        X=None if adata.X is None else part(adata.X),
+        obs=adata.obs.iloc[rows].copy(),
+        var=adata.var.copy(),
+        layers={name: part(value) for name, value in adata.layers.items()},
+    )

@@ -132,9 +132,36 @@ def _iter_row_chunks(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
     n_rows = matrix.shape[0]
+    in_memory_csr = _is_csr(matrix)
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
-        yield start, stop, _as_chunk(matrix[start:stop])
+        if in_memory_csr:
+            yield start, stop, _csr_rows(matrix, start, stop)
+        else:
+            yield start, stop, _as_chunk(matrix[start:stop])
+
+
+def _is_csr(matrix: Any) -> bool:
+    """Whether ``matrix`` is a scipy CSR matrix or array in memory."""
+    return sparse.issparse(matrix) and matrix.format == "csr"
+
+
+def _csr_rows(matrix: Any, start: int, stop: int) -> sparse.csr_matrix:
+    """Rows ``start:stop`` of an in-memory CSR matrix, sharing its arrays (no copy).
+
+    scipy's row slice copies the rows element by element (``get_csr_submatrix``): on a
+    200,000-cell query it was a quarter of the time `annotate` took without the coverage test.
+    """
+    first, last = matrix.indptr[start], matrix.indptr[stop]
+    return sparse.csr_matrix(
+        (
+            matrix.data[first:last],
+            matrix.indices[first:last],
+            matrix.indptr[start : stop + 1] - first,
+        ),
+        shape=(stop - start, matrix.shape[1]),
+        copy=False,
+    )
 
 
 def _chunk_values(block: np.ndarray | sparse.csr_matrix) -> np.ndarray:
@@ -147,10 +174,11 @@ def _chunk_values(block: np.ndarray | sparse.csr_matrix) -> np.ndarray:
 def _nonzero_rows(block: np.ndarray | sparse.csr_matrix) -> np.ndarray:
     """Boolean mask of the rows of ``block`` holding at least one non-zero value."""
     if sparse.issparse(block):
-        has_value = np.zeros(block.shape[0], dtype=bool)
-        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-        has_value[rows[block.data != 0]] = True
-        return has_value
+        nonzero = block.data != 0
+        if nonzero.all():  # no explicitly stored zero: a row has a value if it stores one
+            return np.diff(block.indptr) > 0
+        counts = np.concatenate([[0], np.cumsum(nonzero)])
+        return counts[block.indptr[1:]] > counts[block.indptr[:-1]]
     return np.asarray(block != 0).any(axis=1)
 
 
