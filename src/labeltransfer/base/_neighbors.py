@@ -18,6 +18,11 @@ inverted file took up to 15% less time but lost recall as the data grew (its pro
 cover a shrinking share of each component), so it was not better on both counts. At 50,000
 points, the largest exact size, it had the better recall (0.9998 and 0.9986 vs 0.988 and
 0.983) and took more time (1.9 and 2.1 vs 1.6 and 1.8 CPU seconds).
+
+That comparison was made after a warm-up. pynndescent's first call in a process compiles its
+``nn_descent`` with numba, which cannot cache it (the distance function is an argument): 31.6 s
+on 5,000 points against 0.2 s for the inverted file (``benchmarks/results/neighbors.md``,
+2026-12-06), paid once by every process that annotates more than 50,000 cells.
 """
 
 from __future__ import annotations
