@@ -1,10 +1,10 @@
 """Approximate nearest neighbours above 50,000 points: inverted file vs pynndescent.
 
-``lt.base._neighbors.knn`` is exact up to ``EXACT_MAX_CELLS`` points. Above, it used a
-hand-written inverted-file index (:func:`inverted_file`, kept here unchanged from the package:
-mini-batch k-means lists, 8 probed lists); this script measures it side by side with
-NN-descent from pynndescent (``_neighbors._nndescent``, umap-learn's parameters), which
-replaced it, on Gaussian-mixture data:
+``lt.base._neighbors.knn`` is exact up to ``EXACT_MAX_CELLS`` points; above, it uses the
+inverted-file index (``_neighbors._inverted_file``: mini-batch k-means lists, 8 probed lists)
+up to ``IVF_MAX_CELLS`` and NN-descent from pynndescent (``_neighbors._nndescent``,
+umap-learn's parameters) beyond. This script measures the two side by side on
+Gaussian-mixture data:
 
 - 50,000, 100,000 and 200,000 points in 32 and 64 dimensions; 30 components with long-tailed
   weights (Dirichlet 0.5), centres ``3 * N(0, I)``, each with a random rotation of a
@@ -43,9 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "results" / "neighbors.md"
 K = 10
 N_SAMPLE = 2_000
-#: Parameters of the inverted file as it was in the package: lists probed per point, query
-#: points per distance block, mean points per list, k-means sample per list.
-N_PROBE, BLOCK_CELLS, LIST_CELLS, SAMPLE_PER_LIST = 8, 1024, 512, 64
 N_COMPONENTS = 30
 #: (points, dimensions, covariance) of each data set.
 CASES = [
@@ -73,56 +70,6 @@ def mixture(n: int, dim: int, covariance: str, seed: int = 0) -> np.ndarray:
         noise = rng.normal(size=(int(members.sum()), dim)) * scales
         x[members] = centres[c] + noise @ rotation.T
     return x
-
-
-def inverted_file(
-    x: np.ndarray, k: int, rows: np.ndarray, *, n_probe: int, seed: int
-) -> np.ndarray:
-    """``k`` approximate nearest neighbours (self included) of ``x[rows]`` among ``x``.
-
-    ``labeltransfer.base._neighbors._inverted_file`` up to commit 99aafe7, unchanged.
-    """
-    import torch
-    from sklearn.cluster import MiniBatchKMeans
-
-    n = x.shape[0]
-    n_lists = max(1, n // LIST_CELLS)
-    rng = np.random.default_rng(seed)
-    sample = rng.choice(n, min(n, SAMPLE_PER_LIST * n_lists), replace=False)
-    kmeans = MiniBatchKMeans(
-        n_clusters=n_lists, batch_size=4096, n_init=1, random_state=seed, max_no_improvement=5
-    ).fit(x[sample])
-    lists = kmeans.predict(x)
-    centroids = kmeans.cluster_centers_.astype(x.dtype)
-    sq = np.einsum("ij,ij->i", centroids, centroids)
-    probes = np.empty((n_lists, min(n_probe, n_lists)), dtype=np.int64)
-    for start in range(0, n_lists, BLOCK_CELLS):  # blocks: no n_lists x n_lists matrix
-        block = slice(start, start + BLOCK_CELLS)
-        between = sq[block, None] - 2 * centroids[block] @ centroids.T + sq[None, :]
-        probes[block] = np.argsort(between, axis=1, kind="stable")[:, : probes.shape[1]]
-    members = np.argsort(lists, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=n_lists))])
-    norms = np.einsum("ij,ij->i", x, x)
-    out = np.empty((rows.size, k), dtype=np.int64)
-    row_lists = lists[rows]
-    by_list = np.argsort(row_lists, kind="stable")
-    row_bounds = np.concatenate([[0], np.cumsum(np.bincount(row_lists, minlength=n_lists))])
-    for c in range(n_lists):
-        wanted = by_list[row_bounds[c] : row_bounds[c + 1]]
-        if wanted.size == 0:
-            continue
-        candidates = np.concatenate([members[bounds[p] : bounds[p + 1]] for p in probes[c]])
-        if candidates.size < k:  # tiny lists: fall back to every point
-            candidates = np.arange(n)
-        points = torch.from_numpy(x[candidates])
-        points_sq = torch.from_numpy(norms[candidates])
-        for start in range(0, wanted.size, BLOCK_CELLS):
-            block = rows[wanted[start : start + BLOCK_CELLS]]
-            query = torch.from_numpy(x[block])
-            dist = torch.from_numpy(norms[block])[:, None] - 2 * query @ points.T + points_sq
-            top = torch.topk(dist, k, dim=1, largest=False, sorted=True).indices.numpy()
-            out[wanted[start : start + BLOCK_CELLS]] = candidates[top]
-    return out
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
@@ -160,7 +107,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cases = [c for c in CASES if c[0] == 50_000] if args.quick else CASES
     methods = {
-        "inverted file": lambda x, rows: inverted_file(x, K + 1, rows, n_probe=N_PROBE, seed=0),
+        "inverted file": lambda x, rows: _neighbors._inverted_file(x, K + 1, rows, seed=0),
         "pynndescent": lambda x, rows: _neighbors._nndescent(x, K + 1, rows, seed=0),
     }
     header = [

@@ -79,15 +79,30 @@ def _manifold(n: int, dims: int = 20, seed: int = 0) -> np.ndarray:
     return (centres[rng.integers(0, 6, n)] + np.tanh(latent @ mix) + noise).astype(np.float32)
 
 
-def test_approximate_neighbours_match_the_exact_ones():
-    x = _manifold(4000)
+@pytest.mark.parametrize(
+    ("method", "ivf_max", "n"),
+    # the inverted file on enough points that its 8 probed lists are not all of them
+    [("nndescent", 0, 4000), ("inverted file", 10**9, 20_000)],
+)
+def test_approximate_neighbours_match_the_exact_ones(monkeypatch, method, ivf_max, n):
+    monkeypatch.setattr(_neighbors, "IVF_MAX_CELLS", ivf_max)
+    called = []
+    for name in ("_inverted_file", "_nndescent"):
+        original = getattr(_neighbors, name)
+        monkeypatch.setattr(
+            _neighbors,
+            name,
+            lambda *a, _f=original, _n=name, **kw: called.append(_n) or _f(*a, **kw),
+        )
+    x = _manifold(n)
     exact = knn(x, 10, exact_max=10**9)
     approx = knn(x, 10, exact_max=0, seed=1)
-    assert approx.shape == exact.shape == (4000, 10)
-    assert not (approx == np.arange(4000)[:, None]).any()  # each point itself excluded
+    assert called == ["_inverted_file" if method == "inverted file" else "_nndescent"]
+    assert approx.shape == exact.shape == (n, 10)
+    assert not (approx == np.arange(n)[:, None]).any()  # each point itself excluded
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
     assert recall > 0.95
-    rows = np.array([5, 17, 3999])
+    rows = np.array([5, 17, n - 1])
     np.testing.assert_array_equal(knn(x, 10, rows=rows, exact_max=0, seed=1), approx[rows])
 
 

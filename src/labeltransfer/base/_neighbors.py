@@ -1,38 +1,42 @@
 """Nearest neighbours of cells in an embedding, memory- and time-bounded for millions of cells.
 
-Up to :data:`EXACT_MAX_CELLS` points, neighbours are exact (scikit-learn, which computes the
-distances in row chunks). Above, NN-descent (Dong et al. 2011) from pynndescent, the library
-behind umap-learn and :func:`scanpy.pp.neighbors`, with their parameters. Memory holds the
-points, the random-projection trees and the ``n x k`` neighbour graph; no ``n x n`` array is
-ever formed.
+Three regimes by the number of points ``n``; memory holds the points, the index and the
+``n x k`` neighbour graph, never an ``n x n`` array:
 
-pynndescent replaced a hand-written inverted-file index (mini-batch k-means lists of about 512
-points, 8 lists probed per point, as FAISS's ``IndexIVFFlat``) after a side-by-side
-measurement (``benchmarks/neighbors.py``, ``benchmarks/results/neighbors.md``: Gaussian
-mixtures of 30 components, one thread, 2,000 points checked against exact neighbours).
-Recall@10 of pynndescent vs the inverted file: 0.983 vs 0.967 and 0.973 vs 0.971 at 100,000
-points (32 and 64 dimensions), 0.977 vs 0.883 and 0.964 vs 0.894 at 200,000, 0.796 vs 0.718
-with isotropic components (200,000 x 64); CPU seconds (the shared machine was loaded, so CPU
-rather than wall time) 4.2 vs 3.9, 5.0 vs 4.9, 9.2 vs 7.8, 12.0 vs 10.6 and 13.0 vs 14.2. The
-inverted file took up to 15% less time but lost recall as the data grew (its probed lists
-cover a shrinking share of each component), so it was not better on both counts. At 50,000
-points, the largest exact size, it had the better recall (0.9998 and 0.9986 vs 0.988 and
-0.983) and took more time (1.9 and 2.1 vs 1.6 and 1.8 CPU seconds).
+- up to :data:`EXACT_MAX_CELLS` (50,000): exact (scikit-learn, distances in row chunks);
+- up to :data:`IVF_MAX_CELLS` (100,000): an inverted file (:func:`_inverted_file`,
+  mini-batch k-means lists of about 512 points, 8 lists probed per point, as FAISS's
+  ``IndexIVFFlat``);
+- above: NN-descent (Dong et al. 2011) from pynndescent, the library behind umap-learn and
+  :func:`scanpy.pp.neighbors`, with their parameters.
 
-That comparison was made after a warm-up. pynndescent's first call in a process compiles its
-``nn_descent`` with numba, which cannot cache it (the distance function is an argument): 31.6 s
-on 5,000 points against 0.2 s for the inverted file (``benchmarks/results/neighbors.md``,
-2026-12-06), paid once by every process that annotates more than 50,000 cells.
+Measured side by side (``benchmarks/neighbors.py``, ``benchmarks/results/neighbors.md``,
+2026-12-06: Gaussian mixtures of 30 components, one thread, recall@10 over 2,000 points), once
+both are warm: at 100,000 points the two approximate searches are alike (recall 0.967 / 0.971
+for the inverted file against 0.983 / 0.973 for pynndescent in 32 / 64 dimensions; 3.0 / 4.0 s
+against 3.0 / 3.5 s); at 200,000 the inverted file loses recall (0.883 / 0.894 against 0.977
+/ 0.964), its probed lists covering a shrinking share of each component. But pynndescent's
+first call in a process compiles its ``nn_descent`` with numba, which cannot cache it (the
+distance function is an argument): 31.6 s against 0.2 s for the inverted file, paid by every
+process that searches more than 50,000 points (JIND annotating 100,000 cells: 52 s, most of
+it that compilation; 65.8 s -> 37.7 s with the inverted file, one fresh process each). Hence
+the inverted file up to 100,000 points, the largest measured size where it costs no recall,
+and NN-descent beyond, where its recall matters and the compilation is a smaller share.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["EXACT_MAX_CELLS", "knn"]
+__all__ = ["EXACT_MAX_CELLS", "IVF_MAX_CELLS", "knn"]
 
-#: Largest number of indexed points searched exactly; above, NN-descent is used.
+#: Largest number of indexed points searched exactly; above, an approximate search is used.
 EXACT_MAX_CELLS = 50_000
+#: Largest number of points searched with the inverted file; above, NN-descent.
+IVF_MAX_CELLS = 100_000
+#: Inverted file: lists probed per point, query points per distance block, mean points per
+#: list, k-means sample per list.
+N_PROBE, BLOCK_CELLS, LIST_CELLS, SAMPLE_PER_LIST = 8, 1024, 512, 64
 
 
 def _drop_self(neighbours: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -47,6 +51,57 @@ def _exact(x: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
 
     index = NearestNeighbors(n_neighbors=k + 1).fit(x)
     return index.kneighbors(x[rows], return_distance=False)
+
+
+def _inverted_file(x: np.ndarray, k: int, rows: np.ndarray, *, seed: int) -> np.ndarray:
+    """``k`` approximate nearest neighbours (self included) of ``x[rows]`` among ``x``.
+
+    An inverted file (as FAISS's ``IndexIVFFlat``): mini-batch k-means lists of about
+    :data:`LIST_CELLS` points; each point's neighbours are searched exactly, by blocks of
+    :data:`BLOCK_CELLS` points, among the points of the :data:`N_PROBE` lists nearest to its
+    own list's centroid. Memory holds the points, the lists and one block of distances.
+    """
+    import torch
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = x.shape[0]
+    n_lists = max(1, n // LIST_CELLS)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(n, min(n, SAMPLE_PER_LIST * n_lists), replace=False)
+    kmeans = MiniBatchKMeans(
+        n_clusters=n_lists, batch_size=4096, n_init=1, random_state=seed, max_no_improvement=5
+    ).fit(x[sample])
+    lists = kmeans.predict(x)
+    centroids = kmeans.cluster_centers_.astype(x.dtype)
+    sq = np.einsum("ij,ij->i", centroids, centroids)
+    probes = np.empty((n_lists, min(N_PROBE, n_lists)), dtype=np.int64)
+    for start in range(0, n_lists, BLOCK_CELLS):  # blocks: no n_lists x n_lists matrix
+        block = slice(start, start + BLOCK_CELLS)
+        between = sq[block, None] - 2 * centroids[block] @ centroids.T + sq[None, :]
+        probes[block] = np.argsort(between, axis=1, kind="stable")[:, : probes.shape[1]]
+    members = np.argsort(lists, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=n_lists))])
+    norms = np.einsum("ij,ij->i", x, x)
+    out = np.empty((rows.size, k), dtype=np.int64)
+    row_lists = lists[rows]
+    by_list = np.argsort(row_lists, kind="stable")
+    row_bounds = np.concatenate([[0], np.cumsum(np.bincount(row_lists, minlength=n_lists))])
+    for c in range(n_lists):
+        wanted = by_list[row_bounds[c] : row_bounds[c + 1]]
+        if wanted.size == 0:
+            continue
+        candidates = np.concatenate([members[bounds[p] : bounds[p + 1]] for p in probes[c]])
+        if candidates.size < k:  # tiny lists: fall back to every point
+            candidates = np.arange(n)
+        points = torch.from_numpy(x[candidates])
+        points_sq = torch.from_numpy(norms[candidates])
+        for start in range(0, wanted.size, BLOCK_CELLS):
+            block = rows[wanted[start : start + BLOCK_CELLS]]
+            query = torch.from_numpy(x[block])
+            dist = torch.from_numpy(norms[block])[:, None] - 2 * query @ points.T + points_sq
+            top = torch.topk(dist, k, dim=1, largest=False, sorted=True).indices.numpy()
+            out[wanted[start : start + BLOCK_CELLS]] = candidates[top]
+    return out
 
 
 def _nndescent(x: np.ndarray, k: int, rows: np.ndarray, *, seed: int) -> np.ndarray:
@@ -97,8 +152,8 @@ def knn(
     seed
         Random state of the approximate search.
     exact_max
-        Exact search up to this many points, NN-descent above (:data:`EXACT_MAX_CELLS` by
-        default).
+        Exact search up to this many points (:data:`EXACT_MAX_CELLS` by default); above, the
+        inverted file up to :data:`IVF_MAX_CELLS` points, NN-descent beyond.
 
     Returns
     -------
@@ -111,6 +166,8 @@ def knn(
     rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     if n <= (EXACT_MAX_CELLS if exact_max is None else exact_max):
         hits = _exact(x, k, rows)
+    elif n <= IVF_MAX_CELLS:
+        hits = _inverted_file(x, k + 1, rows, seed=seed)
     else:
         hits = _nndescent(x, k + 1, rows, seed=seed)
     return _drop_self(hits, rows, k).astype(np.int64)
