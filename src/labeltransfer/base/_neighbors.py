@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["EXACT_MAX_CELLS", "IVF_MAX_CELLS", "knn"]
+__all__ = ["EXACT_MAX_CELLS", "IVF_MAX_CELLS", "knn", "nearest"]
 
 #: Largest number of indexed points searched exactly; above, an approximate search is used.
 EXACT_MAX_CELLS = 50_000
 #: Largest number of points searched with the inverted file; above, NN-descent.
 IVF_MAX_CELLS = 100_000
-#: Inverted file: lists probed per point, query points per distance block, mean points per
-#: list, k-means sample per list.
-N_PROBE, BLOCK_CELLS, LIST_CELLS, SAMPLE_PER_LIST = 8, 1024, 512, 64
+#: Inverted file: lists probed per point, mean points per list, k-means sample per list.
+N_PROBE, LIST_CELLS, SAMPLE_PER_LIST = 8, 512, 64
+#: Points per block of :func:`nearest`: a block of distances to a bank of 5,000 rows is
+#: 5,000 x 4,096 float32 values, 80 MB.
+_BLOCK = 4096
 
 
 def _drop_self(neighbours: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -53,15 +55,31 @@ def _exact(x: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
     return index.kneighbors(x[rows], return_distance=False)
 
 
+def nearest(bank: np.ndarray, points: np.ndarray, k: int) -> np.ndarray:
+    """Exact ``k`` nearest rows of ``bank`` for each of ``points`` (nearest first).
+
+    Distances by blocks of :data:`_BLOCK` points (``torch.cdist``), so memory holds one block
+    times the bank.
+    """
+    import torch
+
+    k = min(k, len(bank))
+    bank_t = torch.as_tensor(bank, dtype=torch.float32)
+    out = np.empty((len(points), k), dtype=np.int64)
+    for start in range(0, len(points), _BLOCK):
+        block = torch.as_tensor(points[start : start + _BLOCK], dtype=torch.float32)
+        out[start : start + len(block)] = torch.cdist(block, bank_t).topk(k, largest=False)[1]
+    return out
+
+
 def _inverted_file(x: np.ndarray, k: int, rows: np.ndarray, *, seed: int) -> np.ndarray:
     """``k`` approximate nearest neighbours (self included) of ``x[rows]`` among ``x``.
 
     An inverted file (as FAISS's ``IndexIVFFlat``): mini-batch k-means lists of about
-    :data:`LIST_CELLS` points; each point's neighbours are searched exactly, by blocks of
-    :data:`BLOCK_CELLS` points, among the points of the :data:`N_PROBE` lists nearest to its
-    own list's centroid. Memory holds the points, the lists and one block of distances.
+    :data:`LIST_CELLS` points; each point's neighbours are searched exactly (:func:`nearest`)
+    among the points of the :data:`N_PROBE` lists nearest to its own list's centroid. Memory
+    holds the points, the lists and one block of distances.
     """
-    import torch
     from sklearn.cluster import MiniBatchKMeans
 
     n = x.shape[0]
@@ -72,16 +90,10 @@ def _inverted_file(x: np.ndarray, k: int, rows: np.ndarray, *, seed: int) -> np.
         n_clusters=n_lists, batch_size=4096, n_init=1, random_state=seed, max_no_improvement=5
     ).fit(x[sample])
     lists = kmeans.predict(x)
-    centroids = kmeans.cluster_centers_.astype(x.dtype)
-    sq = np.einsum("ij,ij->i", centroids, centroids)
-    probes = np.empty((n_lists, min(N_PROBE, n_lists)), dtype=np.int64)
-    for start in range(0, n_lists, BLOCK_CELLS):  # blocks: no n_lists x n_lists matrix
-        block = slice(start, start + BLOCK_CELLS)
-        between = sq[block, None] - 2 * centroids[block] @ centroids.T + sq[None, :]
-        probes[block] = np.argsort(between, axis=1, kind="stable")[:, : probes.shape[1]]
+    centroids = kmeans.cluster_centers_
+    probes = nearest(centroids, centroids, N_PROBE)
     members = np.argsort(lists, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=n_lists))])
-    norms = np.einsum("ij,ij->i", x, x)
     out = np.empty((rows.size, k), dtype=np.int64)
     row_lists = lists[rows]
     by_list = np.argsort(row_lists, kind="stable")
@@ -93,14 +105,7 @@ def _inverted_file(x: np.ndarray, k: int, rows: np.ndarray, *, seed: int) -> np.
         candidates = np.concatenate([members[bounds[p] : bounds[p + 1]] for p in probes[c]])
         if candidates.size < k:  # tiny lists: fall back to every point
             candidates = np.arange(n)
-        points = torch.from_numpy(x[candidates])
-        points_sq = torch.from_numpy(norms[candidates])
-        for start in range(0, wanted.size, BLOCK_CELLS):
-            block = rows[wanted[start : start + BLOCK_CELLS]]
-            query = torch.from_numpy(x[block])
-            dist = torch.from_numpy(norms[block])[:, None] - 2 * query @ points.T + points_sq
-            top = torch.topk(dist, k, dim=1, largest=False, sorted=True).indices.numpy()
-            out[wanted[start : start + BLOCK_CELLS]] = candidates[top]
+        out[wanted] = candidates[nearest(x[candidates], x[rows[wanted]], k)]
     return out
 
 

@@ -261,17 +261,6 @@ def principal_axes(centred: np.ndarray, n: int) -> np.ndarray:
     return (vectors[:, top].T.astype(np.float32) @ centred) / scale[:, None]
 
 
-def _nearest(bank: np.ndarray, points: np.ndarray, k: int) -> np.ndarray:
-    """Exact ``k`` nearest rows of ``bank`` for each of ``points`` (nearest first)."""
-    k = min(k, len(bank))
-    bank_t = torch.as_tensor(bank, dtype=torch.float32)
-    out = np.empty((len(points), k), dtype=np.int64)
-    for start in range(0, len(points), _BLOCK):
-        block = torch.as_tensor(points[start : start + _BLOCK], dtype=torch.float32)
-        out[start : start + len(block)] = torch.cdist(block, bank_t).topk(k, largest=False)[1]
-    return out
-
-
 def _mutual_search(
     bank: np.ndarray, points: np.ndarray, k: int, k_query: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -487,7 +476,7 @@ def novel_groups(
     Returns one group number per candidate cell (``0, 1, ...`` by decreasing size), ``-1``
     for cells outside every large enough community.
     """
-    from ._neighbors import knn, leiden
+    from ._neighbors import knn, leiden, nearest
 
     rows = np.flatnonzero(candidates)
     groups = np.full(rows.size, -1, dtype=np.int64)
@@ -503,8 +492,8 @@ def novel_groups(
         membership[sample] = found
         rest = np.setdiff1d(np.arange(rows.size), sample, assume_unique=True)
         anchors = bank_rows(found, BANK_SIZE, seed)  # MIN_PER_TYPE anchors per community at least
-        nearest = _nearest(points[anchors], coords[rows[rest]], N_NEIGHBORS)
-        membership[rest] = mode(found[anchors][nearest], axis=1, keepdims=False).mode
+        voters = nearest(points[anchors], coords[rows[rest]], N_NEIGHBORS)
+        membership[rest] = mode(found[anchors][voters], axis=1, keepdims=False).mode
     sizes = np.bincount(membership)
     order = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= min_cells]
     for number, community in enumerate(order):
