@@ -166,13 +166,12 @@ class AnnotateMixin:
         probs = self._probabilities(logits)
         prediction = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
-        domains = self._coverage_groups(None if adata is None else target, prediction.size)
-        centred, uncovered, coverage = (
-            self._coverage(coords, domains, prediction) if tests_coverage else (None, None, None)
-        )
-        rejected, rule = self._reject(
-            confidence, prediction, rejection, uncovered, query=domains >= 0
-        )
+        centred = uncovered = coverage = query = None
+        if tests_coverage:
+            domains = self._coverage_groups(None if adata is None else target, prediction.size)
+            centred, uncovered, coverage = self._coverage(coords, domains, prediction)
+            query = domains >= 0
+        rejected, rule = self._reject(confidence, prediction, rejection, uncovered, query=query)
         if coverage is not None:
             rule = {**rule, "coverage": coverage}
         empty = overlap.pop("empty") if overlap is not None else np.zeros_like(rejected)
