@@ -52,6 +52,11 @@ def peak_rss_mb() -> float:
     return rss_mb("VmHWM")
 
 
+def csr_mib(matrix: Any) -> float:
+    """Memory of a CSR matrix's three arrays (values, column indices, row pointers) in MiB."""
+    return (matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) / 2**20
+
+
 def reset_peak_rss() -> bool:
     """Reset ``VmHWM`` to the current RSS (Linux ``clear_refs`` 5); False where not allowed."""
     try:

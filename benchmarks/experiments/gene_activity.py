@@ -19,7 +19,7 @@ import gzip
 import time
 from typing import TYPE_CHECKING, Any
 
-from _common import peak_rss_mb, reset_peak_rss, rss_mb
+from _common import csr_mib, peak_rss_mb, reset_peak_rss, rss_mb
 from _tasks import DATA
 from _writer import number
 
@@ -145,7 +145,7 @@ def child(config: dict[str, Any]) -> list[dict[str, Any]]:
             n_cells=atac.n_obs,
             n_features=atac.n_vars,
             input_nnz=int(atac.X.nnz),
-            input_mb=(atac.X.data.nbytes + atac.X.indices.nbytes + atac.X.indptr.nbytes) / 2**20,
+            input_mb=csr_mib(atac.X),
             dense_input_mb=atac.n_obs * atac.n_vars * 4 / 2**20,
         )
 
@@ -181,7 +181,7 @@ def child(config: dict[str, Any]) -> list[dict[str, Any]]:
         n_genes=info["n_genes"],
         n_genes_with_signal=info["n_genes_with_signal"],
         output_nnz=int(out.nnz),
-        output_mb=(out.data.nbytes + out.indices.nbytes + out.indptr.nbytes) / 2**20,
+        output_mb=csr_mib(out),
     )
     return [record]
 

@@ -29,10 +29,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _common import Stopwatch, peak_rss_mb, reset_peak_rss, rss_mb, training_meter
+from _common import Stopwatch, csr_mib, peak_rss_mb, reset_peak_rss, rss_mb, training_meter
 from _writer import number
 
 from experiments import Experiment
@@ -155,15 +156,8 @@ def _torch_bound_cells_per_s(shapes: list[tuple[int, int]], repeats: int = 20) -
             torch.relu(layer(x))
 
     with torch.inference_mode():
-        forward()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            forward()
-    return 1024 * repeats / (time.perf_counter() - start)
-
-
-def _csr_mib(matrix) -> float:
-    return (matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) / 2**20
+        wall, _ = _repeat_seconds(forward, repeats)
+    return 1024 * repeats / wall
 
 
 def _annotate_reordered(model, adata) -> dict[str, Any]:
@@ -177,7 +171,7 @@ def _annotate_reordered(model, adata) -> dict[str, Any]:
         model.annotate(query, rejection="per_type", key_added="fast")
     return {
         "fast_n_cells": int(query.n_obs),
-        "fast_query_csr_mib": _csr_mib(query.X),
+        "fast_query_csr_mib": csr_mib(query.X),
         "fast_peak_reset": reset,
         "fast_added_mib": peak_rss_mb() - before,
         "fast_cells_per_s": query.n_obs / sw.seconds["fast_annotate"],
@@ -190,12 +184,18 @@ def _matmul_gflops(rows: int, n_in: int, n_out: int, repeats: int = 20) -> tuple
     import torch
 
     a, b = torch.randn(rows, n_in), torch.randn(n_in, n_out)
-    torch.mm(a, b)
+    wall, cpu = _repeat_seconds(lambda: torch.mm(a, b), repeats)
+    flops = 2 * rows * n_in * n_out * repeats / 1e9
+    return flops / wall, flops / cpu
+
+
+def _repeat_seconds(call: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Wall and process CPU seconds of ``repeats`` calls, after one untimed warm-up call."""
+    call()
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
-        torch.mm(a, b)
-    flops = 2 * rows * n_in * n_out * repeats / 1e9
-    return flops / (time.perf_counter() - start), flops / (time.process_time() - cpu)
+        call()
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _run_model(config: dict[str, Any]) -> dict[str, Any]:
