@@ -133,7 +133,7 @@ def main() -> None:
     header.append(
         "- first call in this fresh process (5,000 points; numba compilation, torch start-up): "
         + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in first.items())
-        + "; every process that annotates more than 50,000 cells pays it once"
+        + f"; `knn` pays pynndescent's once per process above {_neighbors.IVF_MAX_CELLS:,} points"
     )
 
     for i, (n, dim, covariance) in enumerate(cases):

@@ -17,9 +17,10 @@ for the inverted file against 0.983 / 0.973 for pynndescent in 32 / 64 dimension
 against 3.0 / 3.5 s); at 200,000 the inverted file loses recall (0.883 / 0.894 against 0.977
 / 0.964), its probed lists covering a shrinking share of each component. But pynndescent's
 first call in a process compiles its ``nn_descent`` with numba, which cannot cache it (the
-distance function is an argument): 31.6 s against 0.2 s for the inverted file, paid by every
-process that searches more than 50,000 points (JIND annotating 100,000 cells: 52 s, most of
-it that compilation; 65.8 s -> 37.7 s with the inverted file, one fresh process each). Hence
+distance function is an argument): 31.6 s against 0.2 s for the inverted file. While
+NN-descent began at 50,000 points, every process searching more did pay it (JIND annotating
+100,000 cells: 52 s, most of it that compilation; 65.8 s -> 37.7 s with the inverted file, one
+fresh process each). Hence
 the inverted file up to 100,000 points, the largest measured size where it costs no recall,
 and NN-descent beyond, where its recall matters and the compilation is a smaller share.
 """
