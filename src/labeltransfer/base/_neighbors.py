@@ -37,8 +37,10 @@ EXACT_MAX_CELLS = 50_000
 IVF_MAX_CELLS = 100_000
 #: Inverted file: lists probed per point, mean points per list, k-means sample per list.
 N_PROBE, LIST_CELLS, SAMPLE_PER_LIST = 8, 512, 64
-#: Points per block of :func:`nearest`: a block of distances to a bank of 5,000 rows is
-#: 5,000 x 4,096 float32 values, 80 MB.
+#: Points per block of the exact distance computations (:func:`nearest`, the open-set layer's
+#: bank searches): a block of distances to a bank of 5,000 rows is 5,000 x 4,096 float32
+#: values, 80 MB (16 times that was 1.3 GB, the whole extra memory of annotating 200,000
+#: cells).
 _BLOCK = 4096
 
 

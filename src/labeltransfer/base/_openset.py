@@ -69,6 +69,8 @@ import torch
 
 from labeltransfer.nn import normalize_input
 
+from ._neighbors import _BLOCK, knn, leiden, nearest
+
 #: Reference cells kept for coverage (stratified by type).
 BANK_SIZE = 5_000
 #: Values (cells x genes) of the bank cells the PCA is fitted on, densified at once: 10 MB,
@@ -121,10 +123,6 @@ COMMUNITY_SAMPLE = 50_000
 RESCALE_CUT = 0.5
 #: Library size of the coverage space's log-normalisation (counts per 10,000).
 TARGET_SUM = 1e4
-#: Cells per block of the exact distance computations: a block of distances to a full bank
-#: is 5,000 x 4,096 float32 values, 80 MB (16 times that was 1.3 GB, the whole extra memory
-#: of annotating 200,000 cells).
-_BLOCK = 4096
 
 
 def expression_features(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
@@ -343,8 +341,6 @@ def uncovered_fraction(
     -------
     One value in ``[0, 1]`` per query cell.
     """
-    from ._neighbors import knn
-
     n_query, n_bank = len(coords), len(space.bank)
     if n_query == 0:
         return np.zeros(0)
@@ -417,8 +413,6 @@ def uncovered_communities(
     with another is not new (scDET, Kang without shift, seed 0: 29% of a T-cell community had
     no partner of its called type, and reading those partners rejected 45% of the query).
     """
-    from ._neighbors import knn, leiden
-
     n = len(coords)
     sample = _community_sample(n, seed)
     graph = neighbours if sample.size == n else knn(coords[sample], N_NEIGHBORS, seed=seed)
@@ -476,8 +470,6 @@ def novel_groups(
     Returns one group number per candidate cell (``0, 1, ...`` by decreasing size), ``-1``
     for cells outside every large enough community.
     """
-    from ._neighbors import knn, leiden, nearest
-
     rows = np.flatnonzero(candidates)
     groups = np.full(rows.size, -1, dtype=np.int64)
     if rows.size < max(min_cells, 2):
