@@ -181,3 +181,18 @@ def test_check_labels_singletons_warn():
     with pytest.warns(UserWarning, match=r"2 reference classes have a single cell \(b, c\)"):
         counts = check_labels(pd.Series(["a", "a", "b", "c"]))
     assert counts.to_dict() == {"a": 2, "b": 1, "c": 1}
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 100), (10, 20), (99, 100), (40, 40)])
+def test_csr_rows_shares_the_arrays(start, stop):
+    """A row range of a CSR matrix views its arrays (no copy, however small) and equals the slice."""
+    from labeltransfer.data._checks import _csr_rows
+
+    matrix = sparse.random(100, 30, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    block = _csr_rows(matrix, start, stop)
+    assert type(block) is sparse.csr_matrix
+    assert block.shape == (stop - start, 30)
+    np.testing.assert_array_equal(block.toarray(), matrix[start:stop].toarray())
+    if block.nnz:
+        assert np.shares_memory(block.data, matrix.data)
+        assert np.shares_memory(block.indices, matrix.indices)
