@@ -302,3 +302,69 @@ def test_property_shared_preserved_missing_zero(case):
     assert report["n_shared"] == shared
     assert report["n_missing"] == len(reference) - shared
     assert set(report) == REPORT_KEYS
+
+
+def _selection_product(matrix, query_idx, ref_idx, n_ref) -> sparse.csr_matrix:
+    """The reindexing as a product with a query-gene x reference-gene selection matrix."""
+    selection = sparse.csr_matrix(
+        (np.ones(len(query_idx), dtype=np.float32), (query_idx, ref_idx)),
+        shape=(matrix.shape[1], n_ref),
+    )
+    return sparse.csr_matrix(sparse.csr_matrix(matrix, dtype=np.float32) @ selection)
+
+
+@pytest.mark.parametrize("order", ["kept", "reversed", "random", "merged"])
+@pytest.mark.parametrize("fmt", ["csr", "csr_unsorted", "csr_duplicates", "dense", "int", "csc"])
+def test_reindex_equals_the_selection_product(order, fmt):
+    """Renumbering columns gives the selection product's matrix, canonical, input untouched."""
+    from labeltransfer.data._harmonize import _reindex
+
+    rng = np.random.default_rng(0)
+    n_query, n_ref = 40, 30
+    base = sparse.random(50, n_query, density=0.3, format="csr", random_state=1) * 10
+    base = sparse.csr_matrix(np.round(base.toarray()), dtype=np.float32)
+    base[7] = 0  # an empty cell
+    query_idx = np.sort(rng.choice(n_query, 25, replace=False))  # 15 query genes dropped
+    ref_idx = {
+        "kept": np.sort(rng.choice(n_ref, 25, replace=False)),
+        "reversed": np.sort(rng.choice(n_ref, 25, replace=False))[::-1].copy(),
+        "random": rng.choice(n_ref, 25, replace=False),
+        "merged": rng.choice(n_ref, 25, replace=True),
+    }[order]
+    matrix = {"dense": base.toarray(), "int": base.toarray().astype(np.int32)}.get(fmt, base)
+    if fmt == "csc":
+        matrix = sparse.csc_matrix(base)
+    elif fmt in ("csr_unsorted", "csr_duplicates"):
+        matrix = base.copy()
+        for row in range(matrix.shape[0]):  # each row's entries in reverse order
+            lo, hi = matrix.indptr[row], matrix.indptr[row + 1]
+            matrix.indices[lo:hi] = matrix.indices[lo:hi][::-1].copy()
+            matrix.data[lo:hi] = matrix.data[lo:hi][::-1].copy()
+        matrix.has_sorted_indices = False
+        if fmt == "csr_duplicates":  # row 0's first value stored as two halves
+            lo = matrix.indptr[0]
+            matrix = sparse.csr_matrix(
+                (
+                    np.insert(matrix.data, lo, matrix.data[lo] / 2),
+                    np.insert(matrix.indices, lo, matrix.indices[lo]),
+                    np.r_[0, matrix.indptr[1:] + 1],
+                ),
+                shape=matrix.shape,
+            )
+            matrix.data[lo + 1] /= 2
+    before = matrix.copy()
+
+    out = _reindex(matrix, query_idx, ref_idx, n_ref)
+
+    expected = _selection_product(matrix, query_idx, ref_idx, n_ref)
+    assert type(out) is sparse.csr_matrix
+    assert out.dtype == np.float32
+    assert out.shape == (50, n_ref)
+    assert all(
+        np.all(np.diff(out.indices[out.indptr[r] : out.indptr[r + 1]]) >= 0) for r in range(50)
+    )
+    np.testing.assert_array_equal(out.toarray(), expected.toarray())
+    if sparse.issparse(before):
+        assert (matrix != before).nnz == 0
+    else:
+        np.testing.assert_array_equal(matrix, before)

@@ -17,6 +17,7 @@ from scipy import sparse
 
 from ._checks import (
     _get_matrix,
+    _is_csr,
     _iter_row_chunks,
     _scan_matrix,
     _stack_csr,
@@ -186,10 +187,11 @@ def harmonize_genes(
 ) -> tuple[AnnData, dict[str, Any]]:
     """Reindex a query AnnData to the reference's genes.
 
-    The query matrix is read in row chunks (10,000 cells) and multiplied by a sparse
-    query-gene x reference-gene selection matrix, so dense, sparse and backed input are
-    reindexed without densifying them. Reference genes absent from the query are zero-filled.
-    Values are not validated here; see :func:`check_input`.
+    A CSR matrix in memory is reindexed whole by renumbering its column indices; dense and
+    backed input are read in row chunks (10,000 cells) and reindexed chunk by chunk, so no
+    input is densified. Query genes merged into one reference gene are summed by a sparse
+    selection matrix. Reference genes absent from the query are zero-filled. Values are not
+    validated here; see :func:`check_input`.
 
     Parameters
     ----------
@@ -384,11 +386,7 @@ def harmonize_genes(
         else:
             X = _to_csr_float32(matrix)
     else:
-        selection = sparse.csr_matrix(
-            (np.ones(len(query_idx), dtype=np.float32), (query_idx, ref_idx)),
-            shape=(query.n_vars, n_ref),
-        )
-        X = _reindex(matrix, selection)
+        X = _reindex(matrix, query_idx, ref_idx, n_ref)
     obs = query.obs.copy()
     var = pd.DataFrame(index=ref_genes)
     logger.info(
@@ -397,15 +395,65 @@ def harmonize_genes(
     return AnnData(X=X, obs=obs, var=var), report
 
 
-def _reindex(matrix: Any, selection: sparse.csr_matrix) -> sparse.csr_matrix:
-    """``matrix @ selection`` as CSR float32, computed chunk by chunk."""
+def _reindex(
+    matrix: Any, query_idx: np.ndarray, ref_idx: np.ndarray, n_ref: int
+) -> sparse.csr_matrix:
+    """Columns ``query_idx`` of ``matrix`` moved to ``ref_idx`` of ``n_ref``: CSR float32.
+
+    Where every reference gene takes at most one query gene, each stored value keeps its
+    place and its column index is renumbered (``col_map[indices]``), dropping the query's
+    other genes: no arithmetic, and an in-memory CSR is done in one piece (no chunks to
+    stack). Query genes merged into one reference gene are summed by ``matrix @ selection``.
+    Either way the rows' indices come out sorted and the values are exactly the query's.
+    """
+    n_query = matrix.shape[1]
+    merged = np.unique(ref_idx).size < ref_idx.size
+    whole = _is_csr(matrix) and matrix.shape[0] > 0
+    if merged:
+        selection = sparse.csr_matrix(
+            (np.ones(len(query_idx), dtype=np.float32), (query_idx, ref_idx)),
+            shape=(n_query, n_ref),
+        )
+    else:
+        col_map = np.full(n_query, -1, dtype=np.int32 if n_ref < 2**31 else np.int64)
+        col_map[query_idx] = ref_idx
+        kept = col_map[col_map >= 0]
+        in_order = bool(np.all(kept[1:] > kept[:-1]))
     blocks = []
-    for _, _, block in _iter_row_chunks(matrix):
-        if sparse.issparse(block):
-            block32 = block.astype(np.float32, copy=False)
+    for _, _, block in _iter_row_chunks(matrix, chunk_size=matrix.shape[0] if whole else None):
+        block = _as_csr_float32(block)
+        if merged:
+            out = sparse.csr_matrix(block @ selection, dtype=np.float32)
+            out.sort_indices()
         else:
-            block32 = sparse.csr_matrix(np.asarray(block, dtype=np.float32))
-        out = sparse.csr_matrix(block32 @ selection, dtype=np.float32)
-        out.sort_indices()
+            out = _renumber_columns(block, col_map, n_ref, sorted_out=in_order)
         blocks.append(out)
-    return _stack_csr(blocks, selection.shape[1], consume=True)
+    return _stack_csr(blocks, n_ref, consume=True)
+
+
+def _as_csr_float32(block: Any) -> sparse.csr_matrix:
+    """Return a row block as a CSR float32 matrix (may share the block's arrays)."""
+    if sparse.issparse(block):
+        return sparse.csr_matrix(block.astype(np.float32, copy=False))
+    return sparse.csr_matrix(np.asarray(block, dtype=np.float32))
+
+
+def _renumber_columns(
+    block: sparse.csr_matrix, col_map: np.ndarray, n_cols: int, *, sorted_out: bool
+) -> sparse.csr_matrix:
+    """``block`` with column ``j`` moved to ``col_map[j]`` (dropped where negative), a new CSR.
+
+    ``sorted_out``: the map keeps the columns' order, so sorted rows stay sorted.
+    """
+    columns = col_map[block.indices]
+    keep = columns >= 0
+    if keep.all():
+        data, indptr = block.data.copy(), block.indptr.copy()
+    else:
+        counts = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        data, columns = block.data[keep], columns[keep]
+        indptr = counts[block.indptr].astype(block.indptr.dtype)
+    out = sparse.csr_matrix((data, columns, indptr), shape=(block.shape[0], n_cols), copy=False)
+    if not (sorted_out and block.has_sorted_indices):
+        out.sort_indices()
+    return out
