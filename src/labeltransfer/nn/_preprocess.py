@@ -47,5 +47,18 @@ def normalize_input(
         return is_open.index_select(1, feature_idx) / n_open * peak_weights
     if input_type == "counts":
         library = x.sum(dim=1, keepdim=True).clamp_min(1.0)
-        return torch.log1p(x.index_select(1, feature_idx) / library * target_sum)
+        # the operations of log1p(x[:, features] / library * target_sum), one new tensor
+        # instead of four (the same values): the selection, or the division, makes it
+        if _all_features(feature_idx, x.shape[1]):
+            out = torch.div(x, library)
+        else:
+            out = x.index_select(1, feature_idx).div_(library)
+        return out.mul_(target_sum).log1p_()
     return x.index_select(1, feature_idx)
+
+
+def _all_features(feature_idx: torch.Tensor, n_genes: int) -> bool:
+    """Whether ``feature_idx`` selects every gene in order (the selection is then a copy)."""
+    return feature_idx.numel() == n_genes and bool(
+        (feature_idx == torch.arange(n_genes, device=feature_idx.device)).all()
+    )
