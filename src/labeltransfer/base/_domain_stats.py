@@ -44,6 +44,8 @@ from torch import nn
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.dataloaders import labelled_mask
 
+from ._batches import ExpressionBatches, readable
+
 #: At most this many query cells, evenly spaced, give the query's statistics.
 STATISTICS_CELLS = 20_000
 #: A query of fewer cells keeps the reference's statistics (too few for stable moments).
@@ -144,6 +146,20 @@ def query_statistics(
 class DomainStatisticsMixin:
     """The model side: which cells give the statistics, and inference by domain."""
 
+    def _batches(
+        self, adata: AnnData, indices: Sequence[int] | None = None, batch_size: int = 1024
+    ) -> Iterable[dict[str, torch.Tensor]]:
+        """Inference minibatches of the expression of registered ``adata`` (``indices``' rows).
+
+        Read straight from an in-memory matrix (:class:`~labeltransfer.base._batches.
+        ExpressionBatches`); anything else through scvi's data loader.
+        """
+        manager = self.get_anndata_manager(adata, required=True)
+        matrix = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        if readable(matrix):
+            return ExpressionBatches(matrix, indices, batch_size)
+        return self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+
     def _statistics_loader(
         self, registered: AnnData, rows: np.ndarray
     ) -> Iterable[dict[str, torch.Tensor]] | None:
@@ -151,9 +167,7 @@ class DomainStatisticsMixin:
         rows = statistics_rows(rows)
         if rows.size < MIN_STATISTICS_CELLS:
             return None
-        return self._make_data_loader(
-            adata=registered, indices=rows, batch_size=STATISTICS_BATCH_SIZE
-        )
+        return self._batches(registered, rows, STATISTICS_BATCH_SIZE)
 
     def _query_statistics_loader(
         self, registered: AnnData, rows: np.ndarray
@@ -174,9 +188,7 @@ class DomainStatisticsMixin:
                 logits = self._forward(registered, indices=sample, return_latent=False).logits
             called = logits[:, : len(proportions)].argmax(axis=1)
             rows = balanced_rows(sample, called, np.asarray(proportions, dtype=float))
-            loader = self._make_data_loader(
-                adata=registered, indices=rows, batch_size=STATISTICS_BATCH_SIZE
-            )
+            loader = self._batches(registered, rows, STATISTICS_BATCH_SIZE)
         return loader
 
     def _fit_statistics(self, rows: np.ndarray, *, query: bool = False) -> None:

@@ -144,7 +144,7 @@ class OpenSetMixin:
         module = self.module
         features = np.empty((rows.size, module.n_features), dtype=np.float32)
         start = 0
-        for tensors in self._make_data_loader(adata=registered, indices=rows):
+        for tensors in self._batches(registered, rows):
             x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
             part = expression_features(x, module).cpu().numpy()
             features[start : start + part.shape[0]] = part

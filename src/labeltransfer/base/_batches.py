@@ -1,0 +1,63 @@
+"""Minibatches of expression for inference, read straight from the registered matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer.data._checks import _csr_rows, _is_csr
+
+
+def readable(matrix: Any) -> bool:
+    """Whether :class:`ExpressionBatches` reads ``matrix``: a CSR matrix or ndarray in memory."""
+    return _is_csr(matrix) or isinstance(matrix, np.ndarray)
+
+
+class ExpressionBatches:
+    """Minibatches ``{"X": cells x genes float32 tensor}`` of rows of a registered matrix.
+
+    What inference needs of scvi's ``AnnDataLoader`` (the rows in order, densified as float32,
+    the same values), without its per-batch machinery: a batch of consecutive rows of a CSR
+    matrix shares its arrays until it is densified. ``module._get_inference_input`` reads only
+    the expression. Re-iterable, like a data loader.
+
+    Parameters
+    ----------
+    matrix
+        The registered expression (CSR matrix or ndarray, see :func:`readable`).
+    indices
+        Rows to read, in this order; all by default.
+    batch_size
+        Cells per minibatch.
+    """
+
+    def __init__(
+        self, matrix: Any, indices: Sequence[int] | None = None, batch_size: int = 1024
+    ) -> None:
+        self.matrix = matrix
+        self.indices = None if indices is None else np.asarray(indices)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        n_rows = self.matrix.shape[0] if self.indices is None else self.indices.size
+        return -(-n_rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        matrix, step = self.matrix, self.batch_size
+        n_rows = matrix.shape[0] if self.indices is None else self.indices.size
+        for start in range(0, n_rows, step):
+            stop = min(start + step, n_rows)
+            if self.indices is not None:
+                block = matrix[self.indices[start:stop]]
+            elif _is_csr(matrix):
+                block = _csr_rows(matrix, start, stop)
+            else:
+                block = matrix[start:stop]
+            # a copy either way: the module never sees the caller's memory
+            dense = block.toarray() if sparse.issparse(block) else np.array(block)
+            yield {REGISTRY_KEYS.X_KEY: torch.from_numpy(dense.astype(np.float32, copy=False))}
