@@ -433,6 +433,8 @@ def _reindex(
 
 def _as_csr_float32(block: Any) -> sparse.csr_matrix:
     """Return a row block as a CSR float32 matrix (may share the block's arrays)."""
+    if type(block) is sparse.csr_matrix and block.dtype == np.float32:
+        return block  # scipy's constructor would copy a block viewing a larger matrix
     if sparse.issparse(block):
         return sparse.csr_matrix(block.astype(np.float32, copy=False))
     return sparse.csr_matrix(np.asarray(block, dtype=np.float32))
