@@ -221,7 +221,8 @@ def harmonize_genes(
         New AnnData with ``var_names`` equal to ``reference_genes``, ``X`` a CSR float32
         matrix (zeros for missing genes) and a copy of ``query.obs``. If the query already has
         exactly the reference genes in order and a CSR float32 matrix, that matrix is shared
-        rather than copied.
+        rather than copied; if it has them in another order, its values array may be shared
+        (only the column indices are renumbered). Copy ``X`` before modifying it in place.
     report
         JSON-serialisable dict: ``n_reference_genes``, ``n_query_genes``, ``n_shared``,
         ``overlap`` (``n_shared / n_reference_genes``), ``n_missing``, ``missing_examples``
@@ -443,19 +444,25 @@ def _as_csr_float32(block: Any) -> sparse.csr_matrix:
 def _renumber_columns(
     block: sparse.csr_matrix, col_map: np.ndarray, n_cols: int, *, sorted_out: bool
 ) -> sparse.csr_matrix:
-    """``block`` with column ``j`` moved to ``col_map[j]`` (dropped where negative), a new CSR.
+    """``block`` with column ``j`` moved to ``col_map[j]`` (dropped where negative).
 
-    ``sorted_out``: the map keeps the columns' order, so sorted rows stay sorted.
+    ``sorted_out``: the map keeps the columns' order, so sorted rows stay sorted. Where no
+    column is dropped and no row needs sorting, the result shares ``block``'s values and row
+    pointers (only the column indices are new); otherwise all its arrays are new.
     """
     columns = col_map[block.indices]
     keep = columns >= 0
+    needs_sort = not (sorted_out and block.has_sorted_indices)
     if keep.all():
-        data, indptr = block.data.copy(), block.indptr.copy()
+        data, indptr = block.data, block.indptr
+        if needs_sort:  # sorting permutes the values in place
+            data, indptr = data.copy(), indptr.copy()
     else:
         counts = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
         data, columns = block.data[keep], columns[keep]
         indptr = counts[block.indptr].astype(block.indptr.dtype)
-    out = sparse.csr_matrix((data, columns, indptr), shape=(block.shape[0], n_cols), copy=False)
-    if not (sorted_out and block.has_sorted_indices):
+    out = sparse.csr_matrix((block.shape[0], n_cols), dtype=data.dtype)
+    out.data, out.indices, out.indptr = data, columns.astype(indptr.dtype, copy=False), indptr
+    if needs_sort:
         out.sort_indices()
     return out
