@@ -150,8 +150,19 @@ def test_a_query_read_by_chunks_gets_its_in_memory_annotation(
     expected = model.annotate(query, key_added="scnym", copy=True)
     query.write_h5ad(tmp_path / "query.h5ad")
     monkeypatch.setattr(_inference, "BACKED_CHUNK_SIZE", 37)
+    registered = []  # AnnDatas registered with the model at each forward pass
+    forward = type(model)._forward
+
+    def counting_forward(self, adata, **kwargs):
+        registered.append(len(self._per_instance_manager_store[self.id]))
+        return forward(self, adata, **kwargs)
+
+    monkeypatch.setattr(type(model), "_forward", counting_forward)
     backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
     model.annotate(backed, key_added="scnym")
+    # the model's own data and the statistics sample or one chunk: the sample is released
+    # once the statistics are set, before the chunks are read
+    assert max(registered) == 2
     for column in ("scnym", "scnym_prediction", "scnym_rejected"):
         pd.testing.assert_series_equal(backed.obs[column], expected.obs[column])
     for column in ("scnym_confidence", "scnym_novelty"):

@@ -33,7 +33,7 @@ statistics agree.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -248,12 +248,17 @@ class DomainStatisticsMixin:
     def _chunked_query_statistics(
         self, adata: AnnData, positions: np.ndarray, harmonize_kwargs: dict[str, Any]
     ) -> Iterator[None]:
-        """Batch-norm statistics of a query read by chunks, from a subset of all its cells."""
+        """Batch-norm statistics of a query read by chunks, from a subset of all its cells.
+
+        The sample is released once the statistics are set, before the chunks are read.
+        """
         if not batch_norms(self.module):
             yield
             return
         rows = statistics_rows(positions)
-        with self._registered_sample(adata, rows, harmonize_kwargs) as registered:
-            loader = self._query_statistics_loader(registered, np.arange(registered.n_obs))
-            with query_statistics(self.module, loader):
-                yield
+        with ExitStack() as statistics:
+            with self._registered_sample(adata, rows, harmonize_kwargs) as registered:
+                loader = self._query_statistics_loader(registered, np.arange(registered.n_obs))
+                statistics.enter_context(query_statistics(self.module, loader))
+                del loader, registered  # the sample's last references
+            yield
