@@ -47,7 +47,7 @@ class AnnotateMixin:
         adata
             Query AnnData (any gene order; missing genes are zero-filled and reported), or
             ``None`` for the AnnData the model was set up with. An AnnData opened in backed
-            mode (``anndata.read_h5ad(path, backed="r+")``) is read 50,000 cells at a time,
+            mode (``anndata.read_h5ad(path, backed="r+")``) is read 25,000 cells at a time,
             so its expression is never loaded whole; the results go to its in-memory
             ``obs``/``obsm``/``uns``, and ``adata.write()`` then stores them in the file
             without rewriting ``X``. The path of a zarr store (written by
