@@ -12,8 +12,9 @@ fresh child (one torch thread) that
    200 batches run (`MAX_BATCHES`); the training part of the epoch is scaled by
    ``batches per epoch / batches run`` and the complete validation pass added);
 3. resets the peak again and annotates all cells (in memory);
-4. annotates the query half as a new AnnData with its genes in reverse order and the
-   ``"per_type"`` rule (confidence thresholds, no coverage test), the peak reset before, and
+4. annotates the query half (at most 200,000 cells) as a new AnnData with its genes in
+   reverse order and the ``"per_type"`` rule (confidence thresholds, no coverage test),
+   three times, the peak reset before each (the fastest call and the largest memory), and
    times a plain-torch forward of the same layer shapes (the ``nn.Linear`` layers
    ``module.inference`` calls, in order, each followed by a ReLU, on dense batches of 1,024
    cells with random inputs): the bound annotation is compared with (issue 18, point 2).
@@ -46,6 +47,8 @@ MODELS = ("JIND", "SCNYM", "SCDET", "CellPredX")
 SIZES = {"quick": (2_000,), "small": (10_000, 100_000), "full": (10_000, 100_000, 1_000_000)}
 #: Training batches run at a size (the rest of the epoch is scaled).
 MAX_BATCHES = {1_000_000: 200}
+#: Query cells annotated with their genes reordered (issue 18's 200,000), and how often.
+REORDERED_CELLS, REORDERED_REPEATS = 200_000, 3
 
 
 def configs(budget: str, seeds: list[int], workdir: Path) -> list[dict[str, Any]]:
@@ -161,21 +164,32 @@ def _torch_bound_cells_per_s(shapes: list[tuple[int, int]], repeats: int = 20) -
 
 
 def _annotate_reordered(model, adata) -> dict[str, Any]:
-    """Annotate the query half, genes reversed, with ``"per_type"``: time and added memory."""
+    """Annotate the query half, genes reversed, with ``"per_type"``: time and added memory.
+
+    At most :data:`REORDERED_CELLS` query cells; the fastest of :data:`REORDERED_REPEATS`
+    calls and the largest memory any of them added (the peak reset before each).
+    """
     query = adata[adata.obs["cell_type"] == "Unknown"]
-    query = query[:, query.var_names[::-1]].copy()
-    before = rss_mb()
-    reset = reset_peak_rss()
-    sw = Stopwatch()
-    with sw("fast_annotate"):
-        model.annotate(query, rejection="per_type", key_added="fast")
+    query = query[:REORDERED_CELLS, query.var_names[::-1]].copy()
+    seconds, cpu, added = [], [], []
+    for _ in range(REORDERED_REPEATS):
+        before = rss_mb()
+        reset = reset_peak_rss()
+        sw = Stopwatch()
+        with sw("fast_annotate"):
+            model.annotate(query, rejection="per_type", key_added="fast")
+        added.append(peak_rss_mb() - before)
+        seconds.append(sw.seconds["fast_annotate"])
+        cpu.append(sw.cpu_seconds["fast_annotate"])
+    best = seconds.index(min(seconds))
     return {
         "fast_n_cells": int(query.n_obs),
         "fast_query_csr_mib": csr_mib(query.X),
         "fast_peak_reset": reset,
-        "fast_added_mib": peak_rss_mb() - before,
-        "fast_cells_per_s": query.n_obs / sw.seconds["fast_annotate"],
-        **sw.record(),
+        "fast_added_mib": max(added),
+        "fast_cells_per_s": query.n_obs / seconds[best],
+        "fast_annotate_s": seconds[best],
+        "fast_annotate_cpu_s": cpu[best],
     }
 
 
@@ -351,7 +365,8 @@ def _reordered_section(runs: pd.DataFrame) -> list[str]:
         "",
         "## Annotating a new query with its genes in another order",
         "",
-        "The query half as a new AnnData, genes in reverse order (CSR in memory), "
+        "The query half (at most 200,000 cells) as a new AnnData, genes in reverse order (CSR in "
+        "memory), "
         '`annotate(rejection="per_type")`: reindexed, normalised and passed through the network '
         "chunk by chunk, without the coverage test. *Bound*: a plain-torch forward of the same "
         "`nn.Linear` shapes (each with a ReLU) on dense 1,024-cell batches in the same process, "
