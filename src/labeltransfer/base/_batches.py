@@ -12,6 +12,9 @@ from scipy import sparse
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.data._checks import _csr_rows, _is_csr
 
+#: Cells per inference minibatch: memory stays bounded by the batch, not the data set.
+INFERENCE_BATCH_SIZE = 1024
+
 
 def readable(matrix: Any) -> bool:
     """Whether :class:`ExpressionBatches` reads ``matrix``: a CSR matrix or ndarray in memory."""
@@ -37,7 +40,10 @@ class ExpressionBatches:
     """
 
     def __init__(
-        self, matrix: Any, indices: Sequence[int] | None = None, batch_size: int = 1024
+        self,
+        matrix: Any,
+        indices: Sequence[int] | None = None,
+        batch_size: int = INFERENCE_BATCH_SIZE,
     ) -> None:
         self.matrix = matrix
         self.indices = None if indices is None else np.asarray(indices)

@@ -44,7 +44,7 @@ from torch import nn
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.dataloaders import labelled_mask
 
-from ._batches import ExpressionBatches, readable
+from ._batches import INFERENCE_BATCH_SIZE, ExpressionBatches, readable
 
 #: At most this many query cells, evenly spaced, give the query's statistics.
 STATISTICS_CELLS = 20_000
@@ -147,7 +147,10 @@ class DomainStatisticsMixin:
     """The model side: which cells give the statistics, and inference by domain."""
 
     def _batches(
-        self, adata: AnnData, indices: Sequence[int] | None = None, batch_size: int = 1024
+        self,
+        adata: AnnData,
+        indices: Sequence[int] | None = None,
+        batch_size: int = INFERENCE_BATCH_SIZE,
     ) -> Iterable[dict[str, torch.Tensor]]:
         """Inference minibatches of the expression of registered ``adata`` (``indices``' rows).
 

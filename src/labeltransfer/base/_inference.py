@@ -18,6 +18,7 @@ from scipy.special import softmax
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.data._checks import _csr_rows, _is_csr
 
+from ._batches import INFERENCE_BATCH_SIZE
 from ._domain_stats import DomainStatisticsMixin
 from ._query import EMPTY_CELLS_WARNING, empty_cells, prepare_query, warn_empty_cells
 from ._save_load import NO_DATA_MESSAGE
@@ -26,8 +27,6 @@ from ._zarr import is_lazy, is_zarr_path, open_zarr
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-#: Cells per inference minibatch: memory stays bounded by the batch, not the data set.
-INFERENCE_BATCH_SIZE = 1024
 #: Cells read at a time from an AnnData opened in backed mode, a zarr store, or an in-memory
 #: query with more cells: its reindexed copy never exists whole, only one chunk's. JIND
 #: annotating 200,000 reordered cells (one thread, per_type): 50,000 added 0.72x the query's

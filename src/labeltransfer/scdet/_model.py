@@ -591,7 +591,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
     def _log_normalised(self, indices: np.ndarray) -> Iterator[np.ndarray]:
         """Yield the model's genes of registered cells, log1p(counts per 10,000), by minibatch."""
         module = self.module
-        for tensors in self._batches(self.adata, indices, 1024):
+        for tensors in self._batches(self.adata, indices):
             x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
             x = normalize_input(x, module.feature_idx, module.input_type, ESTIMATE_TARGET_SUM)
             yield x.float().cpu().numpy()
