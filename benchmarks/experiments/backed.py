@@ -9,7 +9,7 @@
    the same generator, then annotates the query: h5ad through
    ``anndata.read_h5ad(path, backed="r+")``, ``model.annotate(query)`` and ``query.write()``;
    zarr through ``model.annotate(path)``, which writes the results into the store. Both read
-   50,000 cells at a time. Peak memory (``VmHWM``) is that of the whole child.
+   25,000 cells at a time. Peak memory (``VmHWM``) is that of the whole child.
 """
 
 from __future__ import annotations
