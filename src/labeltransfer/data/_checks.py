@@ -149,17 +149,31 @@ def _is_csr(matrix: Any) -> bool:
 def _csr_rows(matrix: Any, start: int, stop: int) -> sparse.csr_matrix:
     """Rows ``start:stop`` of an in-memory CSR matrix, sharing its arrays (no copy).
 
-    scipy's row slice copies the rows element by element (``get_csr_submatrix``), and its
-    constructor copies any array that views less than half of another (``prune``), for each
-    chunk of each pass (input checks, empty cells, reindexing, minibatches). So the arrays are
-    set on an empty matrix instead. The caller must not modify the block in place.
+    scipy's row slice copies the rows element by element (``get_csr_submatrix``), for each
+    chunk of each pass (input checks, empty cells, reindexing, minibatches). The caller must
+    not modify the block in place.
     """
     first, last = matrix.indptr[start], matrix.indptr[stop]
-    block = sparse.csr_matrix((stop - start, matrix.shape[1]), dtype=matrix.dtype)
-    block.data = matrix.data[first:last]
-    block.indices = matrix.indices[first:last]
-    block.indptr = matrix.indptr[start : stop + 1] - first
-    return block
+    return _csr_from_arrays(
+        matrix.data[first:last],
+        matrix.indices[first:last],
+        matrix.indptr[start : stop + 1] - first,
+        (stop - start, matrix.shape[1]),
+    )
+
+
+def _csr_from_arrays(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]
+) -> sparse.csr_matrix:
+    """Return a CSR matrix holding exactly these arrays (``indices`` in ``indptr``'s dtype).
+
+    scipy's constructor copies any array that views less than half of another (``prune``),
+    so the arrays are set on an empty matrix instead: a view stays a view.
+    """
+    out = sparse.csr_matrix(shape, dtype=data.dtype)
+    out.data, out.indptr = data, indptr
+    out.indices = indices.astype(indptr.dtype, copy=False)
+    return out
 
 
 def _chunk_values(block: np.ndarray | sparse.csr_matrix) -> np.ndarray:

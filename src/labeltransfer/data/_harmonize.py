@@ -16,6 +16,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from ._checks import (
+    _csr_from_arrays,
     _get_matrix,
     _is_csr,
     _iter_row_chunks,
@@ -435,7 +436,7 @@ def _reindex(
 def _as_csr_float32(block: Any) -> sparse.csr_matrix:
     """Return a row block as a CSR float32 matrix (may share the block's arrays)."""
     if type(block) is sparse.csr_matrix and block.dtype == np.float32:
-        return block  # scipy's constructor would copy a block viewing a larger matrix
+        return block  # scipy's constructor would copy a block viewing a larger matrix (prune)
     if sparse.issparse(block):
         return sparse.csr_matrix(block.astype(np.float32, copy=False))
     return sparse.csr_matrix(np.asarray(block, dtype=np.float32))
@@ -455,14 +456,13 @@ def _renumber_columns(
     needs_sort = not (sorted_out and block.has_sorted_indices)
     if keep.all():
         data, indptr = block.data, block.indptr
-        if needs_sort:  # sorting permutes the values in place
-            data, indptr = data.copy(), indptr.copy()
+        if needs_sort:  # sorting permutes the values in place (the row pointers stay)
+            data = data.copy()
     else:
         counts = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
         data, columns = block.data[keep], columns[keep]
         indptr = counts[block.indptr].astype(block.indptr.dtype)
-    out = sparse.csr_matrix((block.shape[0], n_cols), dtype=data.dtype)
-    out.data, out.indices, out.indptr = data, columns.astype(indptr.dtype, copy=False), indptr
+    out = _csr_from_arrays(data, columns, indptr, (block.shape[0], n_cols))
     if needs_sort:
         out.sort_indices()
     return out
