@@ -48,22 +48,21 @@ class ExpressionBatches:
         self.matrix = matrix
         self.indices = None if indices is None else np.asarray(indices)
         self.batch_size = batch_size
+        self.n_rows = matrix.shape[0] if indices is None else self.indices.size
 
     def __len__(self) -> int:
-        n_rows = self.matrix.shape[0] if self.indices is None else self.indices.size
-        return -(-n_rows // self.batch_size)
+        return -(-self.n_rows // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         matrix, step = self.matrix, self.batch_size
-        n_rows = matrix.shape[0] if self.indices is None else self.indices.size
-        for start in range(0, n_rows, step):
-            stop = min(start + step, n_rows)
+        for start in range(0, self.n_rows, step):
+            stop = min(start + step, self.n_rows)
+            # one new array per batch: the module never sees the caller's memory
             if self.indices is not None:
-                block = matrix[self.indices[start:stop]]
+                block = matrix[self.indices[start:stop]]  # fancy indexing copies
             elif _is_csr(matrix):
                 block = _csr_rows(matrix, start, stop)
             else:
-                block = matrix[start:stop]
-            # a copy either way: the module never sees the caller's memory
-            dense = block.toarray() if sparse.issparse(block) else np.array(block)
+                block = np.array(matrix[start:stop], dtype=np.float32)
+            dense = block.toarray() if sparse.issparse(block) else block
             yield {REGISTRY_KEYS.X_KEY: torch.from_numpy(dense.astype(np.float32, copy=False))}
