@@ -137,10 +137,14 @@ def run_configs(
     configs: list[dict[str, Any]], jobs: int, threads: int, timeout: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every config in a fresh child, ``jobs`` at a time; records and failures."""
-    threading = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
     def one(position: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         config = configs[position]
+        # an experiment may set a child's thread count (``n_threads``), e.g. to compare 1 and 2
+        count = str(config.get("n_threads", threads))
+        threading = dict.fromkeys(
+            ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), count
+        )
         records, error, wall = run_child(
             [__file__, "--child", json.dumps(config)], timeout=timeout, env=threading
         )

@@ -83,6 +83,9 @@ SUITES: dict[str, Suite] = {
     ),
     "backed": Suite("backed", "full", "backed", "annotating a 1M-cell backed h5ad / zarr query"),
     "scaling": Suite("scaling", "full", "scaling", "each model at 10k, 100k and 1M cells"),
+    "endtoend": Suite(
+        "endtoend", "full", "endtoend", "time to a result at 100k + 100k cells, next to peers"
+    ),
 }
 
 
