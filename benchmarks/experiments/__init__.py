@@ -86,6 +86,9 @@ SUITES: dict[str, Suite] = {
     "endtoend": Suite(
         "endtoend", "full", "endtoend", "time to a result at 100k + 100k cells, next to peers"
     ),
+    "endtoend_small": Suite(
+        "endtoend", "small", "endtoend_small", "time to a result at 5k + 5k cells, next to peers"
+    ),
 }
 
 
