@@ -286,6 +286,42 @@ def test_grid_options_are_refused_for_custom_suites(capsys):
         run.main(["--suite", "scaling", "--tools", "jind"])
 
 
+def test_endtoend_suite_writes_each_data_set_before_its_tools_at_each_thread_count(tmp_path):
+    from experiments import endtoend
+
+    configs = endtoend.configs("full", [0], tmp_path)
+    for data in endtoend.DATASETS:
+        steps = [c for c in configs if c["data"] == data]
+        assert steps[0]["step"] == "data"
+        assert {c["dir"] for c in steps} == {str(tmp_path / data)}
+        runs = {(c["method"], c["n_threads"]) for c in steps[1:]}
+        assert runs == {(t, n) for t in endtoend.TOOL_NAMES for n in (1, 2)}
+        assert {c["size"] for c in steps} == {100_000}
+    assert set(endtoend.TOOL_NAMES) <= set(TOOLS)
+    small = endtoend.configs("small", [0], tmp_path)
+    assert {c.get("n_threads") for c in small} == {None, 1}
+
+
+def test_endtoend_resampling_draws_distinct_thinned_cells():
+    from anndata import AnnData
+    from experiments.endtoend import THINNING, resample
+    from scipy import sparse
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(20.0, (5, 30)).astype(np.float32)
+    cells = AnnData(sparse.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in range(5)]))
+    drawn = resample(cells, 200, np.random.default_rng(1))
+    assert drawn.shape == (200, 30)
+    assert drawn.obs_names.is_unique
+    origin = [int(name.split("-")[0][1:]) for name in drawn.obs_names]
+    dense = drawn.X.toarray()
+    assert (dense <= counts[origin]).all()  # thinned, never more than the source cell
+    kept = dense.sum() / counts[origin].sum()
+    assert abs(kept - THINNING) < 0.01
+    assert len({row.tobytes() for row in dense}) == 200  # no two drawn cells alike
+    assert np.array_equal(dense, np.round(dense))  # still counts
+
+
 @pytest.mark.slow
 def test_quick_run_of_one_model_and_one_peer_writes_every_column(shared_data, tmp_path):
     out = tmp_path / "smoke.csv"
