@@ -133,6 +133,21 @@ def grid_configs(
     ]
 
 
+def only_tools(
+    configs: list[dict[str, Any]], tools: list[str], suite: str
+) -> list[dict[str, Any]]:
+    """A custom suite's steps that run one of ``tools`` (named ``"method"``) or no tool.
+
+    Raises
+    ------
+    SystemExit
+        No step of ``suite`` runs a tool.
+    """
+    if not any("method" in c for c in configs):
+        sys.exit(f"--tools applies to suites that run tools; {suite} does not.")
+    return [c for c in configs if "method" not in c or c["method"] in tools]
+
+
 def run_configs(
     configs: list[dict[str, Any]], jobs: int, threads: int, timeout: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -209,7 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-epochs", type=int, help="cap every training part of every tool")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: the suite's (0 1 2)")
-    parser.add_argument("--tools", nargs="+", choices=list(TOOLS), help="grid suites: only these")
+    parser.add_argument(
+        "--tools", nargs="+", choices=list(TOOLS), help="only these (grid suites, endtoend)"
+    )
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), help="grid suites: only these")
     parser.add_argument("--jobs", type=int, default=2, help="children at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch / BLAS threads per child")
@@ -242,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     suite, experiment = SUITES[args.suite], load_experiment(args.suite)
     budget = "quick" if args.quick else suite.budget
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS) / f"{suite.output}.csv"
-    if (args.tools or args.tasks or args.add) and not experiment.grid:
-        sys.exit(f"--tools, --tasks and --add apply to grid suites; {args.suite} is not one.")
+    if (args.tasks or args.add) and not experiment.grid:
+        sys.exit(f"--tasks and --add apply to grid suites; {args.suite} is not one.")
     if args.markdown_only:
         frame, meta = read(out)
     else:
@@ -255,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             configs = grid_configs(experiment, suite, seeds, tools, tasks)
         else:
             configs = experiment.configs(budget, seeds, Path(workdir.name))
+            if args.tools:
+                configs = only_tools(configs, args.tools, args.suite)
         if not configs:
             sys.exit(f"Nothing to run: no tool of --tools runs a task of --tasks in {args.suite}.")
         for env in sorted({TOOLS[c["tool"]].env for c in configs if "tool" in c} - {None}):

@@ -282,8 +282,17 @@ def test_merge_replaces_the_redone_rows_only():
 
 
 def test_grid_options_are_refused_for_custom_suites(capsys):
-    with pytest.raises(SystemExit, match="--tools, --tasks and --add apply to grid suites"):
+    with pytest.raises(SystemExit, match="--tasks and --add apply to grid suites"):
+        run.main(["--suite", "scaling", "--tasks", "kang"])
+    with pytest.raises(SystemExit, match="--tools applies to suites that run tools; scaling"):
         run.main(["--suite", "scaling", "--tools", "jind"])
+
+
+def test_tools_option_keeps_the_data_steps_of_a_custom_suite(tmp_path):
+    from experiments import endtoend
+
+    configs = run.only_tools(endtoend.configs("small", [0], tmp_path), ["jind", "logreg"], "e")
+    assert [c.get("method") for c in configs] == [None, "jind", "logreg"] * 2
 
 
 def test_endtoend_suite_writes_each_data_set_before_its_tools_at_each_thread_count(tmp_path):
