@@ -166,6 +166,17 @@ def failures(meta: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def skipped(meta: dict[str, Any]) -> list[str]:
+    """A "Not run" section: the configurations ``--stop-after`` left out."""
+    if not meta.get("skipped"):
+        return []
+    lines = ["## Not run (`--stop-after` reached)", ""]
+    for config in meta["skipped"]:
+        shown = {k: v for k, v in config.items() if k not in ("suite", "timeout")}
+        lines.append(f"- `{json.dumps(shown)}`")
+    return [*lines, ""]
+
+
 def write(frame: pd.DataFrame, meta: dict[str, Any], out: Path, experiment: Experiment) -> str:
     """Write ``out`` (.csv), its .json and its .md (the experiment's tables); return the md."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +188,7 @@ def write(frame: pd.DataFrame, meta: dict[str, Any], out: Path, experiment: Expe
         "",
         *experiment.sections(frame, meta),
         *failures(meta),
+        *skipped(meta),
         "<!-- tables-end -->",
     ]
     text = "\n".join(lines) + "\n"

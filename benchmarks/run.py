@@ -149,12 +149,23 @@ def only_tools(
 
 
 def run_configs(
-    configs: list[dict[str, Any]], jobs: int, threads: int, timeout: float
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run every config in a fresh child, ``jobs`` at a time; records and failures."""
+    configs: list[dict[str, Any]],
+    jobs: int,
+    threads: int,
+    timeout: float,
+    stop_after: float | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run every config in a fresh child, ``jobs`` at a time; records, failures, skipped.
 
-    def one(position: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    A config whose turn comes more than ``stop_after`` seconds after the start is skipped
+    (not started), so that a long suite fits the time there is and keeps what finished.
+    """
+    start = time.perf_counter()
+
+    def one(position: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None, bool]:
         config = configs[position]
+        if stop_after is not None and time.perf_counter() - start > stop_after:
+            return [], None, True
         # an experiment may set a child's thread count (``n_threads``), e.g. to compare 1 and 2
         count = str(config.get("n_threads", threads))
         threading = dict.fromkeys(
@@ -168,13 +179,15 @@ def run_configs(
         print(f"{tag}: {len(records)} records in {wall:.0f} s", flush=True)
         if error:
             print(f"{tag}: FAILED\n{error}", flush=True)
-            return records, {**config, "error": error}
-        return records, None
+            return records, {**config, "error": error}, False
+        return records, None, False
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(one, range(len(configs))))
-    records = [r for found, _ in results for r in found]
-    return records, [failure for _, failure in results if failure is not None]
+    records = [r for found, _, _ in results for r in found]
+    failures = [failure for _, failure, _ in results if failure is not None]
+    skipped = [config for config, (_, _, late) in zip(configs, results, strict=True) if late]
+    return records, failures, skipped
 
 
 def merge(old: pd.DataFrame, old_meta: dict, new: pd.DataFrame, new_meta: dict):
@@ -231,6 +244,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="children at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch / BLAS threads per child")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child")
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        help="start no child after this many seconds; what finished is written, the rest "
+        "listed as not run",
+    )
     parser.add_argument("--out", type=Path, help="CSV path (default: results/<suite output>.csv)")
     parser.add_argument("--markdown-only", action="store_true", help="tables from the CSV")
     parser.add_argument(
@@ -298,13 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"{len(configs)} children, {meta['jobs']} at a time; {meta['uptime_start']}")
         with workdir:
-            records, failures = run_configs(configs, meta["jobs"], args.threads, args.timeout)
+            records, failures, skipped = run_configs(
+                configs, meta["jobs"], args.threads, args.timeout, args.stop_after
+            )
         meta.update(
             total_s=time.perf_counter() - start,
             n_children=len(configs),
             uptime_end=uptime(),
             source_end=source_fingerprint(),
             failures=failures,
+            skipped=skipped,
             configs=configs,
         )
         frame = pd.DataFrame(records)
@@ -320,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment.figures(frame, meta, figures)
     print(text)
     print(f"written: {out.with_suffix('.{csv,json,md}')}")
+    if meta.get("skipped"):
+        print(f"{len(meta['skipped'])} configurations not run (--stop-after reached).")
     return 1 if meta["failures"] else 0
 
 

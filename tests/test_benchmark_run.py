@@ -331,6 +331,17 @@ def test_endtoend_resampling_draws_distinct_thinned_cells():
     assert np.array_equal(dense, np.round(dense))  # still counts
 
 
+def test_stop_after_skips_the_children_whose_turn_comes_late(tmp_path):
+    from _writer import skipped
+
+    configs = [{"suite": "small", "tool": "logreg", "task": "kang", "seeds": [0]}] * 3
+    records, failures, late = run.run_configs(configs, 1, 1, 60.0, stop_after=-1.0)
+    assert (records, failures, late) == ([], [], configs)  # no child was started
+    text = "\n".join(skipped({"skipped": late}))
+    assert "## Not run (`--stop-after` reached)" in text
+    assert text.count('"tool": "logreg"') == 3
+
+
 @pytest.mark.slow
 def test_quick_run_of_one_model_and_one_peer_writes_every_column(shared_data, tmp_path):
     out = tmp_path / "smoke.csv"
