@@ -154,15 +154,19 @@ def header(title: str, meta: dict[str, Any], out: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _shown(config: dict[str, Any]) -> str:
+    """A configuration as JSON, without what every configuration of a run shares."""
+    return json.dumps({k: v for k, v in config.items() if k not in ("error", "suite", "timeout")})
+
+
 def failures(meta: dict[str, Any]) -> list[str]:
     """A "Failed runs" section: each failed configuration and its error's last line."""
     if not meta["failures"]:
         return []
     lines = ["## Failed runs", ""]
     for failure in meta["failures"]:
-        config = {k: v for k, v in failure.items() if k not in ("error", "suite", "timeout")}
         tail = failure["error"].strip().splitlines()[-1] if failure["error"] else ""
-        lines.append(f"- `{json.dumps(config)}`: `{tail}`")
+        lines.append(f"- `{_shown(failure)}`: `{tail}`")
     return [*lines, ""]
 
 
@@ -171,9 +175,7 @@ def skipped(meta: dict[str, Any]) -> list[str]:
     if not meta.get("skipped"):
         return []
     lines = ["## Not run (`--stop-after` reached)", ""]
-    for config in meta["skipped"]:
-        shown = {k: v for k, v in config.items() if k not in ("suite", "timeout")}
-        lines.append(f"- `{json.dumps(shown)}`")
+    lines += [f"- `{_shown(config)}`" for config in meta["skipped"]]
     return [*lines, ""]
 
 

@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                 configs = only_tools(configs, args.tools, args.suite)
         if not configs:
             sys.exit(f"Nothing to run: no tool of --tools runs a task of --tasks in {args.suite}.")
-        for env in sorted({TOOLS[c["tool"]].env for c in configs if "tool" in c} - {None}):
+        # every peer environment is made before any child runs (a custom suite names its
+        # tools "method"), so that no timed run pays for creating one
+        names = {c.get("tool", c.get("method")) for c in configs} - {None}
+        for env in sorted({TOOLS[name].env for name in names} - {None}):
             print(f"{env} environment: {env_python(env)}", flush=True)
         shared = {
             "suite": args.suite,

@@ -25,6 +25,7 @@ process, which reads the data again).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,7 +78,6 @@ def resample(adata: AnnData, n_cells: int, rng) -> AnnData:
 
 def _write_data(config: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
-    from _envs import env_python
     from _tasks import SOURCES, _clean
 
     import labeltransfer as lt
@@ -102,7 +102,6 @@ def _write_data(config: dict[str, Any]) -> dict[str, Any]:
         reference, query = resample(parts["ctrl"], size, rng), resample(parts["stim"], size, rng)
     reference.write_h5ad(directory / "reference.h5ad")
     query.write_h5ad(directory / "query.h5ad")
-    env_python("celltypist")  # created here, never inside a timed run
     return {
         "n_genes": int(reference.n_vars),
         "nnz_per_cell": float((reference.X.nnz + query.X.nnz) / (2 * size)),
@@ -167,7 +166,7 @@ def child(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _ratio(value: float, reference: float) -> str:
-    return "–" if reference != reference or reference <= 0 else f"{value / reference:.2f}"
+    return "–" if math.isnan(reference) or reference <= 0 else f"{value / reference:.2f}"
 
 
 def _cpu_per_wall(record: dict[str, Any]) -> str:
