@@ -292,13 +292,17 @@ def test_tools_option_keeps_the_data_steps_of_a_custom_suite(tmp_path):
     from experiments import endtoend
 
     configs = run.only_tools(endtoend.configs("small", [0], tmp_path), ["jind", "logreg"], "e")
-    assert [c.get("method") for c in configs] == [None, "jind", "logreg"] * 2
+    assert [c.get("method") for c in configs] == [None, None] + ["jind", "logreg"] * 2
 
 
 def test_endtoend_suite_writes_each_data_set_before_its_tools_at_each_thread_count(tmp_path):
     from experiments import endtoend
 
     configs = endtoend.configs("full", [0], tmp_path)
+    n_data = len(endtoend.DATASETS)
+    assert [c["step"] for c in configs[:n_data]] == ["data"] * n_data
+    threads = [c["n_threads"] for c in configs[n_data:]]
+    assert threads == sorted(threads)  # every one-thread run before the two-thread runs
     for data in endtoend.DATASETS:
         steps = [c for c in configs if c["data"] == data]
         assert steps[0]["step"] == "data"

@@ -50,17 +50,21 @@ THREADS = {"quick": (1,), "small": (1,), "full": (1, 2)}
 
 
 def configs(budget: str, seeds: list[int], workdir: Path) -> list[dict[str, Any]]:
-    """Per data set: write the two files, then run every tool at every thread count."""
+    """Write every data set's two files, then run every tool on each, one thread first.
+
+    Every one-thread run comes before any two-thread run, so that ``--stop-after`` cut short
+    still leaves the one-thread comparison on both data sets (run one child at a time: a tool
+    reads files its data set's step writes).
+    """
     size = SIZES[budget]
-    out = []
-    for data in DATASETS:
-        common = {"data": data, "size": size, "dir": str(workdir / data)}
-        out.append({"step": "data", **common})
-        out += [
-            {"step": "tool", **common, "method": name, "n_threads": threads}
-            for threads in THREADS[budget]
-            for name in TOOL_NAMES
-        ]
+    common = {data: {"data": data, "size": size, "dir": str(workdir / data)} for data in DATASETS}
+    out = [{"step": "data", **common[data]} for data in DATASETS]
+    out += [
+        {"step": "tool", **common[data], "method": name, "n_threads": threads}
+        for threads in THREADS[budget]
+        for data in DATASETS
+        for name in TOOL_NAMES
+    ]
     return out
 
 
