@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from labeltransfer.metrics import (
     brier_score,
+    ece_noise_floor,
     expected_calibration_error,
     overconfidence_error,
     reliability_table,
@@ -122,3 +123,33 @@ def test_perfectly_calibrated_data_has_zero_ece(groups, n_bins):
         0.0, abs=1e-12
     )
     assert overconfidence_error(conf, correct, n_bins=n_bins) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_noise_floor_one_bin_by_hand():
+    # one bin of n cells at confidence c: E|Bin(n, c) / n - c|, about sqrt(2c(1-c) / (pi n))
+    floor = ece_noise_floor(np.full(100, 0.5), n_bins=1, n_draws=4000)
+    assert floor == pytest.approx(np.sqrt(0.5 / (np.pi * 100)), abs=0.002)
+    assert ece_noise_floor(np.ones(50)) == 0.0  # certain cells are always right
+
+
+def test_ece_noise_floor_falls_with_the_number_of_cells():
+    rng = np.random.default_rng(0)
+    small, large = (ece_noise_floor(rng.uniform(0.4, 1.0, n)) for n in (100, 10_000))
+    assert 0.03 < small < 0.1
+    assert large < small / 5
+
+
+def test_ece_noise_floor_is_the_same_drawn_in_blocks(monkeypatch):
+    from labeltransfer.metrics import _calibration
+
+    conf = np.random.default_rng(1).uniform(0.2, 1.0, 300)
+    whole = ece_noise_floor(conf, n_draws=50, seed=3)
+    monkeypatch.setattr(_calibration, "_FLOOR_BLOCK", 700)  # two draws per block
+    assert ece_noise_floor(conf, n_draws=50, seed=3) == pytest.approx(whole, abs=1e-12)
+
+
+def test_ece_noise_floor_errors():
+    with pytest.raises(ValueError, match="n_draws"):
+        ece_noise_floor([0.5, 0.7], n_draws=0)
+    with pytest.raises(ValueError, match="confidence"):
+        ece_noise_floor([0.5, 1.5])

@@ -69,6 +69,10 @@ def test_annotation_report_by_hand():
     #       6 = {0.60 F}: 0.6/5 = 0.12 ; 5 = {0.55 F}: 0.55/5 = 0.11          -> ECE = 0.30
     # OE: bins 6 and 5 only: (0.6*0.6 + 0.55*0.55) / 5 = 0.1325
     assert rep["ece"] == pytest.approx(0.30)
+    # a calibrated model's expected ECE on these five confidences: bins 8, 6, 5 hold one cell
+    # each (E|y - c| = 2c(1 - c)): (0.32 + 0.48 + 0.495) / 5; bin 9 {0.90, 0.95}:
+    # (0.855 * 0.075 + 0.14 * 0.425 + 0.005 * 0.925) * 2/5  -> 0.3103: the 0.30 is noise
+    assert rep["ece_floor"] == pytest.approx(0.3103, abs=0.02)
     assert rep["overconfidence_error"] == pytest.approx(0.1325)
     # novel cells are all withheld and less confident than every known cell
     assert rep["novel_rejection_rate"] == pytest.approx(1.0)
@@ -108,6 +112,7 @@ def test_annotation_report_as_frame_and_format():
     assert "raw accuracy          0.600" in text
     assert "effective accuracy    0.750" in text
     assert "AUROC 1.000" in text
+    assert f"ECE                   0.300 (noise floor {rep_floor(adata):.3f})" in text
     assert "Per type:" in text
     assert format_report(frame).splitlines()[:5] == text.splitlines()[:5]
     assert "Per type" not in format_report(
@@ -138,3 +143,7 @@ def test_annotation_report_without_probabilities_warns_and_uses_categories():
     # reference types fall back to the categories of lt_prediction (A, B): same numbers
     assert rep["n_novel"] == 2
     assert rep["raw_accuracy"] == pytest.approx(3 / 5)
+
+
+def rep_floor(adata):
+    return annotation_report(adata, "cell_type", "lt")["ece_floor"]

@@ -6,6 +6,7 @@ Everything here takes plain arrays (or, for :func:`annotation_report`, an AnnDat
 
 from ._calibration import (
     brier_score,
+    ece_noise_floor,
     expected_calibration_error,
     overconfidence_error,
     reliability_table,
@@ -26,6 +27,7 @@ __all__ = [
     "annotation_report",
     "brier_score",
     "cohen_kappa",
+    "ece_noise_floor",
     "effective_accuracy",
     "expected_calibration_error",
     "format_report",

@@ -12,7 +12,7 @@ import pandas as pd
 
 from labeltransfer._constants import NOVEL_PREFIX, OUTPUT_KEYS, UNASSIGNED
 
-from ._calibration import expected_calibration_error, overconfidence_error
+from ._calibration import ece_noise_floor, expected_calibration_error, overconfidence_error
 from ._classification import (
     _as_bool,
     _as_float,
@@ -41,6 +41,7 @@ REPORT_SCALARS = (
     "macro_f1",
     "kappa",
     "ece",
+    "ece_floor",
     "overconfidence_error",
 )
 
@@ -178,6 +179,10 @@ def annotation_report(
     ``ece``, ``overconfidence_error``
         calibration of ``obs[f"{key}_confidence"]`` against correctness of the raw prediction,
         known cells, 10 bins;
+    ``ece_floor``
+        the ECE a perfectly calibrated classifier would score on average with the same
+        confidences (:func:`~labeltransfer.metrics.ece_noise_floor`): on a few hundred cells
+        it is several hundredths, so an ECE near it is within sampling noise;
     ``per_type``
         :func:`~labeltransfer.metrics.per_type_table` over all cells (novel types included:
         their ``rejection_rate`` is how often they were withheld);
@@ -220,6 +225,7 @@ def annotation_report(
             "macro_f1": macro_f1(t, p),
             "kappa": cohen_kappa(t, p),
             "ece": expected_calibration_error(c, correct),
+            "ece_floor": ece_noise_floor(c),
             "overconfidence_error": overconfidence_error(c, correct),
         }
     else:
@@ -318,7 +324,10 @@ def format_report(report: dict[str, Any] | pd.DataFrame, *, per_type: bool = Tru
         ("overconfidence_error", "overconfidence error"),
     ):
         if name in rep:
-            lines.append(f"  {label:<22}{_fmt(rep[name])}")
+            value = _fmt(rep[name])
+            if name == "ece" and "ece_floor" in rep:
+                value += f" (noise floor {_fmt(rep['ece_floor'])})"
+            lines.append(f"  {label:<22}{value}")
     if n_novel:
         parts = [f"withheld {_fmt(rep.get('novel_rejection_rate'))}"]
         if "novel_auroc" in rep:
