@@ -212,10 +212,10 @@ def run_celltypist(task: Task, ctx: RunContext) -> dict[str, tuple[Calls, dict[s
     values = probabilities.to_numpy(dtype=np.float64)
     info = {k: v for k, v in record.items() if k not in ("predict_s", "predict_mv_s")}
     out = {}
-    for tool, called, predict in (
-        ("celltypist", saved["best"], "predict_s"),
-        ("celltypist_mv", saved["voted"], "predict_mv_s"),
-    ):
+    runs = [("celltypist", saved["best"], "predict_s")]
+    if "voted" in saved:  # else the record says why: majority_voting_error
+        runs.append(("celltypist_mv", saved["voted"], "predict_mv_s"))
+    for tool, called, predict in runs:
         # confidence of the call: CellTypist's probability of the called type
         confidence = values[np.arange(len(called)), [columns.index(c) for c in called]]
         calls = Calls(

@@ -6,7 +6,10 @@ from h5ad files, trains a CellTypist model on the reference (``celltypist.train`
 annotates the query without and with majority voting (``celltypist.annotate``, mode
 ``"best match"``, over-clustering computed by CellTypist), writes the calls and the probability
 matrices to an ``.npz`` file and prints one ``RESULT {json}`` line with the timings and the
-peak resident memory. It imports neither labeltransfer nor torch.
+peak resident memory. A failed majority-voting run (at 100,000 query cells its over-clustering
+failed inside scanpy 1.11.5's neighbour search with scipy 1.17: ``'csr_array' object has no
+attribute 'getnnz'``) is reported in the record as ``majority_voting_error`` and its calls are
+left out; the best-match calls and timings stay. It imports neither labeltransfer nor torch.
 
 Usage (from ``_peers.py``)::
 
@@ -41,9 +44,16 @@ def main(ref_path: str, query_path: str, out_path: str, labels_key: str) -> None
     start = time.perf_counter()
     best = celltypist.annotate(query, model=model, majority_voting=False)
     predict_s = time.perf_counter() - start
+    arrays, record = {}, {}
     start = time.perf_counter()
-    voted = celltypist.annotate(query, model=model, majority_voting=True)
-    predict_mv_s = time.perf_counter() - start
+    try:  # a failure here must not lose the best-match measurement above
+        voted = celltypist.annotate(query, model=model, majority_voting=True)
+    except Exception as error:  # noqa: BLE001 - reported with the record, not swallowed
+        record["majority_voting_error"] = f"{type(error).__name__}: {error}"
+    else:
+        record["predict_mv_s"] = time.perf_counter() - start
+        voted_calls = voted.predicted_labels.loc[query.obs_names, "majority_voting"]
+        arrays["voted"] = np.asarray(voted_calls, dtype=str)
 
     probabilities = best.probability_matrix.loc[query.obs_names]
     np.savez(
@@ -51,15 +61,13 @@ def main(ref_path: str, query_path: str, out_path: str, labels_key: str) -> None
         types=np.asarray(probabilities.columns, dtype=str),
         probabilities=probabilities.to_numpy(dtype=np.float64),
         best=np.asarray(best.predicted_labels.loc[query.obs_names, "predicted_labels"], dtype=str),
-        voted=np.asarray(
-            voted.predicted_labels.loc[query.obs_names, "majority_voting"], dtype=str
-        ),
+        **arrays,
     )
     emit(
         {
             "train_s": train_s,
             "predict_s": predict_s,
-            "predict_mv_s": predict_mv_s,
+            **record,
             "n_features": int(len(model.features)),
             "celltypist_version": celltypist.__version__,
             "peak_rss_mb": peak_rss_mb(),
