@@ -25,6 +25,12 @@ __all__ = [
 ]
 
 
+def _bin_index(conf: NDArray[np.float64], n_bins: int) -> NDArray[np.int64]:
+    """Bin of each confidence among ``n_bins`` equal-width bins, the last one closed at 1."""
+    # the tiny offset keeps k / M in bin k despite rounding (e.g. 0.29 * 100 = 28.999...)
+    return np.clip(np.floor(conf * n_bins + 1e-9).astype(np.int64), 0, n_bins - 1)
+
+
 def _binned(
     confidence: ArrayLike, correct: ArrayLike, n_bins: int
 ) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
@@ -46,8 +52,7 @@ def _binned(
             "pass probabilities (e.g. the softmax of the logits), not logits."
         )
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # the tiny offset keeps k / M in bin k despite rounding (e.g. 0.29 * 100 = 28.999...)
-    idx = np.clip(np.floor(conf * n_bins + 1e-9).astype(np.int64), 0, n_bins - 1)
+    idx = _bin_index(conf, n_bins)
     counts = np.bincount(idx, minlength=n_bins)
     conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
     corr_sum = np.bincount(idx, weights=corr.astype(float), minlength=n_bins)
@@ -176,7 +181,7 @@ def ece_noise_floor(
         raise ValueError(f"`n_draws` must be a positive integer, got {n_draws!r}.")
     conf = _as_float(confidence, name="confidence")
     _, counts, mean_conf, _ = _binned(conf, np.ones(conf.size, dtype=bool), n_bins)
-    idx = np.clip(np.floor(conf * n_bins + 1e-9).astype(np.int64), 0, n_bins - 1)
+    idx = _bin_index(conf, n_bins)
     filled = counts > 0
     weight = counts[filled] / counts.sum()
     rng = np.random.default_rng(seed)
