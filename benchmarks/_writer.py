@@ -144,8 +144,10 @@ def header(title: str, meta: dict[str, Any], out: Path) -> list[str]:
             "- **The source changed during the run**: its rows may mix two versions of the code."
         )
     for added in meta.get("added", []):
+        # a suite without --add (e.g. endtoend) merges a second run's command by hand
+        how = f"`{added['command']}`" if "command" in added else "`--add`"
         lines.append(
-            f"- Re-run with `--add` on commit `{added['commit']}` (merged into the CSV): "
+            f"- Re-run with {how} on commit `{added['commit']}` (merged into the CSV): "
             f"{', '.join(added['what'])}; {added['total_s'] / 60:.1f} min, load at the start "
             f"`{added['uptime_start']}`."
         )
