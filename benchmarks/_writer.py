@@ -144,7 +144,7 @@ def header(title: str, meta: dict[str, Any], out: Path) -> list[str]:
             "- **The source changed during the run**: its rows may mix two versions of the code."
         )
     for added in meta.get("added", []):
-        # a suite without --add (e.g. endtoend) merges a second run's command by hand
+        # the re-run's own command line (entries recorded before it was kept: `--add`)
         how = f"`{added['command']}`" if "command" in added else "`--add`"
         lines.append(
             f"- Re-run with {how} on commit `{added['commit']}` (merged into the CSV): "

@@ -208,6 +208,8 @@ def merge(old: pd.DataFrame, old_meta: dict, new: pd.DataFrame, new_meta: dict):
     what = sorted({f"{c['tool']} {c['task']}" for c in new_meta["configs"]})
     keys = ("commit", "total_s", "uptime_start", "source_start", "source_end")
     added = {k: new_meta[k] for k in keys}
+    if "command" in new_meta:
+        added["command"] = new_meta["command"]
     # an earlier re-run whose rows this one all replaces no longer describes any row
     earlier = [a for a in old_meta.get("added", []) if not set(a["what"]) <= set(what)]
     meta["added"] = [*earlier, {**added, "what": what}]

@@ -53,8 +53,8 @@ def configs(budget: str, seeds: list[int], workdir: Path) -> list[dict[str, Any]
     """Write every data set's two files, then run every tool on each, one thread first.
 
     Every one-thread run comes before any two-thread run, so that ``--stop-after`` cut short
-    still leaves the one-thread comparison on both data sets (run one child at a time: a tool
-    reads files its data set's step writes).
+    still leaves the one-thread comparison on both data sets (the suite is sequential: a
+    tool reads the files its data set's step writes).
     """
     size = SIZES[budget]
     common = {data: {"data": data, "size": size, "dir": str(workdir / data)} for data in DATASETS}

@@ -103,11 +103,12 @@ def _open_set_summary(frame: pd.DataFrame, kinds: dict[str, list[str]]) -> str:
         rows = sub[sub["task"].isin(kinds["real_closed"])]
         if "ece" not in rows or rows["ece"].isna().all():
             return "–"
-        means = rows.groupby("task").mean(numeric_only=True)
-        task = means["ece"].idxmax()
-        floor = means["ece_floor"].get(task) if "ece_floor" in means else None
-        text = f"{means.loc[task, 'ece']:.3f}"
-        return text if floor is None or np.isnan(floor) else f"{text} ({floor:.3f})"
+        columns = [c for c in ("ece", "ece_floor") if c in rows]
+        means = rows.groupby("task")[columns].mean()
+        worst = means.loc[means["ece"].idxmax()]
+        text = f"{worst['ece']:.3f}"
+        floor = worst.get("ece_floor", np.nan)
+        return text if np.isnan(floor) else f"{text} ({floor:.3f})"
 
     kang = kinds["novel_kang"]
     lines = [
