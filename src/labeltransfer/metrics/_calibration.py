@@ -25,41 +25,57 @@ __all__ = [
 ]
 
 
-def _bin_index(conf: NDArray[np.float64], n_bins: int) -> NDArray[np.int64]:
-    """Bin of each confidence among ``n_bins`` equal-width bins, the last one closed at 1."""
-    # the tiny offset keeps k / M in bin k despite rounding (e.g. 0.29 * 100 = 28.999...)
-    return np.clip(np.floor(conf * n_bins + 1e-9).astype(np.int64), 0, n_bins - 1)
-
-
-def _binned(
-    confidence: ArrayLike, correct: ArrayLike, n_bins: int
-) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
-    """Equal-width binning of ``confidence`` on [0, 1].
-
-    Returns the bin edges, the number of cells, the mean confidence and the accuracy per bin
-    (``nan`` for empty bins). Bins are ``[e_0, e_1), [e_1, e_2), ..., [e_{M-1}, e_M]``: the last
-    bin is closed so that a confidence of exactly 1 falls into it.
-    """
+def _checked(
+    confidence: ArrayLike, n_bins: int, correct: ArrayLike | None = None
+) -> tuple[NDArray[np.float64], NDArray[np.bool_] | None]:
+    """Validate ``n_bins``, ``confidence`` (in [0, 1]) and, if given, ``correct``."""
     if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
         raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}.")
     conf = _as_float(confidence, name="confidence")
-    corr = _as_bool(correct, name="correct")
-    _check_lengths(confidence=conf, correct=corr)
+    corr = None
+    if correct is not None:
+        corr = _as_bool(correct, name="correct")
+        _check_lengths(confidence=conf, correct=corr)
     if conf.min() < 0.0 or conf.max() > 1.0:
         raise ValueError(
             f"`confidence` must lie in [0, 1], got values in "
             f"[{conf.min():.3g}, {conf.max():.3g}]; "
             "pass probabilities (e.g. the softmax of the logits), not logits."
         )
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = _bin_index(conf, n_bins)
+    return conf, corr
+
+
+def _bins(
+    conf: NDArray[np.float64], n_bins: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]]:
+    """Each confidence's bin, the number of cells and the mean confidence per bin.
+
+    Bins are ``[e_0, e_1), [e_1, e_2), ..., [e_{M-1}, e_M]`` on [0, 1]: the last bin is closed
+    so that a confidence of exactly 1 falls into it (``nan`` mean for empty bins).
+    """
+    # the tiny offset keeps k / M in bin k despite rounding (e.g. 0.29 * 100 = 28.999...)
+    idx = np.clip(np.floor(conf * n_bins + 1e-9).astype(np.int64), 0, n_bins - 1)
     counts = np.bincount(idx, minlength=n_bins)
     conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
-    corr_sum = np.bincount(idx, weights=corr.astype(float), minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(counts > 0, conf_sum / np.maximum(counts, 1), np.nan)
+    return idx, counts, mean_conf
+
+
+def _binned(
+    confidence: ArrayLike, correct: ArrayLike, n_bins: int
+) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
+    """Equal-width binning of ``confidence`` on [0, 1] (:func:`_bins`).
+
+    Returns the bin edges, the number of cells, the mean confidence and the accuracy per bin
+    (``nan`` for empty bins).
+    """
+    conf, corr = _checked(confidence, n_bins, correct)
+    idx, counts, mean_conf = _bins(conf, n_bins)
+    corr_sum = np.bincount(idx, weights=corr.astype(float), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
         acc = np.where(counts > 0, corr_sum / np.maximum(counts, 1), np.nan)
-    return edges, counts, mean_conf, acc
+    return np.linspace(0.0, 1.0, n_bins + 1), counts, mean_conf, acc
 
 
 def reliability_table(
@@ -179,9 +195,8 @@ def ece_noise_floor(
     """
     if isinstance(n_draws, bool) or not isinstance(n_draws, int | np.integer) or n_draws < 1:
         raise ValueError(f"`n_draws` must be a positive integer, got {n_draws!r}.")
-    conf = _as_float(confidence, name="confidence")
-    _, counts, mean_conf, _ = _binned(conf, np.ones(conf.size, dtype=bool), n_bins)
-    idx = _bin_index(conf, n_bins)
+    conf, _ = _checked(confidence, n_bins)
+    idx, counts, mean_conf = _bins(conf, n_bins)
     filled = counts > 0
     weight = counts[filled] / counts.sum()
     rng = np.random.default_rng(seed)
