@@ -15,6 +15,7 @@ Usage::
     python benchmarks/run.py --suite scdet --quick         # smoke run -> .benchmarks/quick/
     python benchmarks/run.py --suite small --markdown-only # tables and plots from the CSV
     python benchmarks/run.py --suite small --add --tools cellpredx --tasks kang  # redo a child
+    python benchmarks/run.py --suite endtoend --add --tools scnym  # add a tool's runs
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,22 +192,42 @@ def run_configs(
     return records, failures, skipped
 
 
-def merge(old: pd.DataFrame, old_meta: dict, new: pd.DataFrame, new_meta: dict):
-    """Replace the rows (and failures) of ``old`` that the ``--add`` run ``new`` redid."""
+def grid_runs(item: dict[str, Any]) -> set[tuple]:
+    """The (tool, task, seed) runs of a grid configuration, failure or record."""
+    if "seeds" in item:
+        return {(item["tool"], item["task"], seed) for seed in item["seeds"]}
+    return {(RECORD_TOOL[item["tool"]], item["task"], item["seed"])}
+
+
+def merge(
+    old: pd.DataFrame,
+    old_meta: dict,
+    new: pd.DataFrame,
+    new_meta: dict,
+    runs_of: Callable[[dict[str, Any]], set] = grid_runs,
+    label: Callable[[dict[str, Any]], str] = lambda c: f"{c['tool']} {c['task']}",
+):
+    """Replace the rows, failures and not-run entries of ``old`` that the ``--add`` run redid.
+
+    ``runs_of`` gives the runs (hashable) a configuration, failure or record belongs to;
+    ``label`` names a configuration in the "re-run" line of the results.
+    """
     import pandas as pd
 
-    redone = {(c["tool"], c["task"], s) for c in new_meta["configs"] for s in c["seeds"]}
-    keep = [
-        (RECORD_TOOL[r.tool], r.task, r.seed) not in redone
-        for r in old[["tool", "task", "seed"]].itertuples()
-    ]
+    def runs(items) -> set:
+        return set().union(*(runs_of(item) for item in items))
+
+    # a configuration the re-run did not start (``--stop-after``) replaces nothing
+    redone = runs(new_meta["configs"]) - runs(new_meta["skipped"])
+    keep = [not runs_of(r) & redone for r in old.to_dict("records")]
     meta = dict(old_meta)
-    meta["failures"] = [
-        f
-        for f in old_meta["failures"]
-        if not any((f["tool"], f["task"], s) in redone for s in f["seeds"])
-    ] + new_meta["failures"]
-    what = sorted({f"{c['tool']} {c['task']}" for c in new_meta["configs"]})
+    meta["failures"] = [f for f in old_meta["failures"] if not runs_of(f) & redone] + new_meta[
+        "failures"
+    ]
+    skipped = [s for s in old_meta.get("skipped", []) if not runs_of(s) & redone]
+    listed = runs(old[keep].to_dict("records")) | runs(skipped)
+    meta["skipped"] = skipped + [s for s in new_meta["skipped"] if not runs_of(s) <= listed]
+    what = sorted({label(c) for c in new_meta["configs"] if runs_of(c) & redone})
     keys = ("commit", "total_s", "uptime_start", "source_start", "source_end")
     added = {k: new_meta[k] for k in keys}
     if "command" in new_meta:
@@ -257,8 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--add",
         action="store_true",
-        help="grid suites: run only --tools x --tasks and merge them into the existing CSV, "
-        "replacing their rows (e.g. to redo a failed child)",
+        help="grid suites and endtoend: run only --tools (x --tasks) and merge them into the "
+        "existing CSV, replacing their rows (e.g. to redo a failed child, or add a tool)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -280,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     suite, experiment = SUITES[args.suite], load_experiment(args.suite)
     budget = "quick" if args.quick else suite.budget
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS) / f"{suite.output}.csv"
-    if (args.tasks or args.add) and not experiment.grid:
-        sys.exit(f"--tasks and --add apply to grid suites; {args.suite} is not one.")
+    if args.tasks and not experiment.grid:
+        sys.exit(f"--tasks applies to grid suites; {args.suite} is not one.")
+    if args.add and not (experiment.grid or experiment.run_name):
+        sys.exit(f"--add applies to grid suites and endtoend; {args.suite} is neither.")
     if args.markdown_only:
         frame, meta = read(out)
     else:
@@ -337,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         frame = pd.DataFrame(records)
         frame["commit"] = meta["commit"]
         if args.add:
-            frame, meta = merge(*read(out), frame, meta)
+            name = experiment.run_name
+            custom = {"runs_of": lambda item: {name(item)}, "label": name} if name else {}
+            frame, meta = merge(*read(out), frame, meta, **custom)
         if experiment.grid:
             ran = set(frame["task"]) if "task" in frame else set()
             meta["tasks"] = describe_tasks([t for t in TASKS if t in ran], budget)

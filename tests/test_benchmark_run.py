@@ -260,6 +260,7 @@ def test_merge_replaces_the_redone_rows_only():
     new_meta = {
         "configs": [config],
         "failures": [],
+        "skipped": [],
         "commit": "abc",
         "total_s": 1.0,
         "uptime_start": "up",
@@ -281,9 +282,64 @@ def test_merge_replaces_the_redone_rows_only():
     assert meta["source_start"] == meta["source_end"] == "sha0"
 
 
+def _added_meta(configs, skipped):
+    keys = ("commit", "total_s", "uptime_start", "source_start", "source_end")
+    return {"configs": configs, "failures": [], "skipped": skipped, **dict.fromkeys(keys, "x")}
+
+
+def test_merge_keeps_the_rows_of_a_configuration_the_re_run_did_not_start():
+    old = pd.DataFrame({"tool": ["jind", "scanvi"], "task": ["kang"] * 2, "seed": [0, 0]})
+    old["value"] = 1
+    new = pd.DataFrame({"tool": ["jind"], "task": ["kang"], "seed": [0], "value": [2]})
+    configs = [{"tool": t, "task": "kang", "seeds": [0]} for t in ("jind", "scanvi")]
+    old_meta = {"failures": [], "skipped": []}
+    frame, meta = run.merge(old, old_meta, new, _added_meta(configs, configs[1:]))
+    assert sorted(zip(frame["tool"], frame["value"], strict=True)) == [("jind", 2), ("scanvi", 1)]
+    assert meta["skipped"] == []  # scanvi's old rows stand
+    assert meta["added"][0]["what"] == ["jind kang"]
+
+
+def test_endtoend_add_replaces_the_data_rows_and_lists_what_is_still_missing(tmp_path):
+    from experiments import endtoend
+
+    def row(step, data, tool=None, threads=None, value=1):
+        return {"step": step, "data": data, "tool": tool, "threads": threads, "value": value}
+
+    old = pd.DataFrame(
+        [row("data", "kang"), row("tool", "kang", "jind", 1.0)]  # as read back from the CSV
+    )
+    configs = endtoend.configs("full", [0], tmp_path)
+    kang = [c for c in configs if c["data"] == "kang"]
+    old_meta = {
+        "failures": [{**kang[1], "error": "boom"}],  # jind, 1 thread: redone below
+        "skipped": [c for c in kang if c.get("n_threads") == 2],
+    }
+    ran = [c for c in kang if c.get("method") in (None, "scnym")]
+    new_configs = ran + [c for c in kang if c.get("method") == "scanvi"]
+    new = pd.DataFrame([row("data", "kang", value=2), row("tool", "kang", "scnym", 1, 2)])
+    skipped = [c for c in new_configs if c not in ran or c.get("n_threads") == 2]
+    name = endtoend.run_name
+    frame, meta = run.merge(
+        old, old_meta, new, _added_meta(new_configs, skipped), lambda i: {name(i)}, name
+    )
+    assert sorted(frame.apply(lambda r: (name(r), r["value"]), axis=1)) == [
+        ("jind kang, 1 thread", 1),
+        ("kang data", 2),
+        ("scnym kang, 1 thread", 2),
+    ]
+    assert [f["method"] for f in meta["failures"]] == ["jind"]  # not redone: it stays
+    missing = [name(c) for c in meta["skipped"]]
+    assert sorted(missing) == sorted(
+        [f"{t} kang, 2 threads" for t in endtoend.TOOL_NAMES] + ["scanvi kang, 1 thread"]
+    )
+    assert meta["added"][0]["what"] == ["kang data", "scnym kang, 1 thread"]
+
+
 def test_grid_options_are_refused_for_custom_suites(capsys):
-    with pytest.raises(SystemExit, match="--tasks and --add apply to grid suites"):
+    with pytest.raises(SystemExit, match="--tasks applies to grid suites"):
         run.main(["--suite", "scaling", "--tasks", "kang"])
+    with pytest.raises(SystemExit, match="--add applies to grid suites and endtoend; scaling"):
+        run.main(["--suite", "scaling", "--add"])
     with pytest.raises(SystemExit, match="--tools applies to suites that run tools; scaling"):
         run.main(["--suite", "scaling", "--tools", "jind"])
 

@@ -48,6 +48,9 @@ class Experiment:
     seeds: tuple[int, ...] = (0, 1, 2)
     #: run the children one after the other (memory measurements, data written first)
     sequential: bool = False
+    #: ``--add`` for a custom experiment: the run a configuration, failure or record belongs
+    #: to, by name (a re-run replaces the rows, failures and not-run entries of its runs)
+    run_name: Callable[[dict[str, Any]], str] | None = None
 
 
 @dataclass(frozen=True)

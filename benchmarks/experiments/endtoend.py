@@ -169,6 +169,20 @@ def child(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**record, **extra, **_run_tool(config)}]
 
 
+def run_name(item: dict[str, Any]) -> str:
+    """The run of a configuration or record, e.g. ``"scnym kang, 1 thread"`` (for ``--add``).
+
+    A configuration names its tool ``method`` and its thread count ``n_threads`` (its
+    ``threads`` is the harness's); a record names them ``tool`` and ``threads``.
+    """
+    if item["step"] == "data":
+        return f"{item['data']} data"
+    # a record read back from the CSV has a float thread count (the data rows have none)
+    threads = int(item["n_threads"] if "method" in item else item["threads"])
+    tool = item.get("method", item.get("tool"))
+    return f"{tool} {item['data']}, {threads} thread{'s' if threads > 1 else ''}"
+
+
 def _ratio(value: float, reference: float) -> str:
     return "–" if math.isnan(reference) or reference <= 0 else f"{value / reference:.2f}"
 
@@ -292,4 +306,5 @@ EXPERIMENT = Experiment(
     figures=figures,
     seeds=(0,),
     sequential=True,
+    run_name=run_name,
 )
