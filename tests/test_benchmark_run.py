@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -462,3 +463,27 @@ def test_score_balanced_accuracy_weighs_each_seen_type_equally():
     record = score(task, Calls.from_probabilities(probabilities))
     assert record["raw_accuracy"] == pytest.approx(0.75)  # every seen cell called A
     assert record["balanced_accuracy"] == pytest.approx(0.5)  # A 3/3, B 0/1
+
+
+def test_scaling_records_the_linear_calls_of_the_training_epoch_only():
+    import torch
+    from experiments.scaling import LinearFlops, _torch_train_bound_s
+
+    network = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    counter = LinearFlops(network)
+    network(torch.randn(3, 6))  # not recording: counted as FLOPs, not as a call
+    counter.recording = True
+    network(torch.randn(5, 6)).sum().backward()
+    with torch.no_grad():
+        network(torch.randn(5, 6))
+    counter.remove()
+    network(torch.randn(5, 6))  # hooks removed
+    assert counter.calls == {
+        (5, 6, 4, True, False): 1,  # the data need no gradient
+        (5, 4, 2, True, True): 1,  # a hidden layer's input does
+        (5, 6, 4, False, False): 1,
+        (5, 4, 2, False, False): 1,
+    }
+    assert counter.grad == 2 * 3 * 6 * 4 + 2 * 3 * 4 * 2 + 2 * 5 * (6 * 4 + 4 * 2)
+    assert _torch_train_bound_s(Counter()) == 0.0
+    assert 0.0 < _torch_train_bound_s(counter.calls, repeats=2) < float("inf")

@@ -23,6 +23,15 @@ Every ``nn.Linear`` call is counted by a forward hook (``2 * in * out`` per row)
 arithmetic per cell of ``module.inference`` and the forward arithmetic of a training step;
 training is taken as 3x its forward. Dividing by the measured times gives the achieved FLOP/s,
 next to a ``torch.mm`` of the first layer's shape in the same process.
+
+The hooks also record the shape of every ``nn.Linear`` call of the epoch that ran (rows, in,
+out, and whether autograd tracks it and its input): the *training bound* is the plain-torch
+time of those same calls on dense random inputs, each followed by a ReLU, with the backward
+pass (weight and, where the model needs it, input gradients) for the calls under autograd and
+the forward only for the others (pseudo-labels, validation). Training throughput as a
+fraction of that bound is the bound's seconds over the epoch's measured seconds (issue 18,
+point 2): what remains is data loading, densifying and normalising, augmentation, the
+non-linear layers, the losses and the optimiser.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +114,9 @@ class LinearFlops:
         self.grad = 0  # calls under autograd (training forward)
         self.no_grad = 0
         self.shapes: list[tuple[int, int]] = []  # (in, out) of each call without autograd
+        #: every call while ``recording`` by (rows, in, out, under autograd, input gradient)
+        self.calls: Counter[tuple[int, int, int, bool, bool]] = Counter()
+        self.recording = False
         self._handles = [
             m.register_forward_hook(self._hook)
             for m in module.modules()
@@ -114,8 +127,11 @@ class LinearFlops:
         import torch
 
         x = inputs[0]
-        flops = 2 * (x.numel() // x.shape[-1]) * layer.in_features * layer.out_features
-        if torch.is_grad_enabled():
+        rows, grad = x.numel() // x.shape[-1], torch.is_grad_enabled()
+        if self.recording:
+            self.calls[rows, layer.in_features, layer.out_features, grad, x.requires_grad] += 1
+        flops = 2 * rows * layer.in_features * layer.out_features
+        if grad:
             self.grad += flops
         else:
             self.no_grad += flops
@@ -124,6 +140,25 @@ class LinearFlops:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+    def epoch_recorder(self):
+        """A Lightning callback that records the calls of the training epochs only.
+
+        The same window as :func:`_common.training_meter`'s epoch time (validation included;
+        the fitting after training, e.g. of the open-set layer, left out).
+        """
+        import lightning.pytorch as pl
+
+        counter = self
+
+        class EpochRecorder(pl.Callback):
+            def on_train_epoch_start(self, trainer, pl_module) -> None:
+                counter.recording = True
+
+            def on_train_epoch_end(self, trainer, pl_module) -> None:
+                counter.recording = False
+
+        return EpochRecorder()
 
 
 def _inference_layers(model) -> tuple[float, list[tuple[int, int]]]:
@@ -161,6 +196,38 @@ def _torch_bound_cells_per_s(shapes: list[tuple[int, int]], repeats: int = 20) -
     with torch.inference_mode():
         wall, _ = _repeat_seconds(forward, repeats)
     return 1024 * repeats / wall
+
+
+def _torch_train_bound_s(calls: Counter, repeats: int = 5) -> float:
+    """Plain-torch seconds of ``calls`` (:class:`LinearFlops`), backward where they had one.
+
+    Each distinct call is timed on its own (random dense input of its rows, a ReLU after it;
+    under autograd the backward of the output as well, with the input's gradient where the
+    model's input needed one) and weighted by how often it occurred.
+    """
+    import torch
+
+    total = 0.0
+    for (rows, n_in, n_out, grad, input_grad), count in calls.items():
+        layer = torch.nn.Linear(n_in, n_out)
+        x = torch.randn(rows, n_in, requires_grad=grad and input_grad)
+        if grad:
+            upstream = torch.ones(rows, n_out)
+
+            def call(layer=layer, x=x, upstream=upstream) -> None:
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+                torch.relu(layer(x)).backward(upstream)
+
+        else:
+
+            def call(layer=layer, x=x) -> None:
+                with torch.no_grad():
+                    torch.relu(layer(x))
+
+        wall, _ = _repeat_seconds(call, repeats)
+        total += count * wall / repeats
+    return total
 
 
 def _annotate_reordered(model, adata) -> dict[str, Any]:
@@ -239,7 +306,11 @@ def _run_model(config: dict[str, Any]) -> dict[str, Any]:
         extra["limit_train_batches"] = int(config["max_batches"])
     with sw("train"):
         model.train(
-            max_epochs=1, accelerator="cpu", enable_progress_bar=False, callbacks=[meter], **extra
+            max_epochs=1,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            callbacks=[meter, counter.epoch_recorder()],
+            **extra,
         )
     counter.remove()
     record["peak_rss_train_mb"] = peak_rss_mb()
@@ -259,6 +330,7 @@ def _run_model(config: dict[str, Any]) -> dict[str, Any]:
         epoch_s=(epoch_measured - val_s) * scale + val_s,
         train_steps_per_s=batches_run / (epoch_measured - val_s),
         train_forward_flops_per_step=counter.grad / batches_run if batches_run else math.nan,
+        train_bound_s=_torch_train_bound_s(counter.calls),
         infer_flops_per_cell=flops_per_cell,
         rss_before_annotate_mb=rss_mb(),  # includes memory training freed but kept
         peak_reset_annotate=reset_peak_rss(),
@@ -342,6 +414,8 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
             f"| {r['batch_size']:.0f} | {number(r['train_gflops'], 2)} "
             f"| {number(r['matmul_gflops'])} ({number(r['matmul_gflops_cpu'])}) |"
         )
+    if "train_bound_s" in runs:
+        lines += _train_bound_section(runs)
     if "fast_cells_per_s" in runs:
         lines += _reordered_section(runs)
     data = frame[frame["step"] == "data"]
@@ -356,6 +430,29 @@ def sections(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
         + ".",
         "",
     ]
+    return lines
+
+
+def _train_bound_section(runs: pd.DataFrame) -> list[str]:
+    """The epoch that ran against the plain-torch time of its ``nn.Linear`` calls."""
+    lines = [
+        "",
+        "## Training against its plain-torch bound",
+        "",
+        "*Measured*: the epoch as it ran (the batches run and the validation pass). *Bound*: "
+        "the same `nn.Linear` calls (rows, in, out) in plain torch on dense random inputs, "
+        "each with a ReLU, with their backward pass where they had one (see above). "
+        "*Fraction* = bound / measured: the share of the epoch that is the layers' arithmetic.",
+        "",
+        "| model | cells | batches run | measured s | bound s | fraction of bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs.to_dict("records"):
+        lines.append(
+            f"| {r['model']} | {r['n_cells']:,.0f} | {r['batches_run']:,.0f} "
+            f"| {number(r['epoch_measured_s'])} | {number(r['train_bound_s'])} "
+            f"| {r['train_bound_s'] / r['epoch_measured_s']:.2f} |"
+        )
     return lines
 
 
