@@ -162,12 +162,17 @@ def _shown(config: dict[str, Any]) -> str:
 
 
 def failures(meta: dict[str, Any]) -> list[str]:
-    """A "Failed runs" section: each failed configuration and its error's last line."""
+    """A "Failed runs" section: each failed configuration and its error's last line.
+
+    A child that timed out shows that (its error's first line), not the last line it
+    printed before it was stopped.
+    """
     if not meta["failures"]:
         return []
     lines = ["## Failed runs", ""]
     for failure in meta["failures"]:
-        tail = failure["error"].strip().splitlines()[-1] if failure["error"] else ""
+        error = failure["error"].strip().splitlines() if failure["error"] else [""]
+        tail = error[0] if error[0].startswith("timed out after") else error[-1]
         lines.append(f"- `{_shown(failure)}`: `{tail}`")
     return [*lines, ""]
 

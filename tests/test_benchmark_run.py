@@ -487,3 +487,14 @@ def test_scaling_records_the_linear_calls_of_the_training_epoch_only():
     assert counter.grad == 2 * 3 * 6 * 4 + 2 * 3 * 4 * 2 + 2 * 5 * (6 * 4 + 4 * 2)
     assert _torch_train_bound_s(Counter()) == 0.0
     assert 0.0 < _torch_train_bound_s(counter.calls, repeats=2) < float("inf")
+
+
+def test_failed_runs_show_the_error_or_the_timeout():
+    from _writer import failures
+
+    crashed = {"tool": "jind", "task": "kang", "error": "Traceback\n  ...\nValueError: bad\n"}
+    stopped = {"tool": "scnym", "task": "kang", "error": "timed out after 60 s\nEpoch 3/400"}
+    lines = failures({"failures": [crashed, stopped]})
+    assert lines[2].endswith("`ValueError: bad`")
+    assert lines[3].endswith("`timed out after 60 s`")
+    assert failures({"failures": []}) == []
