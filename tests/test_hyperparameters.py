@@ -232,8 +232,9 @@ TRAIN_CASES = [
         "SCNYM.train",
         "early_stopping_patience",
         -1,
-        "a non-negative integer",
+        "a non-negative integer or None",
     ),
+    ("SCNYM", {"max_epochs": 0}, "SCNYM.train", "max_epochs", 0, "a positive integer or None"),
     (
         "SCNYM",
         {"early_stopping_monitor": "validation_acc"},

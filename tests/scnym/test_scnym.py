@@ -179,6 +179,33 @@ def test_history_and_epoch_schedules(trained_scnym):
     assert summary["n_train"] + summary["n_validation"] == 600
     assert summary["n_validation"] == pytest.approx(60, abs=4)  # 10% of the reference
     assert summary["best_epoch"] >= 1  # best-epoch selection starts after the warm-up
+    # an explicit max_epochs keeps the paper's schedules
+    assert summary["early_stopping_patience"] == 40
+    assert (summary["consistency_ramp_epochs"], summary["adversary_ramp_epochs"]) == (100, 20)
+
+
+@pytest.mark.parametrize(
+    ("n_cells", "epochs", "patience", "ramps"),
+    [(1_000, 400, 40, (100, 20)), (20_000, 400, 40, (100, 20)), (200_000, 40, 4, (10, 2))],
+)
+def test_default_budget_shrinks_with_the_cells_and_the_schedules_with_it(
+    n_cells, epochs, patience, ramps
+):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(adata=SimpleNamespace(n_obs=n_cells))
+    arguments, options = {"max_epochs": None, "early_stopping_patience": None}, {}
+    lt.SCNYM._prepare_training(model, arguments, options)
+    assert (arguments["max_epochs"], arguments["early_stopping_patience"]) == (epochs, patience)
+    assert (options["consistency_ramp_epochs"], options["adversary_ramp_epochs"]) == ramps
+    # what the user sets stays
+    arguments = {"max_epochs": None, "early_stopping_patience": 7}
+    options = {"adversary_ramp_epochs": 5}
+    lt.SCNYM._prepare_training(model, arguments, options)
+    assert (arguments["early_stopping_patience"], options["adversary_ramp_epochs"]) == (7, 5)
+    arguments, options = {"max_epochs": 30, "early_stopping_patience": None}, {}
+    lt.SCNYM._prepare_training(model, arguments, options)
+    assert (arguments["max_epochs"], arguments["early_stopping_patience"], options) == (30, 40, {})
 
 
 def test_splitter_gives_reference_query_pairs_to_the_plan(scnym_adata):

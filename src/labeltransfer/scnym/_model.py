@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -16,12 +17,12 @@ from labeltransfer.train._guards import (
     FIT_RULES,
     INPUT_RULES,
     NON_NEGATIVE,
-    NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
     UNIT,
     UNIT_OPEN,
     Flag,
+    Number,
     OneOf,
     check_arguments,
 )
@@ -59,10 +60,17 @@ _INIT_RULES = {
     "pseudolabel_threshold": UNIT,
     "theta": UNIT_OPEN,
 }
+#: scNym's epoch budget (400) and patience (40), and the number of registered cells above
+#: which the default budget shrinks as scvi-tools' models' does: ``min(round(20,000 / n x
+#: 400), 400)`` epochs for ``n`` cells (reference and query), so a large set runs about as
+#: many steps as one of 20,000 cells instead of hours more; the schedules counted in epochs
+#: (the consistency and adversary ramps, the patience) shrink with it.
+PAPER_EPOCHS, PAPER_PATIENCE, DECAY_CELLS = 400, 40, 20_000
 #: Valid values of :meth:`SCNYM.train`'s arguments, checked before any computation.
 _TRAIN_RULES = {
     **FIT_RULES,
-    "early_stopping_patience": NON_NEGATIVE_INT,
+    "max_epochs": Number(low=1, integer=True, optional=True),
+    "early_stopping_patience": Number(low=0, integer=True, optional=True),
     "early_stopping_monitor": OneOf(EARLY_STOPPING_METRICS),
     "warmup_fraction": UNIT,
 }
@@ -229,13 +237,13 @@ class SCNYM(AnnotationMixin, BaseModelClass):
 
     # ------------------------------------------------------------- training
     _train_arguments = {
-        "max_epochs": (int, 400),
+        "max_epochs": (int | None, None),
         "train_size": (float, 0.9),
         "batch_size": (int, 256),
         "lr": (float, 1.0),
         "weight_decay": (float, 1e-4),
         "early_stopping": (bool, True),
-        "early_stopping_patience": (int, 40),
+        "early_stopping_patience": (int | None, None),
         "early_stopping_monitor": (str, "validation_loss"),
         "warmup_fraction": (float, 0.05),
     }
@@ -265,7 +273,12 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Maximum number of epochs (scNym: 400).
+            Maximum number of epochs. By default scNym's 400 up to 20,000 registered cells
+            (reference and query), then ``round(20,000 / n_cells x 400)`` as scvi-tools'
+            models (40 epochs for 200,000 cells; a departure: the paper's 400 would take
+            hours on a CPU), with the consistency and adversary ramps and the patience
+            scaled by the same factor. Given explicitly, the schedules keep the paper's
+            lengths.
         train_size
             Fraction of the labelled cells used for training; the rest is the validation
             split (scNym: 0.9).
@@ -279,7 +292,8 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             Stop when ``early_stopping_monitor`` has not improved for
             ``early_stopping_patience`` epochs (scNym).
         early_stopping_patience
-            Patience in epochs. The paper gives none; 40 is the reference implementation's.
+            Patience in epochs. The paper gives none; by default the reference
+            implementation's 40 (scaled with a default ``max_epochs`` below 400).
         early_stopping_monitor
             Logged metric, one of :data:`EARLY_STOPPING_METRICS` (lower is better unless it
             contains ``"accuracy"``); the reference implementation monitors the validation
@@ -329,6 +343,21 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             **(arguments["plan_kwargs"] or {}),
         }
 
+    def _prepare_training(self, arguments: dict[str, Any], options: dict[str, Any]) -> None:
+        """Set the default budget for the number of cells, and the schedules scaled with it."""
+        scale = 1.0
+        if arguments["max_epochs"] is None:
+            n_cells = self.adata.n_obs
+            arguments["max_epochs"] = min(
+                round(DECAY_CELLS / n_cells * PAPER_EPOCHS), PAPER_EPOCHS
+            )
+            scale = arguments["max_epochs"] / PAPER_EPOCHS
+            plan_defaults = inspect.signature(SCNYMTrainingPlan).parameters
+            for ramp in ("consistency_ramp_epochs", "adversary_ramp_epochs"):
+                options.setdefault(ramp, plan_defaults[ramp].default * scale)
+        if arguments["early_stopping_patience"] is None:
+            arguments["early_stopping_patience"] = max(round(PAPER_PATIENCE * scale), 1)
+
     def _warmup_epochs(self, arguments: dict[str, Any]) -> int:
         return math.ceil(arguments["warmup_fraction"] * arguments["max_epochs"])
 
@@ -338,6 +367,9 @@ class SCNYM(AnnotationMixin, BaseModelClass):
             "pseudolabel_threshold": float(plan.pseudolabel_threshold),
             "domains": list(self.domains_),
             "domain_source": self.module.domain_source,
+            "early_stopping_patience": arguments["early_stopping_patience"],
+            "consistency_ramp_epochs": float(plan.consistency_ramp_epochs),
+            "adversary_ramp_epochs": float(plan.adversary_ramp_epochs),
         }
 
     def _mapping_encoder(self) -> nn.Module:
