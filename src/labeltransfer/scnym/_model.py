@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from anndata import AnnData
+from scvi.model._utils import get_max_epochs_heuristic
 from scvi.model.base import BaseModelClass
 
 from labeltransfer._constants import REGISTRY_KEYS
@@ -60,12 +61,12 @@ _INIT_RULES = {
     "pseudolabel_threshold": UNIT,
     "theta": UNIT_OPEN,
 }
-#: scNym's epoch budget (400) and patience (40), and the number of registered cells above
-#: which the default budget shrinks as scvi-tools' models' does: ``min(round(20,000 / n x
-#: 400), 400)`` epochs for ``n`` cells (reference and query), so a large set runs about as
-#: many steps as one of 20,000 cells instead of hours more; the schedules counted in epochs
-#: (the consistency and adversary ramps, the patience) shrink with it.
-PAPER_EPOCHS, PAPER_PATIENCE, DECAY_CELLS = 400, 40, 20_000
+#: scNym's epoch budget (400) and patience (40). Above 20,000 registered cells (reference
+#: and query) the default budget shrinks as scvi-tools' models' does
+#: (:func:`scvi.model._utils.get_max_epochs_heuristic`: ``min(round(20,000 / n x 400), 400)``,
+#: at least 1), so a large set runs about as many steps as one of 20,000 cells instead of
+#: hours more; the schedules counted in epochs (the ramps, the patience) shrink with it.
+PAPER_EPOCHS, PAPER_PATIENCE = 400, 40
 #: Valid values of :meth:`SCNYM.train`'s arguments, checked before any computation.
 _TRAIN_RULES = {
     **FIT_RULES,
@@ -347,10 +348,7 @@ class SCNYM(AnnotationMixin, BaseModelClass):
         """Set the default budget for the number of cells, and the schedules scaled with it."""
         scale = 1.0
         if arguments["max_epochs"] is None:
-            n_cells = self.adata.n_obs
-            arguments["max_epochs"] = min(
-                round(DECAY_CELLS / n_cells * PAPER_EPOCHS), PAPER_EPOCHS
-            )
+            arguments["max_epochs"] = get_max_epochs_heuristic(self.adata.n_obs, PAPER_EPOCHS)
             scale = arguments["max_epochs"] / PAPER_EPOCHS
             plan_defaults = inspect.signature(SCNYMTrainingPlan).parameters
             for ramp in ("consistency_ramp_epochs", "adversary_ramp_epochs"):
