@@ -219,13 +219,14 @@ def merge(
 
     # a configuration the re-run did not start (``--stop-after``) replaces nothing
     redone = runs(new_meta["configs"]) - runs(new_meta["skipped"])
-    keep = [not runs_of(r) & redone for r in old.to_dict("records")]
+    records = old.to_dict("records")
+    keep = [not runs_of(r) & redone for r in records]
     meta = dict(old_meta)
     meta["failures"] = [f for f in old_meta["failures"] if not runs_of(f) & redone] + new_meta[
         "failures"
     ]
     skipped = [s for s in old_meta.get("skipped", []) if not runs_of(s) & redone]
-    listed = runs(old[keep].to_dict("records")) | runs(skipped)
+    listed = runs(r for r, kept in zip(records, keep, strict=True) if kept) | runs(skipped)
     meta["skipped"] = skipped + [s for s in new_meta["skipped"] if not runs_of(s) <= listed]
     what = sorted({label(c) for c in new_meta["configs"] if runs_of(c) & redone})
     keys = ("commit", "total_s", "uptime_start", "source_start", "source_end")
