@@ -276,7 +276,7 @@ TRAIN_CASES = [
         -0.1,
         NON_NEGATIVE,
     ),
-    ("SCDET", {"max_epochs": -1}, "SCDET.train", "max_epochs", -1, POSITIVE_INT),
+    ("SCDET", {"max_epochs": -1}, "SCDET.train", "max_epochs", -1, "a positive integer or None"),
     ("SCDET", {"lr": 0.0}, "SCDET.train", "lr", 0.0, POSITIVE),
     (
         "SCDET",
@@ -284,7 +284,7 @@ TRAIN_CASES = [
         "SCDET.train",
         "estimation_interval",
         0,
-        POSITIVE_INT,
+        "a positive integer or None",
     ),
     (
         "SCDET",
@@ -308,7 +308,15 @@ TRAIN_CASES = [
         "SCDET.train",
         "early_stopping_min_epochs",
         -1,
-        "a non-negative integer",
+        "a non-negative integer or None",
+    ),
+    (
+        "SCDET",
+        {"warmup_epochs": 1.5},
+        "SCDET.train",
+        "warmup_epochs",
+        1.5,
+        "a non-negative integer or None",
     ),
     (
         "SCDET",

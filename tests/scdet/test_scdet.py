@@ -222,6 +222,32 @@ def test_label_stability_stops_training(scdet_adata):
     assert model.training_summary_["epochs_trained"] == 4
 
 
+@pytest.mark.parametrize(
+    ("n_cells", "expected"),
+    [
+        (1_000, (500, 10, 50, 100)),
+        (20_000, (500, 10, 50, 100)),
+        (200_000, (50, 1, 5, 10)),
+        (2_000_000, (5, 1, 1, 1)),
+    ],
+)
+def test_default_budget_shrinks_with_the_cells_and_the_schedules_with_it(n_cells, expected):
+    from types import SimpleNamespace
+
+    names = ("max_epochs", "estimation_interval", "warmup_epochs", "early_stopping_min_epochs")
+    model = SimpleNamespace(adata=SimpleNamespace(n_obs=n_cells))
+    arguments = dict.fromkeys(names)
+    lt.SCDET._prepare_training(model, arguments, {})
+    assert tuple(arguments[n] for n in names) == expected
+    # what the user sets stays; an explicit max_epochs keeps the paper's schedules
+    arguments = {**dict.fromkeys(names), "warmup_epochs": 7}
+    lt.SCDET._prepare_training(model, arguments, {})
+    assert arguments["warmup_epochs"] == 7
+    arguments = {**dict.fromkeys(names), "max_epochs": 30}
+    lt.SCDET._prepare_training(model, arguments, {})
+    assert tuple(arguments[n] for n in names) == (30, 10, 50, 100)
+
+
 def test_module_shapes_and_plan_defaults_follow_the_paper():
     module = SCDETModule(
         n_input=50, n_labels=3, n_novel=2, feature_idx=range(50), input_type="counts"

@@ -15,6 +15,7 @@ import torch
 from anndata import AnnData
 from scvi import settings
 from scvi.dataloaders import AnnDataLoader
+from scvi.model._utils import get_max_epochs_heuristic
 from scvi.model.base import BaseModelClass
 
 from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS
@@ -25,7 +26,6 @@ from labeltransfer.train import fit_stage
 from labeltransfer.train._guards import (
     FIT_RULES,
     INPUT_RULES,
-    NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
     UNIT_OPEN,
@@ -69,14 +69,27 @@ _INIT_RULES = {
     # also the outlier fraction of the n_novel estimate's unexplained-cell test
     "theta": Number(low=0, high=1, low_open=True, high_open=True),
 }
+#: scDET's epoch budget (500) and the schedules counted in epochs: the distribution
+#: estimation interval ``m`` (10), the warm-up before the ``n_novel`` estimate (50) and the
+#: first epoch of label-stability early stopping (100). Above 20,000 registered cells
+#: (reference and query) the default budget shrinks as scvi-tools' models' does
+#: (:func:`scvi.model._utils.get_max_epochs_heuristic`) and these schedules with it, so a
+#: large set runs about as many optimiser steps as one of 20,000 cells instead of hours more.
+PAPER_EPOCHS = 500
+PAPER_SCHEDULES = {
+    "estimation_interval": 10,
+    "warmup_epochs": 50,
+    "early_stopping_min_epochs": 100,
+}
 #: Valid values of :meth:`SCDET.train`'s arguments, checked before any computation.
 _TRAIN_RULES = {
     **FIT_RULES,
-    "estimation_interval": POSITIVE_INT,
+    "max_epochs": Number(low=1, integer=True, optional=True),
+    "estimation_interval": Number(low=1, integer=True, optional=True),
     "early_stopping_tol": UNIT_OPEN,
     "early_stopping_patience": POSITIVE_INT,
-    "early_stopping_min_epochs": NON_NEGATIVE_INT,
-    "warmup_epochs": NON_NEGATIVE_INT,
+    "early_stopping_min_epochs": Number(low=0, integer=True, optional=True),
+    "warmup_epochs": Number(low=0, integer=True, optional=True),
     "estimation_cells": OneOf(("target", "all")),
     "pseudo_labels": OneOf((None, True, False)),
 }
@@ -284,17 +297,17 @@ class SCDET(AnnotationMixin, BaseModelClass):
 
     # ------------------------------------------------------------- training
     _train_arguments = {
-        "max_epochs": (int, 500),
+        "max_epochs": (int | None, None),
         "train_size": (float, 0.9),
         "batch_size": (int, 256),
         "lr": (float, 1e-4),
         "weight_decay": (float, 0.0),
-        "estimation_interval": (int, 10),
+        "estimation_interval": (int | None, None),
         "early_stopping": (bool, True),
         "early_stopping_tol": (float, 0.005),
         "early_stopping_patience": (int, 2),
-        "early_stopping_min_epochs": (int, 100),
-        "warmup_epochs": (int, 50),
+        "early_stopping_min_epochs": (int | None, None),
+        "warmup_epochs": (int | None, None),
         "estimation_cells": (Literal["target", "all"], "target"),
         "pseudo_labels": (bool | None, None),
     }
@@ -339,7 +352,12 @@ class SCDET(AnnotationMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Maximum number of epochs (scDET: 500).
+            Maximum number of epochs. By default scDET's 500 up to 20,000 registered cells
+            (reference and query), then ``round(20,000 / n_cells x 500)`` as scvi-tools'
+            models (50 epochs for 200,000 cells; a departure: the paper's 500 would take
+            hours on a CPU), with ``estimation_interval``, ``warmup_epochs`` and
+            ``early_stopping_min_epochs`` scaled by the same factor where they are not given.
+            Given explicitly, those keep the paper's values.
         train_size
             Fraction of the reference used for training.
         batch_size
@@ -349,7 +367,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
         weight_decay
             Adam weight decay (not in the paper: 0).
         estimation_interval
-            :math:`m`, epochs between distribution estimations (scDET: 10).
+            :math:`m`, epochs between distribution estimations (scDET: 10; scaled with a
+            default ``max_epochs`` below 500, at least 1).
         early_stopping
             Stop when the predicted classes of the training cells are stable: fewer than
             ``early_stopping_tol`` of them changed between ``early_stopping_patience``
@@ -360,10 +379,11 @@ class SCDET(AnnotationMixin, BaseModelClass):
         early_stopping_patience
             Consecutive stable estimations needed to stop.
         early_stopping_min_epochs
-            No early stopping before this epoch.
+            No early stopping before this epoch (100; scaled with a default ``max_epochs``
+            below 500).
         warmup_epochs
             Epochs of representation warm-up before estimating ``n_novel`` (only when it is
-            unknown).
+            unknown; 50, scaled with a default ``max_epochs`` below 500, at least 1).
         estimation_cells
             Cells clustered by the distribution estimation
             (:func:`~labeltransfer.scdet.estimate_distribution`). ``"target"`` (default, a
@@ -414,12 +434,23 @@ class SCDET(AnnotationMixin, BaseModelClass):
 
     def _check_training(self, arguments: dict[str, Any]) -> None:
         warmup_epochs = arguments["warmup_epochs"]
-        if self.n_novel_ is None and warmup_epochs < 1:
+        if self.n_novel_ is None and warmup_epochs is not None and warmup_epochs < 1:
             raise ValueError(
                 f"SCDET.train: warmup_epochs must be a positive integer to estimate n_novel, "
                 f"got {warmup_epochs!r}. Pass e.g. warmup_epochs=50 (the default), or create "
                 "the model with n_novel=<number of novel types>."
             )
+
+    def _prepare_training(self, arguments: dict[str, Any], options: dict[str, Any]) -> None:
+        """Set the default budget for the number of cells, and the schedules scaled with it."""
+        scale = 1.0
+        if arguments["max_epochs"] is None:
+            arguments["max_epochs"] = get_max_epochs_heuristic(self.adata.n_obs, PAPER_EPOCHS)
+            scale = arguments["max_epochs"] / PAPER_EPOCHS
+        for name, paper in PAPER_SCHEDULES.items():
+            if arguments[name] is None:
+                low = 0 if name == "early_stopping_min_epochs" else 1
+                arguments[name] = max(round(paper * scale), low)
 
     def _plan_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """Return the plan's arguments with the :class:`SCDETLossConfig` built from them."""
@@ -503,6 +534,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
             "n_novel": int(self.module.n_novel),
             "n_novel_estimated": self.n_novel_estimate_ is not None,
             "estimation_interval": int(arguments["estimation_interval"]),
+            "early_stopping_min_epochs": int(arguments["early_stopping_min_epochs"]),
             "estimation_epochs": [] if estimation is None else list(estimation.epochs),
             "pseudo_labels": not plan.config.warmup,
             "lr": float(arguments["lr"]),
