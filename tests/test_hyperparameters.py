@@ -480,8 +480,8 @@ def test_scdet_estimate_needs_a_warm_up(models):
         models["SCDET_estimating"].train(warmup_epochs=0, **TRAIN)
     assert str(err.value) == (
         "SCDET.train: warmup_epochs must be a positive integer to estimate n_novel, got 0. "
-        "Pass e.g. warmup_epochs=50 (the default), or create the model with "
-        "n_novel=<number of novel types>."
+        "Pass e.g. warmup_epochs=50, leave it out (50, fewer above 20,000 cells), or create "
+        "the model with n_novel=<number of novel types>."
     )
     assert models["SCDET_estimating"].n_novel is None
 

@@ -437,8 +437,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
         if self.n_novel_ is None and warmup_epochs is not None and warmup_epochs < 1:
             raise ValueError(
                 f"SCDET.train: warmup_epochs must be a positive integer to estimate n_novel, "
-                f"got {warmup_epochs!r}. Pass e.g. warmup_epochs=50 (the default), or create "
-                "the model with n_novel=<number of novel types>."
+                f"got {warmup_epochs!r}. Pass e.g. warmup_epochs=50, leave it out (50, fewer "
+                "above 20,000 cells), or create the model with n_novel=<number of novel types>."
             )
 
     def _prepare_training(self, arguments: dict[str, Any], options: dict[str, Any]) -> None:
