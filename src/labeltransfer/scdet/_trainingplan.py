@@ -51,7 +51,7 @@ class SCDETTrainingPlan(AnnotationTrainingPlan):
         if kwargs["optimizer"] == "Custom":
             kwargs.setdefault(
                 "optimizer_creator",
-                partial(torch.optim.Adam, lr=lr, weight_decay=weight_decay),
+                partial(torch.optim.Adam, lr=lr, weight_decay=weight_decay, foreach=True),
             )
         super().__init__(module, lr=lr, weight_decay=weight_decay, **kwargs)
         self.config = SCDETLossConfig() if config is None else config

@@ -117,17 +117,10 @@ class SCNYMTrainingPlan(AnnotationTrainingPlan):
             mask_rate=self.mask_rate,
             mixmatch=self.mixmatch,
         )
-        self._log_loss_output(output, "train")
-        for name, value in (
-            ("train_consistency_weight", consistency_weight),
-            ("train_adversary_weight", adversary_weight),
-        ):
-            self.log(
-                name,
-                value,
-                on_step=False,
-                on_epoch=True,
-                batch_size=output.n_obs_minibatch,
-                sync_dist=self.use_sync_dist,
-            )
+        self._log_loss_output(
+            output,
+            "train",
+            consistency_weight=consistency_weight,
+            adversary_weight=adversary_weight,
+        )
         return output.loss

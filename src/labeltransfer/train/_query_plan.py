@@ -168,6 +168,7 @@ class QueryAdaptationPlan(pl.LightningModule):
                 {"params": self.discriminator.parameters(), "lr": self.lr_discriminator},
             ],
             lr=self.lr,
+            foreach=True,  # the multi-tensor update, as on CUDA: identical, faster on a CPU
         )
 
     def training_step(self, batch, batch_idx):
