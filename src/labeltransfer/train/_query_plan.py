@@ -40,8 +40,10 @@ from torch import nn
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.nn import GradientReversal, mask_genes, mlp, sharpen, sigmoid_ramp
 
+from ._epoch_means import EpochMeansMixin
 
-class QueryAdaptationPlan(pl.LightningModule):
+
+class QueryAdaptationPlan(EpochMeansMixin, pl.LightningModule):
     """Adapt ``encoder`` (a part of ``module``) to a query; the rest of the module is fixed.
 
     Each step takes a minibatch of saved reference codes and labels and a query minibatch
@@ -214,13 +216,13 @@ class QueryAdaptationPlan(pl.LightningModule):
         accuracy = ((domain_logits > 0).float() == domains).float().mean()
 
         loss = self.consistency_weight * consistency + self.center_weight * center + adversary
-        for name, value in (
-            ("loss", loss),
-            ("consistency_loss", consistency),
-            ("center_loss", center),
-            ("adversary_loss", adversary),
-            ("adversary_accuracy", accuracy),
-            ("confident_fraction", confident.float().mean()),
-        ):
-            self.log(f"train_{name}", value.detach(), on_step=False, on_epoch=True, batch_size=n)
+        values = {
+            "loss": loss,
+            "consistency_loss": consistency,
+            "center_loss": center,
+            "adversary_loss": adversary,
+            "adversary_accuracy": accuracy,
+            "confident_fraction": confident.float().mean(),
+        }
+        self._add_to_epoch("train", values, n)
         return loss

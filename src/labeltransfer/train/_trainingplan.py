@@ -8,16 +8,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from scvi.train import TrainingPlan
 
+from ._epoch_means import EpochMeansMixin
+
 if TYPE_CHECKING:
     from scvi.module.base import BaseModuleClass, LossOutput
 
 
-class AnnotationTrainingPlan(TrainingPlan):
+class AnnotationTrainingPlan(EpochMeansMixin, TrainingPlan):
     """Automatic-optimisation plan for the annotation modules.
 
     Logs ``train_loss``/``validation_loss`` and every scalar of ``LossOutput.extra_metrics``
     as ``{mode}_{name}`` (e.g. ``validation_accuracy``), each averaged over the epoch and
-    weighted by the minibatch size. scvi's default plan would also log meaningless zero ELBO
+    weighted by the minibatch size (:class:`EpochMeansMixin`: logged once per epoch). scvi's default plan would also log meaningless zero ELBO
     terms for non-generative modules.
 
     Parameters
@@ -40,9 +42,6 @@ class AnnotationTrainingPlan(TrainingPlan):
     ):
         super().__init__(module, **kwargs)
         self.inference_kwargs = inference_kwargs or {}
-        # per mode ("train", "validation"): the epoch's sums of metric x minibatch size, cells
-        self._epoch_sums: dict[str, dict[str, torch.Tensor]] = {}
-        self._epoch_counts: dict[str, int] = {}
 
     def get_optimizer_creator(self):
         """Return scvi's optimizer creator, Adam with its multi-tensor (``foreach``) update.
@@ -63,49 +62,12 @@ class AnnotationTrainingPlan(TrainingPlan):
         return self.module(*args, inference_kwargs=self.inference_kwargs, **kwargs)
 
     def _log_loss_output(self, output: LossOutput, mode: str, **extra: float) -> None:
-        """Add a minibatch's loss and metrics to the epoch's sums (logged by :meth:`_flush`).
+        """Add a minibatch's loss and metrics to the epoch means logged as ``{mode}_{name}``.
 
-        ``extra`` adds values of the step outside the loss output (e.g. a ramp's weight),
-        logged as ``{mode}_{name}`` alike.
-
-        Lightning's ``self.log`` costs about 2 ms a call on a CPU (it moves each metric's
-        state to the value's device every time): with eight metrics, more than the arithmetic
-        of a small network's step. So the plan keeps the sums weighted by the minibatch size
-        and logs each mean once, after the epoch's last minibatch, with the epoch's cell count
-        as its batch size: the same epoch means, across DDP processes too (``sync_dist``).
+        ``extra`` adds values of the step outside the loss output (e.g. a ramp's weight).
         """
-        n_obs = output.n_obs_minibatch
-        sums, counts = self._epoch_sums.setdefault(mode, {}), self._epoch_counts
-        for name, value in {"loss": output.loss, **output.extra_metrics, **extra}.items():
-            weighted = torch.as_tensor(value).detach().float().mean() * n_obs
-            sums[name] = sums[name] + weighted if name in sums else weighted
-        counts[mode] = counts.get(mode, 0) + n_obs
-
-    def _flush(self, mode: str) -> None:
-        """Log the epoch means of ``mode`` summed by :meth:`_log_loss_output`, then reset."""
-        sums, n_obs = self._epoch_sums.pop(mode, {}), self._epoch_counts.pop(mode, 0)
-        for name, total in sums.items():
-            self.log(
-                f"{mode}_{name}",
-                total / n_obs,
-                on_step=False,
-                on_epoch=True,
-                prog_bar=(mode, name) in (("train", "loss"), ("validation", "accuracy")),
-                batch_size=n_obs,
-                sync_dist=self.use_sync_dist,
-            )
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """After the epoch's last training minibatch, log the epoch means."""
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if batch_idx + 1 >= self.trainer.num_training_batches:
-            self._flush("train")
-
-    def on_validation_batch_end(self, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
-        """After the epoch's last validation minibatch, log the epoch means."""
-        super().on_validation_batch_end(outputs, batch, batch_idx, dataloader_idx)
-        if batch_idx + 1 >= self.trainer.num_val_batches[dataloader_idx]:
-            self._flush("validation")
+        values = {"loss": output.loss, **output.extra_metrics, **extra}
+        self._add_to_epoch(mode, values, output.n_obs_minibatch)
 
     def training_step(self, batch, batch_idx):
         """Compute the loss on one minibatch and log it."""
