@@ -19,8 +19,8 @@ class AnnotationTrainingPlan(EpochMeansMixin, TrainingPlan):
 
     Logs ``train_loss``/``validation_loss`` and every scalar of ``LossOutput.extra_metrics``
     as ``{mode}_{name}`` (e.g. ``validation_accuracy``), each averaged over the epoch and
-    weighted by the minibatch size (:class:`EpochMeansMixin`: logged once per epoch). scvi's default plan would also log meaningless zero ELBO
-    terms for non-generative modules.
+    weighted by the minibatch size (:class:`EpochMeansMixin`: logged once per epoch). scvi's
+    default plan would also log meaningless zero ELBO terms for non-generative modules.
 
     Parameters
     ----------
