@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 from scvi import settings
-from scvi.model._utils import use_distributed_sampler
+from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
 from scvi.train import TrainRunner
 from scvi.utils._docstrings import devices_dsp
 
@@ -63,6 +63,26 @@ def _train_signature(cls: type) -> inspect.Signature:
         params.append(inspect.Parameter(name, kind, default=default, annotation=annotation))
     params.append(inspect.Parameter("trainer_kwargs", inspect.Parameter.VAR_KEYWORD))
     return inspect.Signature(params, return_annotation=None)
+
+
+def size_scaled_budget(arguments: dict[str, Any], n_cells: int, paper_epochs: int) -> float:
+    """Fill a default ``max_epochs`` as scvi-tools' models do; return the schedules' scale.
+
+    ``max_epochs=None`` becomes :func:`scvi.model._utils.get_max_epochs_heuristic` of
+    ``n_cells`` (the registered cells) with ``paper_epochs`` as its cap (the paper's budget
+    up to 20,000 cells, fewer above), and the returned factor (that budget over
+    ``paper_epochs``) scales the model's schedules counted in epochs (:func:`scaled_epochs`).
+    An explicit ``max_epochs`` keeps the paper's schedules: the factor is 1.
+    """
+    if arguments["max_epochs"] is not None:
+        return 1.0
+    arguments["max_epochs"] = get_max_epochs_heuristic(n_cells, paper_epochs)
+    return arguments["max_epochs"] / paper_epochs
+
+
+def scaled_epochs(paper: float, scale: float, low: int = 1) -> int:
+    """Return a schedule of ``paper`` epochs scaled with the budget, rounded, at least ``low``."""
+    return max(round(paper * scale), low)
 
 
 class TrainingMixin:

@@ -15,11 +15,11 @@ import torch
 from anndata import AnnData
 from scvi import settings
 from scvi.dataloaders import AnnDataLoader
-from scvi.model._utils import get_max_epochs_heuristic
 from scvi.model.base import BaseModelClass
 
 from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin
+from labeltransfer.base._training import scaled_epochs, size_scaled_budget
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import normalize_input
 from labeltransfer.train import fit_stage
@@ -443,14 +443,11 @@ class SCDET(AnnotationMixin, BaseModelClass):
 
     def _prepare_training(self, arguments: dict[str, Any], options: dict[str, Any]) -> None:
         """Set the default budget for the number of cells, and the schedules scaled with it."""
-        scale = 1.0
-        if arguments["max_epochs"] is None:
-            arguments["max_epochs"] = get_max_epochs_heuristic(self.adata.n_obs, PAPER_EPOCHS)
-            scale = arguments["max_epochs"] / PAPER_EPOCHS
+        scale = size_scaled_budget(arguments, self.adata.n_obs, PAPER_EPOCHS)
         for name, paper in PAPER_SCHEDULES.items():
             if arguments[name] is None:
                 low = 0 if name == "early_stopping_min_epochs" else 1
-                arguments[name] = max(round(paper * scale), low)
+                arguments[name] = scaled_epochs(paper, scale, low)
 
     def _plan_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """Return the plan's arguments with the :class:`SCDETLossConfig` built from them."""

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from anndata import AnnData
-from scvi.model._utils import get_max_epochs_heuristic
 from scvi.model.base import BaseModelClass
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin
+from labeltransfer.base._training import scaled_epochs, size_scaled_budget
 from labeltransfer.train._guards import (
     FIT_RULES,
     INPUT_RULES,
@@ -346,15 +346,14 @@ class SCNYM(AnnotationMixin, BaseModelClass):
 
     def _prepare_training(self, arguments: dict[str, Any], options: dict[str, Any]) -> None:
         """Set the default budget for the number of cells, and the schedules scaled with it."""
-        scale = 1.0
-        if arguments["max_epochs"] is None:
-            arguments["max_epochs"] = get_max_epochs_heuristic(self.adata.n_obs, PAPER_EPOCHS)
-            scale = arguments["max_epochs"] / PAPER_EPOCHS
+        default_budget = arguments["max_epochs"] is None
+        scale = size_scaled_budget(arguments, self.adata.n_obs, PAPER_EPOCHS)
+        if default_budget:
             plan_defaults = inspect.signature(SCNYMTrainingPlan).parameters
             for ramp in ("consistency_ramp_epochs", "adversary_ramp_epochs"):
                 options.setdefault(ramp, plan_defaults[ramp].default * scale)
         if arguments["early_stopping_patience"] is None:
-            arguments["early_stopping_patience"] = max(round(PAPER_PATIENCE * scale), 1)
+            arguments["early_stopping_patience"] = scaled_epochs(PAPER_PATIENCE, scale)
 
     def _warmup_epochs(self, arguments: dict[str, Any]) -> int:
         return math.ceil(arguments["warmup_fraction"] * arguments["max_epochs"])
