@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
-import torch
-
 from labeltransfer.train import AnnotationTrainingPlan
 
 from ._losses import SCDETLossConfig
@@ -47,12 +43,8 @@ class SCDETTrainingPlan(AnnotationTrainingPlan):
         weight_decay: float = 0.0,
         **kwargs,
     ):
-        kwargs.setdefault("optimizer", "Custom")
-        if kwargs["optimizer"] == "Custom":
-            kwargs.setdefault(
-                "optimizer_creator",
-                partial(torch.optim.Adam, lr=lr, weight_decay=weight_decay, foreach=True),
-            )
+        if kwargs.setdefault("optimizer", "Adam") == "Adam":
+            kwargs.setdefault("eps", 1e-8)  # PyTorch's Adam default (scvi's plans use 0.01)
         super().__init__(module, lr=lr, weight_decay=weight_decay, **kwargs)
         self.config = SCDETLossConfig() if config is None else config
 
