@@ -43,8 +43,8 @@ class SCDETTrainingPlan(AnnotationTrainingPlan):
         weight_decay: float = 0.0,
         **kwargs,
     ):
-        if kwargs.setdefault("optimizer", "Adam") == "Adam":
-            kwargs.setdefault("eps", 1e-8)  # PyTorch's Adam default (scvi's plans use 0.01)
+        if "optimizer" not in kwargs:  # scDET's Adam at PyTorch's eps (scvi's plans use 0.01)
+            kwargs.update(optimizer="Adam", eps=kwargs.get("eps", 1e-8))
         super().__init__(module, lr=lr, weight_decay=weight_decay, **kwargs)
         self.config = SCDETLossConfig() if config is None else config
 
