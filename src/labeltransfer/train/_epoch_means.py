@@ -20,11 +20,14 @@ class EpochMeansMixin:
     the module's ``use_sync_dist`` is true.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # per mode ("train", "validation"): the sums of metric x minibatch size, and the cells
+        self._epoch_sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._epoch_counts: dict[str, int] = {}
+
     def _add_to_epoch(self, mode: str, values: dict[str, object], n_obs: int) -> None:
         """Add one minibatch's ``values`` (scalars) of ``mode`` to the epoch's sums."""
-        if not hasattr(self, "_epoch_sums"):
-            self._epoch_sums: dict[str, dict[str, torch.Tensor]] = {}
-            self._epoch_counts: dict[str, int] = {}
         sums = self._epoch_sums.setdefault(mode, {})
         for name, value in values.items():
             weighted = torch.as_tensor(value).detach().float().mean() * n_obs
@@ -33,8 +36,6 @@ class EpochMeansMixin:
 
     def _flush(self, mode: str) -> None:
         """Log the epoch means of ``mode``, then start the next epoch's sums."""
-        if not hasattr(self, "_epoch_sums"):
-            return
         sums, n_obs = self._epoch_sums.pop(mode, {}), self._epoch_counts.pop(mode, 0)
         for name, total in sums.items():
             self.log(
