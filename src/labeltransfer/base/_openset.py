@@ -257,11 +257,11 @@ def principal_axes(centred: np.ndarray, n: int) -> np.ndarray:
     gram = centred @ centred.T if by_cells else centred.T @ centred
     m = gram.shape[0]
     values, vectors = eigh(gram, subset_by_index=[m - n, m - 1], driver="evr", overwrite_a=True)
-    top = np.arange(n)[::-1]  # ascending eigenvalues: the largest first
+    values, axes = values[::-1], vectors[:, ::-1].T  # ascending: the largest first, as rows
     if not by_cells:
-        return np.ascontiguousarray(vectors[:, top].T, dtype=np.float32)
-    scale = np.sqrt(np.maximum(values[top], 1e-12)).astype(np.float32)
-    return (vectors[:, top].T.astype(np.float32) @ centred) / scale[:, None]
+        return np.ascontiguousarray(axes, dtype=np.float32)
+    scale = np.sqrt(np.maximum(values, 1e-12)).astype(np.float32)
+    return (axes.astype(np.float32) @ centred) / scale[:, None]
 
 
 def _mutual_search(
