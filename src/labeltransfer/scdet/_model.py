@@ -75,11 +75,12 @@ _INIT_RULES = {
 #: (reference and query) the default budget shrinks as scvi-tools' models' does
 #: (:func:`scvi.model._utils.get_max_epochs_heuristic`) and these schedules with it, so a
 #: large set runs about as many optimiser steps as one of 20,000 cells instead of hours more.
+#: Each schedule: (the paper's epochs, the fewest it is scaled to).
 PAPER_EPOCHS = 500
 PAPER_SCHEDULES = {
-    "estimation_interval": 10,
-    "warmup_epochs": 50,
-    "early_stopping_min_epochs": 100,
+    "estimation_interval": (10, 1),
+    "warmup_epochs": (50, 1),
+    "early_stopping_min_epochs": (100, 0),
 }
 #: Valid values of :meth:`SCDET.train`'s arguments, checked before any computation.
 _TRAIN_RULES = {
@@ -444,9 +445,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
     def _prepare_training(self, arguments: dict[str, Any], options: dict[str, Any]) -> None:
         """Set the default budget for the number of cells, and the schedules scaled with it."""
         scale = size_scaled_budget(arguments, self.adata.n_obs, PAPER_EPOCHS)
-        for name, paper in PAPER_SCHEDULES.items():
+        for name, (paper, low) in PAPER_SCHEDULES.items():
             if arguments[name] is None:
-                low = 0 if name == "early_stopping_min_epochs" else 1
                 arguments[name] = scaled_epochs(paper, scale, low)
 
     def _plan_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
