@@ -7,13 +7,14 @@ from sklearn.metrics import roc_auc_score
 
 import labeltransfer as lt
 from labeltransfer.base import _openset as openset
+from labeltransfer.base import _reference_space as reference_space
 from labeltransfer.base._neighbors import knn
 
 
-def _space(reference) -> openset.ReferenceSpace:
+def _space(reference) -> reference_space.ReferenceSpace:
     """The reference's coverage space with every reference cell in the bank."""
     features = _log_cp10k(reference.X)
-    space = openset.ReferenceSpace.fit(features.copy())
+    space = reference_space.ReferenceSpace.fit(features.copy())
     space.bank = space.project(features)
     space.bank_labels = reference.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
     return space
@@ -44,11 +45,11 @@ def planted():
 
 def test_bank_keeps_every_type_and_at_most_the_size():
     labels = np.repeat([0, 1, 2], [9000, 900, 20])
-    rows = openset.bank_rows(labels, size=2000)
+    rows = reference_space.bank_rows(labels, size=2000)
     kept = np.bincount(labels[rows], minlength=3)
-    assert rows.size <= 2000 + 2 * openset.MIN_PER_TYPE
+    assert rows.size <= 2000 + 2 * reference_space.MIN_PER_TYPE
     assert kept[2] == 20  # a rare type keeps all of its cells
-    assert kept[1] >= openset.MIN_PER_TYPE
+    assert kept[1] >= reference_space.MIN_PER_TYPE
     assert np.all(np.diff(rows) > 0)
 
 
@@ -313,12 +314,12 @@ def test_residual_axes_separate_a_type_the_reference_has_no_axis_for():
         return (profile + rng.normal(0, 0.3, (n, n_genes))).astype(np.float32)
 
     reference = np.vstack([cells(p, 200) for p in profiles])
-    space = openset.ReferenceSpace.fit(reference.copy())
+    space = reference_space.ReferenceSpace.fit(reference.copy())
     query = np.vstack([cells(profiles[0], 150), cells(profiles[1], 150), cells(novel_profile, 60)])
     novel = np.repeat([False, False, True], [150, 150, 60])
 
     axes = space.residual_axes(query.copy())
-    assert axes.shape == (openset.N_RESIDUAL, n_genes)
+    assert axes.shape == (reference_space.N_RESIDUAL, n_genes)
     assert (axes[0, own] ** 2).sum() > 0.8  # the first axis is the novel type's genes
     plain = space.project(query)
     extended = space.project(query, axes)

@@ -99,7 +99,7 @@ def test_peak_input_can_be_declared_or_turned_off():
 
 
 def test_open_set_layer_reads_peaks_as_unit_length_tfidf():
-    from labeltransfer.base._openset import expression_features
+    from labeltransfer.base._reference_space import expression_features
 
     adata = _peak_anndata()
     lt.JIND.setup_anndata(adata, labels_key="cell_type")

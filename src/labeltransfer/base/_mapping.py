@@ -39,8 +39,8 @@ from labeltransfer.nn import frozen
 from labeltransfer.train._query_plan import QueryAdaptationPlan
 from labeltransfer.train._runner import fit_stage, record_stage_history
 
-from ._openset import bank_rows
 from ._query import fingerprint
+from ._reference_space import bank_rows
 from ._save_load import read_saved_files
 
 if TYPE_CHECKING:

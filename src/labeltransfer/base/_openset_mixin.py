@@ -15,18 +15,14 @@ from labeltransfer.dataloaders import labelled_mask
 from labeltransfer.metrics import expected_calibration_error
 
 from ._openset import (
-    FIT_VALUES,
-    MIN_FIT,
     NOVEL_CUT,
     RESCALE_CUT,
-    ReferenceSpace,
-    bank_rows,
     centre_by_group,
-    expression_features,
     novel_groups,
     scale_groups,
     uncovered_apart,
 )
+from ._reference_space import FIT_VALUES, MIN_FIT, ReferenceSpace, bank_rows, expression_features
 from ._rejection import fit_temperature, per_type_thresholds, query_thresholds
 
 if TYPE_CHECKING:
