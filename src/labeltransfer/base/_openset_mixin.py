@@ -360,7 +360,9 @@ class OpenSetMixin:
             "or species?). Its principal components were scaled to the reference's spread "
             f"before the novelty test, which then found {record['novel_fraction_after']:.0%} "
             "novel (uns[key]['rejection']['coverage']). Held-out types are harder to tell "
-            "from such a shift: check the calls with marker genes.",
+            "from such a shift, and the confidences, calibrated on reference cells, do not "
+            "follow it (they can be far too low or too high): check the calls with marker "
+            "genes.",
             UserWarning,
             stacklevel=settings.warnings_stacklevel,
         )
