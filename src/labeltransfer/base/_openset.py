@@ -36,13 +36,13 @@ held out: B cells shared query communities, and so novel groups, with T cells; 7
 the novel-group cells were B cells, seed 0). What the components leave out of a query cell
 (its residual) does hold the type's own genes, so the query's graph (the smoothing
 neighbourhoods, the communities and the novel groups) is built on the reference's
-components followed by the query's first :data:`N_RESIDUAL` principal axes of its
-residuals, fitted on a sample of the query when it is annotated; the mutual partners are
-still found in the reference's components alone (the bank has no residual). With them,
-81-96% of the novel-group cells were B cells and 6-10% of the seen cells were rejected
-(10-13% without). What a principal subspace leaves out is the classic novelty signal of
-PCA monitoring (the Q statistic) and of ViM (Wang et al., *CVPR* 2022); here it shapes the
-query's graph rather than being a score.
+components followed by the query's first ``N_RESIDUAL`` principal axes of its residuals
+(``_reference_space.py``), fitted on a sample of the query when it is annotated; the mutual
+partners are still found in the reference's components alone (the bank has no residual).
+With them, 81-96% of the novel-group cells were B cells and 6-10% of the seen cells were
+rejected (10-13% without). What a principal subspace leaves out is the classic novelty
+signal of PCA monitoring (the Q statistic) and of ViM (Wang et al., *CVPR* 2022); here it
+shapes the query's graph rather than being a score.
 
 The novelty score written to ``obs[key + "_novelty"]`` is that uncovered fraction (0 to 1),
 with ties broken by the calibrated confidence: ``uncovered + (1 - confidence) /
@@ -302,7 +302,7 @@ def novel_groups(
     that size, and each other candidate joins the community most of its
     :data:`N_NEIGHBORS` nearest anchors belong to: :data:`BANK_SIZE` sampled candidates,
     stratified by community as the reference bank is by type (at least
-    :data:`MIN_PER_TYPE` of each). Leiden on all 990,000 candidates of a 1,000,000-cell
+    ``MIN_PER_TYPE`` of each). Leiden on all 990,000 candidates of a 1,000,000-cell
     query took 4 min here; on 267,000 of 400,000 cells, the sampled search took 22 s.
 
     Returns one group number per candidate cell (``0, 1, ...`` by decreasing size), ``-1``
