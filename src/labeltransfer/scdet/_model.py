@@ -75,8 +75,8 @@ _INIT_RULES = {
 #: (reference and query) the default budget shrinks as scvi-tools' models' does
 #: (:func:`scvi.model._utils.get_max_epochs_heuristic`) and these schedules with it, so a
 #: large set runs about as many optimiser steps as one of 20,000 cells instead of hours more.
-#: Each schedule: (the paper's epochs, the fewest it is scaled to).
 PAPER_EPOCHS = 500
+#: Each schedule above: (the paper's epochs, the fewest it is scaled to).
 PAPER_SCHEDULES = {
     "estimation_interval": (10, 1),
     "warmup_epochs": (50, 1),
