@@ -1,11 +1,14 @@
-"""The count normalisation equals log1p(x[:, features] / library * target_sum), bit for bit."""
+"""The count normalisation equals log1p(x[:, features] / library * target_sum), bit for bit;
+the CSR one equals it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
-from labeltransfer.nn import normalize_input
+from labeltransfer.nn import normalize_csr, normalize_input
 
 
 @pytest.mark.parametrize("features", ["all", "subset"])
@@ -24,3 +27,27 @@ def test_counts_normalisation_is_the_formula(features):
     assert torch.equal(out, expected)
     assert torch.equal(x_in.grad, x_ref.grad)
     assert torch.equal(x_in.detach(), x)  # the input is not written
+
+
+@pytest.mark.parametrize("kind", ["counts", "lognorm", "peaks"])
+@pytest.mark.parametrize("features", ["all", "subset"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_csr_normalisation_equals_the_dense_one(kind, features, dtype):
+    """normalize_csr of a CSR block gives normalize_input of its dense copy, the block unchanged."""
+    rng = np.random.default_rng(0)
+    dense = (rng.random((40, 60)) * 8).round() * (rng.random((40, 60)) < 0.2)
+    dense[5] = 0  # an empty cell: library (or open peaks) clamped to 1
+    block = sparse.csr_matrix(dense.astype(dtype))
+    block.data[0] = 0  # an explicitly stored zero
+    before = block.copy()
+    feature_idx = torch.arange(60) if features == "all" else torch.tensor([7, 2, 40, 2, 59])
+    weights = torch.rand(feature_idx.numel()) if kind == "peaks" else None
+    input_type = "lognorm" if kind == "lognorm" else "counts"
+    expected = normalize_input(
+        torch.from_numpy(block.toarray().astype(np.float32)), feature_idx, input_type, 1e6, weights
+    )
+    out = normalize_csr(block, feature_idx, input_type, 1e6, weights)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+    for name in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(block, name), getattr(before, name))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,9 @@ from labeltransfer.data._checks import _csr_rows, _is_csr
 
 #: Cells per inference minibatch: memory stays bounded by the batch, not the data set.
 INFERENCE_BATCH_SIZE = 1024
+#: Minibatch keys of the expression read as the model's input, and as the open-set layer's
+#: coverage-space features (both normalised on the stored values of a CSR minibatch).
+NORMALIZED_KEY, COVERAGE_KEY = "X_normalized", "X_coverage"
 
 
 def readable(matrix: Any) -> bool:
@@ -37,6 +40,10 @@ class ExpressionBatches:
         Rows to read, in this order; all by default.
     batch_size
         Cells per minibatch.
+    prepare
+        Turns a CSR minibatch into the tensors yielded instead of its densified expression
+        (e.g. the model's input normalised on the stored values,
+        :func:`~labeltransfer.nn.normalize_csr`); dense minibatches are yielded as above.
     """
 
     def __init__(
@@ -44,10 +51,12 @@ class ExpressionBatches:
         matrix: Any,
         indices: Sequence[int] | None = None,
         batch_size: int = INFERENCE_BATCH_SIZE,
+        prepare: Callable[[sparse.csr_matrix], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.matrix = matrix
         self.indices = None if indices is None else np.asarray(indices)
         self.batch_size = batch_size
+        self.prepare = prepare
         self.n_rows = matrix.shape[0] if indices is None else self.indices.size
 
     def __len__(self) -> int:
@@ -64,5 +73,8 @@ class ExpressionBatches:
                 block = _csr_rows(matrix, start, stop)
             else:
                 block = np.array(matrix[start:stop], dtype=np.float32)
+            if self.prepare is not None and sparse.issparse(block):
+                yield self.prepare(block)
+                continue
             dense = block.toarray() if sparse.issparse(block) else block
             yield {REGISTRY_KEYS.X_KEY: torch.from_numpy(dense.astype(np.float32, copy=False))}

@@ -34,17 +34,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from anndata import AnnData
+from scipy import sparse
 from torch import nn
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.dataloaders import labelled_mask
+from labeltransfer.nn import normalize_csr
 
-from ._batches import INFERENCE_BATCH_SIZE, ExpressionBatches, readable
+from ._batches import (
+    COVERAGE_KEY,
+    INFERENCE_BATCH_SIZE,
+    NORMALIZED_KEY,
+    ExpressionBatches,
+    readable,
+)
+from ._reference_space import expression_features
 
 #: At most this many query cells, evenly spaced, give the query's statistics.
 STATISTICS_CELLS = 20_000
@@ -151,17 +161,46 @@ class DomainStatisticsMixin:
         adata: AnnData,
         indices: Sequence[int] | None = None,
         batch_size: int = INFERENCE_BATCH_SIZE,
+        *,
+        normalized: bool = False,
+        coverage: bool = False,
     ) -> Iterable[dict[str, torch.Tensor]]:
         """Inference minibatches of the expression of registered ``adata`` (``indices``' rows).
 
         Read straight from an in-memory matrix (:class:`~labeltransfer.base._batches.
-        ExpressionBatches`); anything else through scvi's data loader.
+        ExpressionBatches`); anything else through scvi's data loader. ``normalized``: a CSR
+        minibatch comes as the model's input instead (:meth:`_prepared_batch`), with its
+        coverage-space features if ``coverage``; the network reads either.
         """
         manager = self.get_anndata_manager(adata, required=True)
         matrix = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         if readable(matrix):
-            return ExpressionBatches(matrix, indices, batch_size)
+            prepare = partial(self._prepared_batch, coverage=coverage) if normalized else None
+            return ExpressionBatches(matrix, indices, batch_size, prepare)
         return self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+
+    def _prepared_batch(
+        self, block: sparse.csr_matrix, coverage: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Return a CSR minibatch as the network reads it, normalised on its stored values.
+
+        :func:`~labeltransfer.nn.normalize_csr` (the values of ``module.transform``); with
+        ``coverage``, also the open-set layer's features (:func:`~labeltransfer.base.
+        _reference_space.expression_features`).
+        """
+        module = self.module
+        batch = {
+            NORMALIZED_KEY: normalize_csr(
+                block,
+                module.feature_idx,
+                module.input_type,
+                module.target_sum,
+                module.peak_weights,
+            )
+        }
+        if coverage:
+            batch[COVERAGE_KEY] = expression_features(block, module)
+        return batch
 
     def _statistics_loader(
         self, registered: AnnData, rows: np.ndarray
@@ -170,7 +209,7 @@ class DomainStatisticsMixin:
         rows = statistics_rows(rows)
         if rows.size < MIN_STATISTICS_CELLS:
             return None
-        return self._batches(registered, rows, STATISTICS_BATCH_SIZE)
+        return self._batches(registered, rows, STATISTICS_BATCH_SIZE, normalized=True)
 
     def _query_statistics_loader(
         self, registered: AnnData, rows: np.ndarray
@@ -191,7 +230,7 @@ class DomainStatisticsMixin:
                 logits = self._forward(registered, indices=sample, return_latent=False).logits
             called = logits[:, : len(proportions)].argmax(axis=1)
             rows = balanced_rows(sample, called, np.asarray(proportions, dtype=float))
-            loader = self._batches(registered, rows, STATISTICS_BATCH_SIZE)
+            loader = self._batches(registered, rows, STATISTICS_BATCH_SIZE, normalized=True)
         return loader
 
     def _fit_statistics(self, rows: np.ndarray, *, query: bool = False) -> None:

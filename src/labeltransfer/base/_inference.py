@@ -252,7 +252,13 @@ class InferenceMixin(DomainStatisticsMixin):
         """
         self._check_if_trained(warn=False)
         self.module.eval()
-        loader = self._batches(adata, indices, batch_size or INFERENCE_BATCH_SIZE)
+        loader = self._batches(
+            adata,
+            indices,
+            batch_size or INFERENCE_BATCH_SIZE,
+            normalized=True,
+            coverage=return_coords,
+        )
         n_cells = adata.n_obs if indices is None else len(indices)
         filled: dict[str, np.ndarray] = {}
         start = 0

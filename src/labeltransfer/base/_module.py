@@ -10,6 +10,8 @@ from scvi.module.base import BaseModuleClass, LossOutput
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.nn import labelled_cross_entropy, normalize_input
 
+from ._batches import NORMALIZED_KEY
+
 
 class AnnotationModule(BaseModuleClass):
     """A discriminative scvi module: normalised input genes in, ``z`` and ``logits`` out.
@@ -62,8 +64,14 @@ class AnnotationModule(BaseModuleClass):
     #: Library size of the log-normalisation of count input (1e6: log(CPM + 1), as scNym).
     target_sum: float = 1e6
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-normalise a minibatch (TF-IDF for peaks) and keep the model's features."""
+    def transform(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """Log-normalise a minibatch (TF-IDF for peaks) and keep the model's features.
+
+        ``normalized``: ``x`` already is the model's input (:func:`~labeltransfer.nn.
+        normalize_csr` of a CSR minibatch, as inference reads one) and is returned as is.
+        """
+        if normalized:
+            return x
         return normalize_input(
             x, self.feature_idx, self.input_type, self.target_sum, self.peak_weights
         )
@@ -82,6 +90,8 @@ class AnnotationModule(BaseModuleClass):
         return labels.long().ravel() < self.n_labels
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
+        if NORMALIZED_KEY in tensors:  # an inference minibatch, normalised as it was read
+            return {"x": tensors[NORMALIZED_KEY], "normalized": True}
         return {"x": tensors[REGISTRY_KEYS.X_KEY]}
 
     def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:

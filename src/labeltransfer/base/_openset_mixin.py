@@ -14,6 +14,7 @@ from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS
 from labeltransfer.dataloaders import labelled_mask
 from labeltransfer.metrics import expected_calibration_error
 
+from ._batches import COVERAGE_KEY
 from ._openset import (
     NOVEL_CUT,
     RESCALE_CUT,
@@ -162,6 +163,8 @@ class OpenSetMixin:
         space = self._reference_space
         if space is None:
             return None
+        if COVERAGE_KEY in tensors:  # normalised as the minibatch was read
+            return space.project(tensors[COVERAGE_KEY], residual_axes)
         module = self.module
         x = tensors[REGISTRY_KEYS.X_KEY].to(module.feature_idx.device)
         return space.project(expression_features(x, module), residual_axes)

@@ -139,9 +139,12 @@ class CellPredXModule(AnnotationModule):
         nn.init.kaiming_normal_(self.centers.data.T)  # as DACL and the reference code
 
     @auto_move_data
-    def inference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Embedding ``z`` (the feature extractor's output) and class ``logits``."""
-        z = self.encoder(self.transform(x))
+    def inference(self, x: torch.Tensor, normalized: bool = False) -> dict[str, torch.Tensor]:
+        """Embedding ``z`` (the feature extractor's output) and class ``logits``.
+
+        ``normalized``: ``x`` is already the model's input (:meth:`transform`).
+        """
+        z = self.encoder(self.transform(x, normalized))
         return {"z": z, "logits": self.classifier(z)}
 
     def loss(

@@ -124,14 +124,16 @@ class JINDModule(AnnotationModule):
         x: torch.Tensor,
         aligned: bool = False,
         generator: JINDGenerator | None = None,
+        normalized: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Latent code ``z`` and class ``logits``.
 
         ``z`` is aligned by ``generator`` (a generator holding a stored alignment, passed per
         call so that concurrent calls never share one), or by the module's own generator
-        ``G`` if ``aligned`` (the one :meth:`~labeltransfer.JIND.align` trains).
+        ``G`` if ``aligned`` (the one :meth:`~labeltransfer.JIND.align` trains). ``normalized``:
+        ``x`` is already the model's input (:meth:`transform`).
         """
-        x = self.transform(x)
+        x = self.transform(x, normalized)
         z = self.encoder(x)
         if generator is None and aligned:
             generator = self.generator

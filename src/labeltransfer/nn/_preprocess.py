@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
+from scipy import sparse
 
 InputType = Literal["counts", "lognorm"]
 
@@ -62,3 +64,49 @@ def _all_features(feature_idx: torch.Tensor, n_genes: int) -> bool:
     return feature_idx.numel() == n_genes and bool(
         (feature_idx == torch.arange(n_genes, device=feature_idx.device)).all()
     )
+
+
+def normalize_csr(
+    block: sparse.csr_matrix,
+    feature_idx: torch.Tensor,
+    input_type: InputType,
+    target_sum: float = 1e6,
+    peak_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`normalize_input` of a CSR minibatch, computed on its stored values only.
+
+    The same operations on the same float32 values as ``normalize_input`` of the densified
+    block (libraries may differ in the last bit: they are summed in another order), but the
+    logarithm, the division and the scaling touch the non-zero values alone, and the block is
+    densified once, already normalised. Why: on cells with 14% non-zero genes (1,024 cells x
+    2,000 genes, one thread) densifying and normalising took 5.8 ms, this 1.5 ms; for JIND's
+    small network that was a fifth of annotating a query.
+
+    Parameters
+    ----------
+    block
+        Minibatch of cells x all registered genes (CSR, any numeric dtype; not modified).
+    feature_idx, input_type, target_sum, peak_weights
+        As for :func:`normalize_input`.
+
+    Returns
+    -------
+    Dense float32 tensor of shape ``(n_cells, len(feature_idx))``.
+    """
+    values = np.asarray(block.data, dtype=np.float32)
+    per_row = np.diff(block.indptr)
+
+    def row_sums(v: np.ndarray) -> np.ndarray:  # each value's row total, at least 1
+        totals = sparse.csr_matrix((v, block.indices, block.indptr), shape=block.shape).sum(1)
+        return np.repeat(np.asarray(totals, dtype=np.float32).ravel().clip(1.0), per_row)
+
+    if peak_weights is not None:
+        values = (values > 0).astype(np.float32)
+        values = values / row_sums(values)
+    elif input_type == "counts":  # torch's log1p: 4-7x numpy's on one thread
+        values = torch.from_numpy(values / row_sums(values)).mul_(target_sum).log1p_().numpy()
+    dense = sparse.csr_matrix((values, block.indices, block.indptr), shape=block.shape).toarray()
+    out = torch.from_numpy(dense)
+    if not _all_features(feature_idx, block.shape[1]):
+        out = out.index_select(1, feature_idx.cpu())
+    return out if peak_weights is None else out * peak_weights.cpu()

@@ -174,16 +174,17 @@ class SCDETModule(AnnotationModule):
         return F.normalize(self.projector(z), dim=1)
 
     @auto_move_data
-    def inference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def inference(self, x: torch.Tensor, normalized: bool = False) -> dict[str, torch.Tensor]:
         r"""Embedding ``z``, class ``logits`` (seen then novel) and contrastive features ``v``.
 
         The logits are the rectified ones of eq. 7, :math:`h_i \cdot \mu_j / \tau - \gamma
         \log \pi_j`, with :math:`\gamma` = ``logit_adjustment`` (set to the training plan's
         ``gamma`` when training starts, 0 before) and :math:`\pi` = ``class_distribution``:
         the post-hoc logit adjustment of Menon et al. (2020) that eq. 7 cites, which
-        removes the long-tail bias of the classifier from the predictions.
+        removes the long-tail bias of the classifier from the predictions. ``normalized``:
+        ``x`` is already the model's input (:meth:`transform`).
         """
-        z = self.encoder(self.transform(x))
+        z = self.encoder(self.transform(x, normalized))
         # the 0-d buffer, not float() of it: no device-to-host sync per minibatch on a GPU
         logits = logit_adjust(
             self.logits_from_latent(z), self.class_distribution, self.logit_adjustment

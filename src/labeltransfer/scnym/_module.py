@@ -109,9 +109,9 @@ class SCNYMModule(AnnotationModule):
 
     # ------------------------------------------------------------- scvi contract
     @auto_move_data
-    def inference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Penultimate embedding ``z`` and class ``logits``."""
-        z = self.embedder(self.transform(x))
+    def inference(self, x: torch.Tensor, normalized: bool = False) -> dict[str, torch.Tensor]:
+        """Penultimate embedding ``z`` and class ``logits`` (``normalized``: see :meth:`transform`)."""
+        z = self.embedder(self.transform(x, normalized))
         return {"z": z, "logits": self.classifier(z)}
 
     # ------------------------------------------------------------- training
