@@ -57,6 +57,26 @@ def test_contrastive_loss_vanishes_when_neighbours_coincide():
         knn_contrastive_loss(a, b, 0.0)
 
 
+def test_contrastive_loss_is_eq3_term_by_term():
+    """Each of the 2n anchors: -log of its positive's share among every other cell."""
+    torch.manual_seed(0)
+    z = torch.randn(5, 3, requires_grad=True)
+    positive = torch.randn(5, 3, requires_grad=True)
+    loss = knn_contrastive_loss(z, positive, temperature=0.3)
+    cells = F.normalize(torch.cat([z, positive]), dim=1)
+    terms = []
+    for a in range(10):
+        similarity = torch.exp(cells @ cells[a] / 0.3)
+        partner = (a + 5) % 10
+        terms.append(-torch.log(similarity[partner] / (similarity.sum() - similarity[a])))
+    expected = torch.stack(terms).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    grads = torch.autograd.grad(loss, (z, positive))
+    expected_grads = torch.autograd.grad(expected, (z, positive))
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_sparse_center_loss_is_weighted_by_attention():
     z = torch.tensor([[1.0, 5.0], [3.0, -5.0]])
     centers = torch.zeros(1, 2, requires_grad=True)
