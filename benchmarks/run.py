@@ -260,6 +260,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="smoke run: seed 0, at most 150 cells per side, 2 epochs per training part; "
         "writes to .benchmarks/quick/",
     )
+    parser.add_argument(
+        "--budget",
+        choices=["small", "full"],
+        help="the suite's budget otherwise (e.g. `--suite scaling --budget small`: 10,000 and "
+        "100,000 cells only)",
+    )
     parser.add_argument("--max-epochs", type=int, help="cap every training part of every tool")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: the suite's (0 1 2)")
     parser.add_argument(
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     from _writer import read, write
 
     suite, experiment = SUITES[args.suite], load_experiment(args.suite)
-    budget = "quick" if args.quick else suite.budget
+    budget = "quick" if args.quick else args.budget or suite.budget
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS) / f"{suite.output}.csv"
     if args.tasks and not experiment.grid:
         sys.exit(f"--tasks applies to grid suites; {args.suite} is not one.")
