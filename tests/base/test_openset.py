@@ -55,7 +55,7 @@ def test_bank_keeps_every_type_and_at_most_the_size():
 
 def test_planted_novel_type_is_uncovered_and_seen_cells_are_not(planted):
     space, coords, prediction, novel = planted
-    uncovered = openset.coverage_of(space, coords, prediction).uncovered
+    uncovered = openset.uncovered_fraction(space, coords, prediction)
     assert roc_auc_score(novel, uncovered) > 0.95
     flagged = uncovered > openset.NOVEL_CUT
     assert flagged[novel].mean() > 0.8
@@ -64,7 +64,7 @@ def test_planted_novel_type_is_uncovered_and_seen_cells_are_not(planted):
 
 def test_novel_groups_gather_the_planted_type(planted):
     space, coords, prediction, novel = planted
-    flagged = openset.coverage_of(space, coords, prediction).uncovered > openset.NOVEL_CUT
+    flagged = openset.uncovered_fraction(space, coords, prediction) > openset.NOVEL_CUT
     groups = openset.novel_groups(coords, flagged, min_cells=10)
     in_group = np.zeros(novel.size, bool)
     in_group[np.flatnonzero(flagged)[groups >= 0]] = True
@@ -100,7 +100,7 @@ def test_a_query_without_a_new_type_is_covered():
     types = list(reference.obs["cell_type"].cat.categories)
     prediction = query.obs["cell_type"].astype(str).map(types.index).to_numpy()
     assert (
-        openset.coverage_of(space, coords, prediction).uncovered > openset.NOVEL_CUT
+        openset.uncovered_fraction(space, coords, prediction) > openset.NOVEL_CUT
     ).mean() < 0.05
 
 
@@ -145,7 +145,7 @@ def test_the_community_test_reads_partners_of_any_type(planted, monkeypatch):
         return flagged
 
     monkeypatch.setattr(openset, "uncovered_communities", spy)
-    openset.coverage_of(space, coords, wrong)
+    openset.uncovered_fraction(space, coords, wrong)
     partnered, flagged = seen[0]
     assert partnered[~novel].mean() > 0.8  # seen cells keep partners, whatever the call
     assert not flagged[~novel].any()
@@ -155,48 +155,31 @@ def test_the_community_test_reads_partners_of_any_type(planted, monkeypatch):
 def test_cells_of_uncovered_communities_are_lifted_to_the_cut(planted, monkeypatch):
     space, coords, prediction, _ = planted
     monkeypatch.setattr(openset, "COMMUNITY_MIN_SHARE", 1.0)  # no community reaches it
-    alone = openset.coverage_of(space, coords, prediction)
+    alone = openset.uncovered_fraction(space, coords, prediction)
     every_other = lambda coords, graph, covered, seed: np.arange(len(coords)) % 2 == 0  # noqa: E731
     monkeypatch.setattr(openset, "uncovered_communities", every_other)
-    lifted = openset.coverage_of(space, coords, prediction)
-    for before, after in zip(alone, lifted, strict=True):
-        np.testing.assert_array_equal(after[::2], np.maximum(before[::2], openset.PAST_CUT))
-        np.testing.assert_array_equal(after[1::2], before[1::2])
+    lifted = openset.uncovered_fraction(space, coords, prediction)
+    np.testing.assert_array_equal(lifted[::2], np.maximum(alone[::2], openset.PAST_CUT))
+    np.testing.assert_array_equal(lifted[1::2], alone[1::2])
 
 
 def test_registered_reference_cells_leave_the_query_coverage_unchanged(planted):
     space, coords, prediction, _ = planted
-    alone = openset.coverage_of(space, coords, prediction)
+    alone = openset.uncovered_fraction(space, coords, prediction)
     # a co-trained model's registered AnnData: reference cells (here the bank's) and the query
     cells = np.vstack([space.bank, coords])
     predicted = np.concatenate([space.bank_labels, prediction])
     query = np.arange(len(cells)) >= len(space.bank)
-    together = openset.coverage_apart(space, cells, predicted, query)
-    for apart, by_itself in zip(together, alone, strict=True):
-        np.testing.assert_array_equal(apart[query], by_itself)
-
-
-def test_novelty_orders_by_partners_then_called_type_then_confidence():
-    step = 1 / (openset.N_NEIGHBORS + 1)
-    coverage = openset.Coverage(
-        uncovered=np.array([0.0, 0.0, step, step, 1.0, 1.0]),
-        unpartnered=np.array([0.0, 0.0, 0.0, 0.0, 0.0, step]),
+    np.testing.assert_array_equal(
+        openset.uncovered_apart(space, cells, predicted, query)[query], alone
     )
-    confidence = np.array([0.99, 0.2, 0.99, 0.2, 0.2, 0.99])
-    score = openset.novelty_score(coverage, confidence)
+
+
+def test_novelty_breaks_ties_by_confidence_without_crossing_steps():
+    uncovered = np.array([0.0, 0.0, 1 / 15, 1 / 15])
+    confidence = np.array([0.99, 0.2, 0.99, 0.2])
+    score = openset.novelty_score(uncovered, confidence)
     assert np.all(np.diff(score) > 0)
-
-
-def test_novelty_ranks_a_new_type_above_wrongly_called_seen_cells(planted):
-    """A wrong call leaves a seen cell without a partner of its called type, not of any type:
-    the rejection reads the first, the novelty score the second."""
-    space, coords, prediction, novel = planted
-    wrong = np.where(novel, prediction, (prediction + 1) % 4)  # every seen call is wrong
-    coverage = openset.coverage_of(space, coords, wrong)
-    assert (coverage.uncovered[~novel] > openset.NOVEL_CUT).mean() > 0.9  # all rejected
-    score = openset.novelty_score(coverage, np.full(novel.size, 0.5))
-    assert roc_auc_score(novel, score) > 0.95
-    assert roc_auc_score(novel, coverage.uncovered) < 0.75
 
 
 def test_projection_matches_for_numpy_and_torch(planted):

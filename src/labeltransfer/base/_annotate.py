@@ -166,15 +166,14 @@ class AnnotateMixin:
         probs = self._probabilities(logits)
         prediction = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
-        centred = coverage = uncovered = record = query = None
+        centred = uncovered = coverage = query = None
         if tests_coverage:
             domains = self._coverage_groups(None if adata is None else target, prediction.size)
-            centred, coverage, record = self._coverage(coords, domains, prediction)
-            uncovered = None if coverage is None else coverage.uncovered
+            centred, uncovered, coverage = self._coverage(coords, domains, prediction)
             query = domains >= 0
         rejected, rule = self._reject(confidence, prediction, rejection, uncovered, query=query)
-        if record is not None:
-            rule = {**rule, "coverage": record}
+        if coverage is not None:
+            rule = {**rule, "coverage": coverage}
         empty = overlap.pop("empty") if overlap is not None else np.zeros_like(rejected)
         if empty.any():  # no count in the model's genes: nothing to base a call on
             rejected = rejected | empty
@@ -196,8 +195,8 @@ class AnnotateMixin:
         target.obs[key + OUTPUT_KEYS.PREDICTION] = pd.Categorical(calls, categories=types)
         target.obs[key + OUTPUT_KEYS.CONFIDENCE] = confidence.astype(np.float32)
         target.obs[key + OUTPUT_KEYS.REJECTED] = rejected
-        if coverage is not None:
-            target.obs[key + OUTPUT_KEYS.NOVELTY] = novelty_score(coverage, confidence).astype(
+        if uncovered is not None:
+            target.obs[key + OUTPUT_KEYS.NOVELTY] = novelty_score(uncovered, confidence).astype(
                 np.float32
             )
         else:  # a previous annotation's score would not belong to these calls

@@ -18,11 +18,10 @@ from ._batches import COVERAGE_KEY
 from ._openset import (
     NOVEL_CUT,
     RESCALE_CUT,
-    Coverage,
     centre_by_group,
-    coverage_apart,
     novel_groups,
     scale_groups,
+    uncovered_apart,
 )
 from ._reference_space import FIT_VALUES, MIN_FIT, ReferenceSpace, bank_rows, expression_features
 from ._rejection import fit_temperature, per_type_thresholds, query_thresholds
@@ -322,8 +321,8 @@ class OpenSetMixin:
 
     def _coverage(
         self, coords: np.ndarray | None, domains: np.ndarray, prediction: np.ndarray
-    ) -> tuple[np.ndarray | None, Coverage | None, dict[str, Any] | None]:
-        """Centred coverage coordinates, each cell's :class:`Coverage` and the record.
+    ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any] | None]:
+        """Centred coverage coordinates, each cell's uncovered fraction and the record.
 
         ``None`` for a model saved before the layer. Each query domain is centred on its own
         mean. A domain most of whose cells come out novel (more than :data:`RESCALE_CUT`) is
@@ -340,23 +339,23 @@ class OpenSetMixin:
         centred = centre_by_group(coords, domains)
         seed = settings.seed or 0
         query = domains >= 0
-        coverage = coverage_apart(space, centred, prediction, query, seed=seed)
-        novel = coverage.uncovered > NOVEL_CUT
+        uncovered = uncovered_apart(space, centred, prediction, query, seed=seed)
+        novel = uncovered > NOVEL_CUT
         shifted = [
             int(g) for g in np.unique(domains[query]) if novel[domains == g].mean() > RESCALE_CUT
         ]
         if not shifted:
-            return centred, coverage, None
+            return centred, uncovered, None
         shared = space.bank.shape[1]  # the residual axes are the query's own: not scaled
         centred[:, :shared] = scale_groups(
             centred[:, :shared], domains, shifted, space.bank.std(axis=0)
         )
-        rescaled = coverage_apart(space, centred, prediction, query, seed=seed)
+        rescaled = uncovered_apart(space, centred, prediction, query, seed=seed)
         before = float(novel[query].mean())
         record = {
             "rescaled_domains": shifted,
             "novel_fraction_before": before,
-            "novel_fraction_after": float((rescaled.uncovered[query] > NOVEL_CUT).mean()),
+            "novel_fraction_after": float((rescaled[query] > NOVEL_CUT).mean()),
         }
         warnings.warn(
             f"{before:.0%} of the query had no mutual nearest neighbour in the reference's "
