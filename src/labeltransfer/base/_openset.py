@@ -44,10 +44,10 @@ rejected (10-13% without). What a principal subspace leaves out is the classic n
 signal of PCA monitoring (the Q statistic) and of ViM (Wang et al., *CVPR* 2022); here it
 shapes the query's graph rather than being a score.
 
-The novelty score written to ``obs[key + "_novelty"]`` ranks by the share of the
-neighbourhood without a mutual partner of any type, then of the called type, then by the
-calibrated confidence (:func:`novelty_score`): a wrong call is not a new type. Cells with an
-uncovered fraction (of the called type) above :data:`NOVEL_CUT` are rejected,
+The novelty score written to ``obs[key + "_novelty"]`` is that uncovered fraction (0 to 1),
+with ties broken by the calibrated confidence: ``uncovered + (1 - confidence) /
+(N_NEIGHBORS + 1)``, which orders cells within one step of the fraction by confidence and
+never across steps. Cells with an uncovered fraction above :data:`NOVEL_CUT` are rejected,
 and those that form groups of at least ``min_cells`` cells in the query's principal
 components (Leiden, as :func:`labeltransfer.tl.discover_novel`) become ``novel_<i>``.
 """
