@@ -79,7 +79,7 @@ def normalize_csr(
     block (libraries may differ in the last bit: they are summed in another order), but the
     logarithm, the division and the scaling touch the non-zero values alone, and the block is
     densified once, already normalised. Why: on cells with 14% non-zero genes (1,024 cells x
-    2,000 genes, one thread) densifying and normalising took 5.8 ms, this 1.5 ms; for JIND's
+    2,000 genes, one thread) densifying and normalising took 5.8 ms, this 1.7 ms; for JIND's
     small network that was a fifth of annotating a query.
 
     Parameters
