@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import sparse
 
-from labeltransfer.nn import normalize_csr, normalize_input
+from labeltransfer.nn import normalize_input
 
 
 @pytest.mark.parametrize("features", ["all", "subset"])
@@ -33,7 +33,7 @@ def test_counts_normalisation_is_the_formula(features):
 @pytest.mark.parametrize("features", ["all", "subset"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
 def test_csr_normalisation_equals_the_dense_one(kind, features, dtype):
-    """normalize_csr of a CSR block gives normalize_input of its dense copy, the block unchanged."""
+    """normalize_input of a CSR block gives that of its dense copy, the block unchanged."""
     rng = np.random.default_rng(0)
     dense = (rng.random((40, 60)) * 8).round() * (rng.random((40, 60)) < 0.2)
     dense[5] = 0  # an empty cell: library (or open peaks) clamped to 1
@@ -46,7 +46,7 @@ def test_csr_normalisation_equals_the_dense_one(kind, features, dtype):
     expected = normalize_input(
         torch.from_numpy(block.toarray().astype(np.float32)), feature_idx, input_type, 1e6, weights
     )
-    out = normalize_csr(block, feature_idx, input_type, 1e6, weights)
+    out = normalize_input(block, feature_idx, input_type, 1e6, weights)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
     for name in ("data", "indices", "indptr"):

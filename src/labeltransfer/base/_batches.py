@@ -42,8 +42,8 @@ class ExpressionBatches:
         Cells per minibatch.
     prepare
         Turns a CSR minibatch into the tensors yielded instead of its densified expression
-        (e.g. the model's input normalised on the stored values,
-        :func:`~labeltransfer.nn.normalize_csr`); dense minibatches are yielded as above.
+        (e.g. the model's input, normalised on the stored values by
+        :func:`~labeltransfer.nn.normalize_input`); dense minibatches are yielded as above.
     """
 
     def __init__(

@@ -45,7 +45,6 @@ from torch import nn
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.dataloaders import labelled_mask
-from labeltransfer.nn import normalize_csr
 
 from ._batches import (
     COVERAGE_KEY,
@@ -182,24 +181,14 @@ class DomainStatisticsMixin:
     def _prepared_batch(
         self, block: sparse.csr_matrix, coverage: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Return a CSR minibatch as the network reads it, normalised on its stored values.
+        """Return a CSR minibatch as the network reads it: ``module.transform`` of it.
 
-        :func:`~labeltransfer.nn.normalize_csr` (the values of ``module.transform``); with
-        ``coverage``, also the open-set layer's features (:func:`~labeltransfer.base.
-        _reference_space.expression_features`).
+        With ``coverage``, also the open-set layer's features (:func:`~labeltransfer.base.
+        _reference_space.expression_features`). Both are normalised on the stored values.
         """
-        module = self.module
-        batch = {
-            NORMALIZED_KEY: normalize_csr(
-                block,
-                module.feature_idx,
-                module.input_type,
-                module.target_sum,
-                module.peak_weights,
-            )
-        }
+        batch = {NORMALIZED_KEY: self.module.transform(block)}
         if coverage:
-            batch[COVERAGE_KEY] = expression_features(block, module)
+            batch[COVERAGE_KEY] = expression_features(block, self.module)
         return batch
 
     def _statistics_loader(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from scipy import sparse
 from scvi.module.base import BaseModuleClass, LossOutput
 
 from labeltransfer._constants import REGISTRY_KEYS
@@ -64,11 +65,14 @@ class AnnotationModule(BaseModuleClass):
     #: Library size of the log-normalisation of count input (1e6: log(CPM + 1), as scNym).
     target_sum: float = 1e6
 
-    def transform(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    def transform(
+        self, x: torch.Tensor | sparse.csr_matrix, normalized: bool = False
+    ) -> torch.Tensor:
         """Log-normalise a minibatch (TF-IDF for peaks) and keep the model's features.
 
-        ``normalized``: ``x`` already is the model's input (:func:`~labeltransfer.nn.
-        normalize_csr` of a CSR minibatch, as inference reads one) and is returned as is.
+        ``x``: a dense tensor or a CSR matrix (:func:`~labeltransfer.nn.normalize_input`).
+        ``normalized``: ``x`` already is the model's input (``transform`` of a CSR minibatch,
+        as inference reads one) and is returned as is.
         """
         if normalized:
             return x

@@ -20,7 +20,7 @@ import torch
 from scipy import sparse
 from scipy.linalg import eigh
 
-from labeltransfer.nn import normalize_csr, normalize_input
+from labeltransfer.nn import normalize_input
 
 from ._neighbors import _BLOCK
 
@@ -49,8 +49,8 @@ def expression_features(
 ) -> torch.Tensor:
     """``log1p`` counts per 10,000 of the module's genes (log-normalised input as given).
 
-    ``x``: a dense minibatch of all registered genes, or a CSR one (normalised on its stored
-    values, :func:`~labeltransfer.nn.normalize_csr`).
+    ``x``: a dense minibatch of all registered genes, or a CSR one (see
+    :func:`~labeltransfer.nn.normalize_input`).
 
     Peaks (a module with ``peak_weights``) are read as the module reads them, TF-IDF, and
     each cell is then scaled to unit length, so that distances are cosine distances, as in
@@ -61,8 +61,9 @@ def expression_features(
     0.721 to 0.774 / 0.936 / 0.669 / 0.929 (JIND, scNym, scDET, CellPredX); with every type
     kept, 91% of the query's cells had a mutual reference partner, 58% before (JIND, seed 2).
     """
-    normalize = normalize_csr if sparse.issparse(x) else normalize_input
-    features = normalize(x, module.feature_idx, module.input_type, TARGET_SUM, module.peak_weights)
+    features = normalize_input(
+        x, module.feature_idx, module.input_type, TARGET_SUM, module.peak_weights
+    )
     if module.peak_weights is None:
         return features
     return torch.nn.functional.normalize(features, dim=1)

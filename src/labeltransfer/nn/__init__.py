@@ -5,7 +5,7 @@ from ._grl import GradientReversal, GradientReversalFunction, grad_reverse
 from ._losses import labelled_cross_entropy
 from ._mixmatch import mixup, mixup_weights, sharpen, sigmoid_ramp
 from ._mlp import mlp
-from ._preprocess import normalize_csr, normalize_input
+from ._preprocess import normalize_input
 from ._utils import frozen
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "mixup",
     "mixup_weights",
     "mlp",
-    "normalize_csr",
     "normalize_input",
     "sharpen",
     "sigmoid_ramp",

@@ -12,18 +12,20 @@ InputType = Literal["counts", "lognorm"]
 
 
 def normalize_input(
-    x: torch.Tensor,
+    x: torch.Tensor | sparse.csr_matrix,
     feature_idx: torch.Tensor,
     input_type: InputType,
     target_sum: float = 1e6,
     peak_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Turn a dense minibatch into the log-normalised model input.
+    """Turn a minibatch into the log-normalised model input.
 
     Parameters
     ----------
     x
-        Minibatch of cells x all registered genes.
+        Minibatch of cells x all registered genes: a dense tensor, or a scipy CSR matrix
+        (any numeric dtype, not modified), normalised on its stored values only and
+        densified once (the same values; a CPU tensor).
     feature_idx
         Indices of the genes the model uses (e.g. the reference's highly variable genes).
     input_type
@@ -43,6 +45,8 @@ def normalize_input(
     -------
     Tensor of shape ``(n_cells, len(feature_idx))``.
     """
+    if sparse.issparse(x):
+        return _normalize_csr(x, feature_idx, input_type, target_sum, peak_weights)
     if peak_weights is not None:
         is_open = (x > 0).to(x.dtype)
         n_open = is_open.sum(dim=1, keepdim=True).clamp_min(1.0)
@@ -66,32 +70,21 @@ def _all_features(feature_idx: torch.Tensor, n_genes: int) -> bool:
     )
 
 
-def normalize_csr(
+def _normalize_csr(
     block: sparse.csr_matrix,
     feature_idx: torch.Tensor,
     input_type: InputType,
-    target_sum: float = 1e6,
-    peak_weights: torch.Tensor | None = None,
+    target_sum: float,
+    peak_weights: torch.Tensor | None,
 ) -> torch.Tensor:
     """:func:`normalize_input` of a CSR minibatch, computed on its stored values only.
 
-    The same operations on the same float32 values as ``normalize_input`` of the densified
-    block (libraries may differ in the last bit: they are summed in another order), but the
-    logarithm, the division and the scaling touch the non-zero values alone, and the block is
-    densified once, already normalised. Why: on cells with 14% non-zero genes (1,024 cells x
-    2,000 genes, one thread) densifying and normalising took 5.8 ms, this 1.7 ms; for JIND's
-    small network that was a fifth of annotating a query.
-
-    Parameters
-    ----------
-    block
-        Minibatch of cells x all registered genes (CSR, any numeric dtype; not modified).
-    feature_idx, input_type, target_sum, peak_weights
-        As for :func:`normalize_input`.
-
-    Returns
-    -------
-    Dense float32 tensor of shape ``(n_cells, len(feature_idx))``.
+    The same operations on the same float32 values as on the densified block (libraries may
+    differ in the last bit: they are summed in another order), but the logarithm, the
+    division and the scaling touch the non-zero values alone, and the block is densified
+    once, already normalised. Why: on cells with 14% non-zero genes (1,024 cells x 2,000
+    genes, one thread) densifying and normalising took 5.8 ms, this 1.7 ms; for JIND's small
+    network that was a fifth of annotating a query.
     """
     values = np.asarray(block.data, dtype=np.float32)
     per_row = np.diff(block.indptr)

@@ -38,7 +38,7 @@ def fast_adam(params: Iterable, *, adamw: bool = False, **kwargs) -> torch.optim
     tensors = [t for g in groups for t in (g["params"] if isinstance(g, dict) else [g])]
     fused = all(t.device.type in ("cpu", "cuda") for t in tensors)
     cls = torch.optim.AdamW if adamw else torch.optim.Adam
-    return cls(groups, fused=True if fused else None, foreach=None if fused else True, **kwargs)
+    return cls(groups, **({"fused": True} if fused else {"foreach": True}), **kwargs)
 
 
 class AnnotationTrainingPlan(EpochMeansMixin, TrainingPlan):
