@@ -157,6 +157,18 @@ def scale_groups(
     return out
 
 
+def mutual_partners(space: ReferenceSpace, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query cell's :data:`N_MUTUAL` nearest bank cells and whether each pair is mutual.
+
+    Searched in the reference's components (``coords``' first columns; the query's residual
+    axes are left out). A bank cell looks for :data:`N_MUTUAL` times the query's size over
+    the bank's nearest query cells, between :data:`N_MUTUAL` and :data:`MAX_QUERY_NEIGHBORS`.
+    """
+    k = N_MUTUAL
+    k_query = int(np.clip(round(k * len(coords) / len(space.bank)), k, MAX_QUERY_NEIGHBORS))
+    return _mutual_search(space.bank, coords[:, : space.bank.shape[1]], k, k_query)
+
+
 def uncovered_fraction(
     space: ReferenceSpace, coords: np.ndarray, prediction: np.ndarray, *, seed: int = 0
 ) -> np.ndarray:
@@ -179,13 +191,10 @@ def uncovered_fraction(
     -------
     One value in ``[0, 1]`` per query cell.
     """
-    n_query, n_bank = len(coords), len(space.bank)
+    n_query = len(coords)
     if n_query == 0:
         return np.zeros(0)
-    k = N_MUTUAL
-    k_query = int(np.clip(round(k * n_query / n_bank), k, MAX_QUERY_NEIGHBORS))
-    shared = coords[:, : space.bank.shape[1]]  # the reference's components
-    to_bank, mutual = _mutual_search(space.bank, shared, k, k_query)
+    to_bank, mutual = mutual_partners(space, coords)
     partnered = mutual.any(axis=1)  # a mutual partner of any type
     covered = (mutual & (space.bank_labels[to_bank] == np.asarray(prediction)[:, None])).any(1)
     if n_query < 2:

@@ -145,7 +145,8 @@ class TrainingMixin:
         early-stopping defaults, scvi's TrainRunner keeping the best-validation-accuracy
         epoch, ``training_summary_`` (updated by :meth:`_after_training`) and the open-set
         layer fitted on the held-out reference cells, then the reference codes saved for
-        mapping (:meth:`~labeltransfer.base.ReferenceMappingMixin._fit_reference_codes`).
+        mapping (:meth:`~labeltransfer.base.ReferenceMappingMixin._fit_reference_codes`),
+        and the model's check of the fit (:meth:`_check_fit`), which may ask for a refit.
 
         On a model from ``load_query_data`` it fits the query instead (``_fit_query``: JIND's
         alignment, or the encoder's fine-tuning); only ``max_epochs``, ``batch_size``, the
@@ -270,6 +271,10 @@ class TrainingMixin:
         self._fit_rejection(splitter.val_idx)
         self._fit_reference_codes()
         self.training_summary_.update(self._after_training(arguments, plan))
+        check = self._check_fit(arguments)
+        if check.pop("refit", False):  # the model set itself up for a fit that replaces this one
+            self.train(*args, **kwargs)
+        self.training_summary_.update(check)
 
     # ------------------------------------------------------------------ hooks
     def _check_training(self, arguments: dict[str, Any]) -> None:
@@ -321,4 +326,13 @@ class TrainingMixin:
 
     def _after_training(self, arguments: dict[str, Any], plan: Any) -> dict[str, Any]:
         """Run after the open-set layer is fitted; return ``training_summary_`` entries."""
+        return {}
+
+    def _check_fit(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Check the finished fit; return ``training_summary_`` entries.
+
+        ``"refit": True`` among them: the model rejected the fit and has set itself up for
+        another (scDET without the novel classes that failed their coverage check), and
+        :meth:`train` runs again with the same arguments.
+        """
         return {}

@@ -19,6 +19,7 @@ from scvi.model.base import BaseModelClass
 
 from labeltransfer._constants import NOVEL_PREFIX, REGISTRY_KEYS
 from labeltransfer.base import AnnotationMixin
+from labeltransfer.base._openset import centre_by_group, mutual_partners
 from labeltransfer.base._training import scaled_epochs, size_scaled_budget
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.nn import normalize_input
@@ -39,6 +40,7 @@ from ._callbacks import DistributionEstimation
 from ._estimation import estimate_n_novel
 from ._losses import SCDETLossConfig
 from ._module import SCDETModule
+from ._novel_check import novel_class_check
 from ._trainingplan import SCDETTrainingPlan
 
 if TYPE_CHECKING:
@@ -536,6 +538,46 @@ class SCDET(AnnotationMixin, BaseModelClass):
             "pseudo_labels": not plan.config.warmup,
             "lr": float(arguments["lr"]),
         }
+
+    def _check_fit(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Check the novel classes learned from pseudo-labels; refit without them if they fail.
+
+        Only where pseudo-labelling was left to the default (``pseudo_labels=None``) and the
+        model has novel classes (:mod:`labeltransfer.scdet._novel_check`): when the cells in
+        the novel classes are covered by the reference about as well as the seen calls, the
+        model is trained again without novel classes (the representation objective; the
+        open-set layer finds the novel cells), with a warning.
+        """
+        if arguments["pseudo_labels"] is not None or self.module.n_novel == 0:
+            return {}
+        record = self._novel_class_check()
+        if record["passed"]:
+            return {"novel_class_check": record}
+        warnings.warn(
+            f"SCDET.train: the {record['novel_cells']} query cells in scDET's "
+            f"{self.module.n_novel} novel class(es) are covered by the reference as well as "
+            f"those called seen types ({record['partnered_novel']:.0%} against "
+            f"{record['partnered_seen']:.0%} with a mutual nearest neighbour in it): its "
+            "pseudo-labels did not find a new type. Training again without novel classes (the "
+            "open-set layer finds novel cells; training_summary_['novel_class_check']). Pass "
+            "pseudo_labels=True to keep the paper's training.",
+            UserWarning,
+            stacklevel=3,
+        )
+        self.n_novel_ = 0
+        self.module = self._module_cls(**{**self._module_kwargs, "n_novel": 0})
+        return {"novel_class_check": {**record, "refitted": True}, "refit": True}
+
+    @torch.inference_mode()
+    def _novel_class_check(self) -> dict[str, Any]:
+        """:func:`~labeltransfer.scdet._novel_check.novel_class_check` on the registered query."""
+        query = np.flatnonzero(~labelled_mask(self.adata_manager))
+        out = self._forward(self.adata, indices=query, return_latent=False, return_coords=True)
+        novel = out.logits.argmax(axis=1) >= self.module.n_labels
+        domains = self._coverage_groups(None, self.adata.n_obs)[query]
+        coords = centre_by_group(out.coords, domains)
+        partnered = mutual_partners(self._reference_space, coords)[1].any(axis=1)
+        return novel_class_check(partnered, novel)
 
     def _estimate_n_novel(
         self,
