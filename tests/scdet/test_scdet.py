@@ -20,6 +20,7 @@ from labeltransfer.scdet import (
     SCDETModule,
     SCDETTrainingPlan,
 )
+from labeltransfer.scdet._novel_check import COVERAGE_MARGIN, novel_class_check
 
 from .conftest import FAST
 
@@ -455,3 +456,72 @@ def test_same_seed_same_predictions(scdet_adata):
     first = fit(3)
     pd.testing.assert_frame_equal(first, fit(3))
     assert not np.allclose(first.to_numpy(), fit(4).to_numpy())
+
+
+def test_novel_class_check_compares_the_reference_coverage_of_both_sides():
+    partnered = np.array([True] * 8 + [False] * 2 + [True] * 3 + [False] * 7)
+    novel = np.array([False] * 10 + [True] * 10)
+    check = novel_class_check(partnered, novel)
+    assert check["novel_cells"] == 10
+    assert check["partnered_seen"] == pytest.approx(0.8)
+    assert check["partnered_novel"] == pytest.approx(0.3)
+    assert check["passed"]
+    # a novel class covered as well as the seen calls fails, and just inside the margin too
+    assert not novel_class_check(np.ones(20, dtype=bool), novel)["passed"]
+    partnered[10:13] = [True, True, True]
+    partnered[13:20] = [True] * 4 + [False] * 3
+    assert not novel_class_check(partnered, novel)["passed"]  # 0.8 - 0.7 < COVERAGE_MARGIN
+    # nothing to compare: no cell in a novel class, or none called a seen type
+    empty = novel_class_check(partnered, np.zeros(20, dtype=bool))
+    assert empty["passed"]
+    assert empty["partnered_novel"] is None
+    assert empty["novel_cells"] == 0
+    assert novel_class_check(partnered, np.ones(20, dtype=bool))["passed"]
+
+
+def test_planted_novel_types_pass_the_novel_class_check(trained_scdet):
+    check = trained_scdet.training_summary_["novel_class_check"]
+    assert check["passed"]
+    assert "refitted" not in check
+    assert check["partnered_seen"] - check["partnered_novel"] >= COVERAGE_MARGIN
+    assert trained_scdet.module.n_novel == 2
+
+
+def test_novel_class_without_a_new_type_is_refitted_without_it(tmp_path):
+    """No type is new: the novel class absorbs a seen type, and scDET trains again without it."""
+    ref, query = lt.data.synthetic(
+        n_reference=400, n_query=400, n_genes=200, n_types=3, n_novel=0, batch_shift=0.3, seed=1
+    )
+    adata = lt.data.concat_reference_query(ref, query, labels_key="cell_type")
+    lt.SCDET.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")
+    scvi.settings.seed = 0
+    model = lt.SCDET(adata, n_novel=1, n_top_genes=None)
+    with pytest.warns(UserWarning, match="pseudo-labels did not find a new type"):
+        model.train(max_epochs=30, **FAST)
+    check = model.training_summary_["novel_class_check"]
+    assert check["refitted"]
+    assert not check["passed"]
+    assert check["novel_cells"] >= 100  # measured: 211 of the 400 query cells
+    assert check["partnered_seen"] - check["partnered_novel"] < COVERAGE_MARGIN
+    assert model.module.n_novel == 0
+    assert model.n_novel == 0
+    assert model.novel_groups == []
+    assert model.training_summary_["pseudo_labels"] is False
+    out = model.annotate(copy=True, rejection="paper")
+    q = _query(out)
+    truth = out.obs["cell_type_original"].astype(str).to_numpy()[q]
+    assert (out.obs[KEY].astype(str).to_numpy()[q] == truth).mean() >= 0.9
+    assert out.uns[KEY]["training"]["novel_class_check"]["refitted"]
+    assert out.uns[KEY]["n_novel"] == 0
+    # the refitted classifier (3 classes, created with n_novel=1) survives save and load
+    before = model.predict(query, soft=True)
+    model.save(tmp_path / "refitted")
+    loaded = lt.SCDET.load(tmp_path / "refitted")
+    assert loaded.module.n_classes == 3
+    pd.testing.assert_frame_equal(loaded.predict(query, soft=True), before)
+    # pseudo_labels=True asks for the paper's training: no check, the novel class stays
+    scvi.settings.seed = 0
+    model = lt.SCDET(adata, n_novel=1, n_top_genes=None)
+    model.train(max_epochs=3, pseudo_labels=True, **FAST)
+    assert "novel_class_check" not in model.training_summary_
+    assert model.module.n_novel == 1
