@@ -157,6 +157,11 @@ def run_labeltransfer(recipe: Recipe, task: Task, ctx: RunContext) -> dict[str, 
         _kmeans_novel(calls, out.obsm[f"X_{KEY}"], task.n_novel, ctx.seed)
     info.update(sw.record())
     info["best_epoch"] = model.training_summary_.get("best_epoch")
+    check = model.training_summary_.get("novel_class_check")
+    if check is not None:  # scDET: its novel classes against the reference's coverage
+        seen, novel = check["partnered_seen"], check["partnered_novel"]
+        info["novel_check_gap"] = None if seen is None or novel is None else seen - novel
+        info["novel_check_refit"] = bool(check.get("refitted", False))
     ctx.model, ctx.adata = model, annotated
     return {ctx.name: (calls, info)}
 

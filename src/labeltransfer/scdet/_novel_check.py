@@ -14,8 +14,11 @@ having a mutual nearest neighbour among the reference's cells in the open-set la
 coverage space (:func:`labeltransfer.base._openset.mutual_partners`), the expression-based
 space the layer tests novelty in, which does not depend on the network. A novel type has few
 mutual partners: on Kang with B cells or FCGR3A+ monocytes held out, 40% and 46% of the cells
-scDET called novel had one, against 85% and 88% of those it called a seen type; in the
-failures above, 90-100% of the novel-class cells had one, against 82-100% of the seen calls.
+scDET called novel had one, against 85% and 88% of those it called a seen type, and with CD8
+T cells and FCGR3A+ monocytes held out together (CD8 T cells lie next to the reference's CD4 T
+cells) 74% against 87%; in the failures above, 90-100% of the novel-class cells had one,
+against 82-100% of the seen calls, and on a synthetic query without any new type 88-92%
+against 78-86%.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from typing import Any
 import numpy as np
 
 #: The share of scDET's novel-class cells with a mutual reference partner must be at least
-#: this much below the share of its seen-type calls (measured: 0.39-0.42 below when the novel
-#: classes held the held-out type, 0.10 below to 0.17 above when they did not).
-COVERAGE_MARGIN = 0.2
+#: this much below the share of its seen-type calls. Measured: 0.13-0.42 below where the novel
+#: classes held the held-out types, 0.02-0.17 *above* where they took seen cells. (Granja
+#: scATAC, seed 2: 0.10 below, its novel class 70% held-out B cells, while its seen types
+#: were never learned: seen accuracy 0.42. That failure is not this check's to see.)
+COVERAGE_MARGIN = 0.05
 
 
 def novel_class_check(partnered: np.ndarray, novel: np.ndarray) -> dict[str, Any]:
