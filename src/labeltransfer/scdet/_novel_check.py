@@ -8,8 +8,9 @@ CEL-seq2 with H2228 held out, seed 0: seen accuracy 0.575 and novelty AUROC 0.44
 never learned (Granja scATAC, B cells held out, seeds 0-2: seen accuracy 0.36-0.43 against
 0.64-0.66).
 
-Both leave a trace the model cannot produce by itself: the cells scDET puts in its novel
-classes are no less *covered* by the reference than those it calls seen types. Covered means
+The first, and often the second, leaves a trace the model cannot produce by itself: the
+cells scDET puts in its novel classes are no less *covered* by the reference than those it
+calls seen types. Covered means
 having a mutual nearest neighbour among the reference's cells in the open-set layer's
 coverage space (:func:`labeltransfer.base._openset.mutual_partners`), the expression-based
 space the layer tests novelty in, which does not depend on the network. A novel type has few
