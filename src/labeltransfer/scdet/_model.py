@@ -566,6 +566,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
         )
         self.n_novel_ = 0
         self.module = self._module_cls(**{**self._module_kwargs, "n_novel": 0})
+        # the refit fits them again: the discarded fit's need not stay in memory meanwhile
+        self.reference_space_ = self.reference_codes_ = None
         return {"novel_class_check": {**record, "refitted": True}, "refit": True}
 
     @torch.inference_mode()
