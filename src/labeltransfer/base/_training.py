@@ -271,10 +271,10 @@ class TrainingMixin:
         self._fit_rejection(splitter.val_idx)
         self._fit_reference_codes()
         self.training_summary_.update(self._after_training(arguments, plan))
-        check = self._check_fit(arguments)
-        if check.pop("refit", False):  # the model set itself up for a fit that replaces this one
+        entries, refit = self._check_fit(arguments)
+        if refit:  # the model set itself up for a fit that replaces this one
             self.train(*args, **kwargs)
-        self.training_summary_.update(check)
+        self.training_summary_.update(entries)
 
     # ------------------------------------------------------------------ hooks
     def _check_training(self, arguments: dict[str, Any]) -> None:
@@ -328,11 +328,11 @@ class TrainingMixin:
         """Run after the open-set layer is fitted; return ``training_summary_`` entries."""
         return {}
 
-    def _check_fit(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """Check the finished fit; return ``training_summary_`` entries.
+    def _check_fit(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Check the finished fit; return ``training_summary_`` entries and whether to refit.
 
-        ``"refit": True`` among them: the model rejected the fit and has set itself up for
-        another (scDET without the novel classes that failed their coverage check), and
-        :meth:`train` runs again with the same arguments.
+        A refit means the model rejected the fit and has set itself up for another (scDET
+        without the novel classes that failed their coverage check): :meth:`train` then runs
+        again with the same arguments.
         """
-        return {}
+        return {}, False

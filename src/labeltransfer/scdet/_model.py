@@ -539,7 +539,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
             "lr": float(arguments["lr"]),
         }
 
-    def _check_fit(self, arguments: dict[str, Any]) -> dict[str, Any]:
+    def _check_fit(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Check the novel classes learned from pseudo-labels; refit without them if they fail.
 
         Only where pseudo-labelling was left to the default (``pseudo_labels=None``) and the
@@ -549,10 +549,10 @@ class SCDET(AnnotationMixin, BaseModelClass):
         open-set layer finds the novel cells), with a warning.
         """
         if arguments["pseudo_labels"] is not None or self.module.n_novel == 0:
-            return {}
+            return {}, False
         record = self._novel_class_check()
         if record["passed"]:
-            return {"novel_class_check": record}
+            return {"novel_class_check": record}, False
         warnings.warn(
             f"SCDET.train: the {record['novel_cells']} query cells in scDET's "
             f"{self.module.n_novel} novel class(es) are covered by the reference as well as "
@@ -568,9 +568,8 @@ class SCDET(AnnotationMixin, BaseModelClass):
         self.module = self._module_cls(**{**self._module_kwargs, "n_novel": 0})
         # the refit fits them again: the discarded fit's need not stay in memory meanwhile
         self.reference_space_ = self.reference_codes_ = None
-        return {"novel_class_check": {**record, "refitted": True}, "refit": True}
+        return {"novel_class_check": {**record, "refitted": True}}, True
 
-    @torch.inference_mode()
     def _novel_class_check(self) -> dict[str, Any]:
         """:func:`~labeltransfer.scdet._novel_check.novel_class_check` on the registered query."""
         query = np.flatnonzero(~labelled_mask(self.adata_manager))
