@@ -72,7 +72,9 @@ class SeenCells(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         parts = batch if isinstance(batch, tuple | list) else (batch,)
         for part in parts:
-            X = part["X"].detach().cpu().numpy().astype(np.float32)
+            X = part["X"].detach().cpu()
+            X = X.to_dense() if X.layout != torch.strided else X  # CSR minibatches stay sparse
+            X = X.numpy().astype(np.float32)
             self.epochs[-1].extend(self.row_of[row.tobytes()] for row in X)
 
 

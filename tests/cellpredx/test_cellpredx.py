@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import scvi
 import torch
+from scipy import sparse
 
 import labeltransfer as lt
 from labeltransfer._constants import UNASSIGNED
 from labeltransfer.cellpredx import PRESETS, CellPredXLossConfig, CellPredXTrainingPlan
+from labeltransfer.cellpredx._data import NeighbourQueryLoader
 
 from .conftest import EPOCHS, make_mudata
 
@@ -212,6 +214,25 @@ def test_query_batches_carry_a_knn_neighbour(trained_unpaired):
     assert all("X_positive" in q for q in seen)
     assert all(q["X_positive"].shape == q["X"].shape for q in seen)
     assert sum(q["X"].shape[0] for q in seen) == 600
+
+
+@pytest.mark.parametrize("load_sparse_tensor", [True, False])
+def test_neighbour_loader_rows_follow_the_batch_order(trained_unpaired, load_sparse_tensor):
+    """Query and neighbour rows come back in the requested order, sparse or dense."""
+    model, _ = trained_unpaired
+    X = model.adata.X
+    positions = np.array([7, 3, 7, 0, 12])  # unsorted, with a repeat
+    loader = NeighbourQueryLoader(
+        model.adata_manager,
+        np.arange(20),
+        np.zeros((20, 2), dtype=int),
+        batch_size=5,
+        load_sparse_tensor=load_sparse_tensor,
+    )
+    fetched = loader._fetch(positions)["X"]
+    assert fetched.layout == (torch.sparse_csr if load_sparse_tensor else torch.strided)
+    expected = X[positions].toarray() if sparse.issparse(X) else np.asarray(X)[positions]
+    np.testing.assert_array_equal(fetched.to_dense().numpy(), expected)
 
 
 def test_knn_graph_is_not_saved(trained_unpaired, tmp_path):

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import scvi
+import torch
 
 import labeltransfer as lt
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter
@@ -44,6 +47,26 @@ def test_splitter_yields_reference_query_pairs(concat_manager):
     assert (query_batch["labels"] == unlabeled_code).all()
     for batch in splitter.val_dataloader():
         assert (batch["labels"] < unlabeled_code).all()
+
+
+@pytest.mark.parametrize("load_sparse_tensor", [True, False])
+def test_csr_minibatches_stay_sparse_by_default(concat_manager, load_sparse_tensor):
+    """CSR data are read as torch CSR minibatches (the modules normalise them), and stay so."""
+    adata, manager = concat_manager
+    splitter = RefQueryDataSplitter(
+        manager, use_query=True, batch_size=64, load_sparse_tensor=load_sparse_tensor
+    )
+    splitter.setup()
+    layout = torch.sparse_csr if load_sparse_tensor else torch.strided
+    ref_batch, query_batch = next(iter(splitter.train_dataloader()))
+    val_batch = next(iter(splitter.val_dataloader()))
+    for batch in (ref_batch, query_batch, val_batch):
+        assert batch["X"].layout == layout
+    # Lightning's hook after the device transfer keeps the paired batch as it is
+    pair = (ref_batch, query_batch)
+    assert splitter.on_after_batch_transfer(pair, 0) is pair
+    rows = splitter.val_idx[: val_batch["X"].shape[0]]
+    np.testing.assert_array_equal(val_batch["X"].to_dense().numpy(), adata.X[rows].toarray())
 
 
 def test_validation_cells_join_the_query_stream(concat_manager):
@@ -134,3 +157,21 @@ def test_split_for_seed_0_is_unchanged(concat_manager, kwargs, sizes, digests):
     # the cells a reference-only step leaves out are DataSplitter's test set
     unused = [] if kwargs.get("use_query") else splitter.query_idx
     np.testing.assert_array_equal(splitter.test_idx, unused)
+
+
+def test_sparse_minibatches_print_no_torch_warning():
+    """torch's one-time CSR warnings (beta, invariant checks) do not reach the user.
+
+    In a fresh process: within this one an earlier test may already have used them up.
+    """
+    code = (
+        "import labeltransfer as lt\n"
+        "r, _ = lt.data.synthetic(n_reference=200, n_query=10, n_genes=60, seed=0)\n"
+        "lt.JIND.setup_anndata(r, labels_key='cell_type')\n"
+        "lt.JIND(r).train(max_epochs=1, accelerator='cpu', enable_progress_bar=False)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "Sparse CSR tensor" not in out.stderr
+    assert "invariant checks" not in out.stderr

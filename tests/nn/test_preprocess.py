@@ -51,3 +51,26 @@ def test_csr_normalisation_equals_the_dense_one(kind, features, dtype):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
     for name in ("data", "indices", "indptr"):
         np.testing.assert_array_equal(getattr(block, name), getattr(before, name))
+
+
+@pytest.mark.parametrize("kind", ["counts", "lognorm", "peaks"])
+def test_sparse_tensor_normalisation_equals_the_csr_one(kind):
+    """A torch CSR minibatch (as the training loaders read one) gives the scipy CSR result."""
+    rng = np.random.default_rng(1)
+    dense = (rng.random((30, 45)) * 8).round() * (rng.random((30, 45)) < 0.2)
+    dense[4] = 0
+    block = sparse.csr_matrix(dense.astype(np.float32))
+    tensor = torch.sparse_csr_tensor(
+        torch.from_numpy(block.indptr),
+        torch.from_numpy(block.indices),
+        torch.from_numpy(block.data),
+        size=block.shape,
+    )
+    feature_idx = torch.tensor([3, 0, 44, 3])
+    weights = torch.rand(4) if kind == "peaks" else None
+    input_type = "lognorm" if kind == "lognorm" else "counts"
+    expected = normalize_input(block, feature_idx, input_type, 1e6, weights)
+    out = normalize_input(tensor, feature_idx, input_type, 1e6, weights)
+    assert out.layout == torch.strided
+    assert torch.equal(out, expected)
+    assert torch.equal(tensor.to_dense(), torch.from_numpy(dense.astype(np.float32)))

@@ -110,6 +110,22 @@ def query_knn_graph(
     return np.asarray(query_idx, dtype=np.int64)[neighbours]
 
 
+def _take_rows(values: Any, rows: np.ndarray) -> torch.Tensor:
+    """``values[rows]`` as a tensor; a sparse CSR tensor stays one (reindexed by scipy)."""
+    if isinstance(values, torch.Tensor) and values.layout == torch.sparse_csr:
+        taken = sparse.csr_matrix(
+            (values.values().numpy(), values.col_indices().numpy(), values.crow_indices().numpy()),
+            shape=tuple(values.shape),
+        )[rows]
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(taken.indptr),
+            torch.from_numpy(taken.indices),
+            torch.from_numpy(taken.data),
+            size=taken.shape,
+        )
+    return torch.as_tensor(np.asarray(values)[rows])
+
+
 class NeighbourQueryLoader:
     """Query minibatches with the expression of one random kNN neighbour of each cell.
 
@@ -136,6 +152,9 @@ class NeighbourQueryLoader:
         is larger than a batch: batch norm cannot train on it).
     distributed
         Shard the query cells across the DDP processes.
+    load_sparse_tensor
+        Read sparse data as torch sparse CSR minibatches (see
+        :class:`~labeltransfer.dataloaders.RefQueryDataSplitter`).
     """
 
     def __init__(
@@ -147,12 +166,13 @@ class NeighbourQueryLoader:
         batch_size: int,
         drop_last: bool = False,
         distributed: bool = False,
+        load_sparse_tensor: bool = False,
     ):
         if knn.shape[0] != len(query_idx):
             raise ValueError(
                 f"The kNN graph has {knn.shape[0]} rows for {len(query_idx)} query cells."
             )
-        self.dataset = adata_manager.create_torch_dataset()
+        self.dataset = adata_manager.create_torch_dataset(load_sparse_tensor=load_sparse_tensor)
         self.query_idx = np.asarray(query_idx, dtype=np.int64)
         self.knn = np.asarray(knn, dtype=np.int64)
         self.batch_size = int(batch_size)
@@ -194,7 +214,7 @@ class NeighbourQueryLoader:
         # sorted unique rows (backed data needs sorted indices), then back to the batch order
         unique, inverse = np.unique(positions, return_inverse=True)
         data = self.dataset[unique.tolist()]
-        return {k: torch.as_tensor(np.asarray(v)[inverse]) for k, v in data.items()}
+        return {k: _take_rows(v, inverse) for k, v in data.items()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = self._order()
@@ -254,5 +274,6 @@ class CellPredXDataSplitter(RefQueryDataSplitter):
             batch_size=batch_size,
             drop_last=self.drop_last,
             distributed=bool(self.data_loader_kwargs.get("distributed_sampler", False)),
+            load_sparse_tensor=self.load_sparse_tensor,
         )
         return PairedDataLoader(ref, query)

@@ -6,6 +6,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from scvi import settings
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 
@@ -54,6 +55,24 @@ def _stratified_validation(
     return np.sort(np.concatenate(parts)) if parts else np.array([], dtype=int)
 
 
+def _quiet_sparse_tensor_warnings() -> None:
+    """Spend torch's one-time warnings about sparse CSR tensors where they are not shown.
+
+    The first CSR tensor of a process warns that CSR support is in beta and that invariant
+    checks are off (``TORCH_WARN_ONCE``): noise for a user, whose minibatches are built by
+    scvi's loader from a valid scipy matrix. Building one empty tensor here, with the
+    warnings ignored, uses up both; torch's settings are not changed.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.sparse_csr_tensor(
+            torch.zeros(1, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0),
+            size=(0, 0),
+        )
+
+
 class RefQueryDataSplitter(DataSplitter):
     """Labelled reference + unlabelled query minibatches for every training step.
 
@@ -100,12 +119,15 @@ class RefQueryDataSplitter(DataSplitter):
         use_query: bool = False,
         shuffle_set_split: bool = True,
         validation_in_query_stream: bool = False,
+        load_sparse_tensor: bool = True,
         **kwargs,
     ):
         if not 0.0 < train_size <= 1.0:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         if adata_manager.adata.uns.get(LOADED_WITHOUT_DATA_KEY, False):
             raise ValueError(NO_TRAINING_DATA)
+        if load_sparse_tensor:
+            _quiet_sparse_tensor_warnings()
         self.use_query = use_query
         self.validation_in_query_stream = validation_in_query_stream
         mask = labelled_mask(adata_manager)
@@ -145,6 +167,7 @@ class RefQueryDataSplitter(DataSplitter):
                     validation,
                     self.query_idx if not use_query else empty,
                 ],
+                load_sparse_tensor=load_sparse_tensor,
                 **kwargs,
             )
 
@@ -176,6 +199,14 @@ class RefQueryDataSplitter(DataSplitter):
             unlabelled = np.concatenate([self.query_idx, self.val_idx])
         query = self._loader(unlabelled, shuffle=True, drop_last=self.drop_last)
         return PairedDataLoader(ref, query)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        """Return the batch as it is: sparse minibatches stay sparse (``load_sparse_tensor``).
+
+        ``DataSplitter`` densifies them here, which would undo the point of reading them
+        sparse (and expects a dict, where a paired training batch is a tuple).
+        """
+        return batch
 
     def val_dataloader(self):
         """Return reference validation batches (an empty list without a validation set)."""

@@ -58,7 +58,9 @@ class SCDETTrainingPlan(AnnotationTrainingPlan):
         if isinstance(batch, tuple | list):
             reference, query = batch
         elif self.config.warmup:  # a reference model: the warm-up objective on its cells
-            reference, query = batch, {k: v[:0] for k, v in batch.items()}
+            # no target cells: empty tensors of the batch's kinds (a CSR one cannot be sliced)
+            reference = batch
+            query = {k: v.new_zeros((0, *v.shape[1:])) for k, v in batch.items()}
         else:
             raise ValueError(
                 "scDET trains on reference and target cells together: the training batches "
