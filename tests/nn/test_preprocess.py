@@ -9,6 +9,7 @@ import torch
 from scipy import sparse
 
 from labeltransfer.nn import normalize_input
+from labeltransfer.nn._sparse import torch_csr
 
 
 @pytest.mark.parametrize("features", ["all", "subset"])
@@ -60,12 +61,7 @@ def test_sparse_tensor_normalisation_equals_the_csr_one(kind):
     dense = (rng.random((30, 45)) * 8).round() * (rng.random((30, 45)) < 0.2)
     dense[4] = 0
     block = sparse.csr_matrix(dense.astype(np.float32))
-    tensor = torch.sparse_csr_tensor(
-        torch.from_numpy(block.indptr),
-        torch.from_numpy(block.indices),
-        torch.from_numpy(block.data),
-        size=block.shape,
-    )
+    tensor = torch_csr(block)
     feature_idx = torch.tensor([3, 0, 44, 3])
     weights = torch.rand(4) if kind == "peaks" else None
     input_type = "lognorm" if kind == "lognorm" else "counts"

@@ -14,6 +14,7 @@ from scvi import settings
 from labeltransfer.base._neighbors import knn
 from labeltransfer.dataloaders import PairedDataLoader, RefQueryDataSplitter
 from labeltransfer.dataloaders._distributed import rank_and_world_size, shard_size
+from labeltransfer.nn._sparse import scipy_csr, torch_csr
 
 from ._module import POSITIVE_KEY, TARGET_SUM
 
@@ -113,16 +114,7 @@ def query_knn_graph(
 def _take_rows(values: Any, rows: np.ndarray) -> torch.Tensor:
     """``values[rows]`` as a tensor; a sparse CSR tensor stays one (reindexed by scipy)."""
     if isinstance(values, torch.Tensor) and values.layout == torch.sparse_csr:
-        taken = sparse.csr_matrix(
-            (values.values().numpy(), values.col_indices().numpy(), values.crow_indices().numpy()),
-            shape=tuple(values.shape),
-        )[rows]
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(taken.indptr),
-            torch.from_numpy(taken.indices),
-            torch.from_numpy(taken.data),
-            size=taken.shape,
-        )
+        return torch_csr(scipy_csr(values)[rows])
     return torch.as_tensor(np.asarray(values)[rows])
 
 
