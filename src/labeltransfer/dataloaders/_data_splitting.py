@@ -6,11 +6,11 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scvi import settings
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 
 from labeltransfer._constants import LOADED_WITHOUT_DATA_KEY, REGISTRY_KEYS
+from labeltransfer.nn._sparse import quiet_sparse_tensor_warnings
 
 from ._distributed import rank_and_world_size, shard_size
 from ._paired import PairedDataLoader
@@ -53,24 +53,6 @@ def _stratified_validation(
             members = rng.permutation(members)
         parts.append(members[: int(np.floor(members.size * validation_size))])
     return np.sort(np.concatenate(parts)) if parts else np.array([], dtype=int)
-
-
-def _quiet_sparse_tensor_warnings() -> None:
-    """Spend torch's one-time warnings about sparse CSR tensors where they are not shown.
-
-    The first CSR tensor of a process warns that CSR support is in beta and that invariant
-    checks are off (``TORCH_WARN_ONCE``): noise for a user, whose minibatches are built by
-    scvi's loader from a valid scipy matrix. Building one empty tensor here, with the
-    warnings ignored, uses up both; torch's settings are not changed.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.sparse_csr_tensor(
-            torch.zeros(1, dtype=torch.int64),
-            torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0),
-            size=(0, 0),
-        )
 
 
 class RefQueryDataSplitter(DataSplitter):
@@ -127,7 +109,7 @@ class RefQueryDataSplitter(DataSplitter):
         if adata_manager.adata.uns.get(LOADED_WITHOUT_DATA_KEY, False):
             raise ValueError(NO_TRAINING_DATA)
         if load_sparse_tensor:
-            _quiet_sparse_tensor_warnings()
+            quiet_sparse_tensor_warnings()
         self.use_query = use_query
         self.validation_in_query_stream = validation_in_query_stream
         mask = labelled_mask(adata_manager)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
+import numpy as np
 import torch
 from scipy import sparse
 
@@ -22,3 +26,17 @@ def torch_csr(x: sparse.csr_matrix) -> torch.Tensor:
         torch.from_numpy(x.data),
         size=x.shape,
     )
+
+
+@functools.cache
+def quiet_sparse_tensor_warnings() -> None:
+    """Spend torch's one-time warnings about sparse CSR tensors where they are not shown.
+
+    The first CSR tensor of a process warns that CSR support is in beta and that invariant
+    checks are off (``TORCH_WARN_ONCE``): noise for a user, whose minibatches are built by
+    scvi's loader from a valid scipy matrix. Building one empty tensor, with the warnings
+    ignored, uses up both (once per process); torch's settings are not changed.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_csr(sparse.csr_matrix((0, 0), dtype=np.float32))
