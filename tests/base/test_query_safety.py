@@ -119,6 +119,21 @@ def test_a_registered_copy_that_holds_the_counts_is_accepted(pair):
     pd.testing.assert_frame_equal(model.predict(counts, soft=True), expected)
 
 
+def test_a_registered_copy_with_its_genes_reordered_is_read_by_gene_name(pair):
+    """A copy or view of the registered AnnData carries its scvi-tools id: it is still a query,
+    its genes matched by name, and its ``uns`` (the id) is left as it was."""
+    ref = pair[0].copy()
+    model = _train(ref)
+    expected = model.predict(soft=True)
+    reordered = ref[:, ref.var_names[::-1]].copy()
+    uns = copy.deepcopy(dict(reordered.uns))
+    pd.testing.assert_frame_equal(model.predict(reordered, soft=True), expected)
+    view = ref[:, ref.var_names[::-1]]
+    pd.testing.assert_frame_equal(model.predict(view, soft=True), expected)
+    assert reordered.uns["_scvi_uuid"] == uns["_scvi_uuid"]
+    assert set(reordered.uns) == set(uns)
+
+
 # ------------------------------------------------------------------ key_added
 @pytest.mark.parametrize(
     ("prepare", "key", "shown"),

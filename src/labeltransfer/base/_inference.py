@@ -20,7 +20,13 @@ from labeltransfer.data._checks import _csr_rows, _is_csr
 
 from ._batches import INFERENCE_BATCH_SIZE
 from ._domain_stats import DomainStatisticsMixin
-from ._query import EMPTY_CELLS_WARNING, empty_cells, prepare_query, warn_empty_cells
+from ._query import (
+    EMPTY_CELLS_WARNING,
+    empty_cells,
+    is_registered,
+    prepare_query,
+    warn_empty_cells,
+)
 from ._save_load import NO_DATA_MESSAGE
 from ._zarr import is_lazy, is_zarr_path, open_zarr
 
@@ -150,11 +156,7 @@ class InferenceMixin(DomainStatisticsMixin):
             "return_coords": return_coords,
         }
         by_chunks = adata is not None and (
-            is_lazy(adata)
-            or (
-                adata.n_obs > BACKED_CHUNK_SIZE
-                and self.get_anndata_manager(adata, required=False) is None
-            )
+            is_lazy(adata) or (adata.n_obs > BACKED_CHUNK_SIZE and not is_registered(self, adata))
         )
         if not by_chunks:
             registered, overlap = self._prepare(adata, **harmonize_kwargs)

@@ -36,6 +36,18 @@ def fingerprint(adata: AnnData) -> str:
     return digest.hexdigest()
 
 
+def is_registered(model: BaseModelClass, adata: AnnData) -> bool:
+    """Whether ``adata`` is the very AnnData the model was set up with.
+
+    A copy or view of it carries the same scvi-tools id, and scvi's lookup would transfer
+    the model's setup to it unchecked (overwriting the id in the user's ``uns``) and read its
+    genes in the order they now have: a copy with its genes reordered was annotated at random
+    (0.12 of a synthetic query right instead of 0.90). Anything but the model's own object is
+    therefore a query, reindexed to the model's genes by name.
+    """
+    return adata is model.adata
+
+
 def prepare_query(
     model: BaseModelClass,
     adata: AnnData,
@@ -47,11 +59,12 @@ def prepare_query(
 ) -> tuple[AnnData, dict | None]:
     """Return an AnnData registered with ``model`` whose genes are the reference genes.
 
-    An AnnData already registered with the model (e.g. the reference itself) is validated,
-    checked to still hold the model's input type, and returned as is. Any other AnnData is
-    checked (same expression type as the reference), reindexed to the reference genes with
-    zero-filling (overlap under 50% raises, under 90% warns) and wrapped in a light AnnData
-    that shares its matrix; the user's object is never modified. Cells without any count in
+    The AnnData the model was set up with (the object itself, :func:`is_registered`) is
+    validated, checked to still hold the model's input type, and returned as is. Any other
+    AnnData, copies and views of that one included, is checked (same expression type as the
+    reference), reindexed to the reference genes with zero-filling (overlap under 50% raises,
+    under 90% warns) and wrapped in a light AnnData that shares its matrix; the user's object
+    is never modified. Cells without any count in
     the model's genes and duplicated cell names warn (see :func:`empty_cells`).
 
     ``layer`` names the query's layer holding the expression data; ``None`` reads the layer
@@ -68,7 +81,7 @@ def prepare_query(
         )
     setup_args = model.adata_manager.registry["setup_args"]
     model_layer = setup_args.get("layer")
-    if model.get_anndata_manager(adata, required=False) is not None:
+    if is_registered(model, adata):
         if layer is not None:
             raise ValueError(
                 f"layer={layer!r} selects the data of a query, but this AnnData is registered "
