@@ -196,6 +196,45 @@ def test_balanced_rows_follow_the_reference_proportions_within_the_cap():
     np.testing.assert_array_equal(np.bincount(called[absent - 100], minlength=3), [48, 48, 0])
 
 
+def _running_means(model, loader) -> list[torch.Tensor]:
+    with query_statistics(model.module, loader):
+        return [norm.running_mean.clone() for norm in _domain_stats.batch_norms(model.module)]
+
+
+def test_the_weighting_stops_once_a_round_repeats_the_calls(scnym, shifted, monkeypatch):
+    """A round that calls every cell as the one before ends the rounds, with the statistics
+    every round would have given (the loop written out below, without the stop). The
+    reference's cells as a new query: their calls settle at once."""
+    model, _ = scnym
+    registered, _ = model._prepare(shifted[0])
+    sample = statistics_rows(np.arange(registered.n_obs))
+    proportions = np.asarray(model.reference_proportions_, dtype=float)
+    forward = type(model)._forward
+    passes = []
+
+    def counting_forward(self, adata, **kwargs):
+        passes.append(adata.n_obs)
+        return forward(self, adata, **kwargs)
+
+    monkeypatch.setattr(type(model), "_forward", counting_forward)
+    loader = model._query_statistics_loader(registered, sample)
+    monkeypatch.setattr(type(model), "_forward", forward)
+    expected = model._statistics_loader(registered, sample)
+    for _ in range(_domain_stats.BALANCE_ROUNDS):
+        with query_statistics(model.module, expected):
+            logits = model._forward(registered, indices=sample, return_latent=False).logits
+        rows = _domain_stats.balanced_rows(sample, logits.argmax(axis=1), proportions)
+        expected = model._batches(registered, rows, 1024, normalized=True)
+    try:
+        assert len(passes) < _domain_stats.BALANCE_ROUNDS
+        for ours, theirs in zip(
+            _running_means(model, loader), _running_means(model, expected), strict=True
+        ):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    finally:
+        model._release(registered)
+
+
 def test_a_query_of_mostly_one_type_keeps_its_calls(kang):
     """Weighted statistics: a sorted query (80% one type) is not moved by its composition.
 
