@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
@@ -221,6 +222,30 @@ def test_label_stability_stops_training(scdet_adata):
     assert model.distribution_["stopped_epoch"] == 4
     assert model.training_summary_["early_stopped"]
     assert model.training_summary_["epochs_trained"] == 4
+
+
+@pytest.mark.parametrize(
+    ("n_cells", "n_changed", "stops"),
+    [(200, 4, True), (200, 5, False), (2_000, 9, True), (2_000, 10, False)],
+    ids=["4-of-200", "5-of-200", "9-of-2000", "10-of-2000"],
+)
+def test_label_stability_counts_a_few_changed_cells_as_stable(
+    monkeypatch, n_cells, n_changed, stops
+):
+    """Stable: fewer than ``stop_tol`` (0.5%) of the cells or fewer than 5 cells changed."""
+    callback = DistributionEstimation(2, stop_tol=0.005, stop_patience=2)
+
+    def estimate(trainer, pl_module, epoch):
+        callback._n_cells = n_cells
+        return n_changed / n_cells
+
+    monkeypatch.setattr(callback, "_estimate", estimate)
+    trainer = SimpleNamespace(current_epoch=1, max_epochs=20, should_stop=False)
+    for epoch in (1, 3):  # estimations before epochs 2 and 4
+        trainer.current_epoch = epoch
+        callback.on_train_epoch_end(trainer, None)
+    assert trainer.should_stop is stops
+    assert callback.stopped_epoch == (4 if stops else None)
 
 
 @pytest.mark.parametrize(
