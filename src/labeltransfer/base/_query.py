@@ -64,8 +64,8 @@ def prepare_query(
     AnnData, copies and views of that one included, is checked (same expression type as the
     reference), reindexed to the reference genes with zero-filling (overlap under 50% raises,
     under 90% warns) and wrapped in a light AnnData that shares its matrix; the user's object
-    is never modified. Cells without any count in
-    the model's genes and duplicated cell names warn (see :func:`empty_cells`).
+    is never modified. Cells without any count in the model's genes and duplicated cell names
+    warn (see :func:`empty_cells`).
 
     ``layer`` names the query's layer holding the expression data; ``None`` reads the layer
     the model was set up with (``X`` if none) and ``"X"`` reads ``X``.
