@@ -44,9 +44,10 @@ class DistributionEstimation(pl.Callback):
     ``stop_patience`` consecutive estimations after ``stop_min_epochs`` epochs (the stopping
     rule of DEC-style clustering, e.g. scziDesk; the held-out reference accuracy says nothing
     about the novel types, so it does not decide). The count matters on a small set: on the
-    Granja scATAC task (554 training cells) 1 to 4 cells changed at almost every estimation
-    from epoch 60 to 500, so 0.5% (2.8 cells) was met by chance, at epoch 100 in one run and
-    380 in another, while the query's accuracy fell from 0.67 to 0.54.
+    Granja scATAC task (about 550 training cells) 0 to 8 cells, mostly 1 to 4, changed at
+    every estimation from epoch 60 to 500, so 0.5% (2.75 cells) was met by chance, at epoch
+    100 in one run and 380 in another, while the query's accuracy fell from 0.63-0.67 at
+    epoch 100 to 0.48-0.61 at 500.
 
     Under DDP the estimation runs on the global-zero process, on all training cells (the
     training shards of every process), and its result is broadcast: every process gets the

@@ -378,7 +378,7 @@ class SCDET(AnnotationMixin, BaseModelClass):
             ``early_stopping_patience`` consecutive estimations, after
             ``early_stopping_min_epochs`` epochs. Not in the paper (500 epochs); it saves time
             once the labels have converged, and on a small set stops the drift of longer
-            training (Granja scATAC: query accuracy 0.67 at epoch 100, 0.54 at 500).
+            training (Granja scATAC: query accuracy 0.63-0.67 at epoch 100, 0.48-0.61 at 500).
         early_stopping_tol
             Fraction of changed predictions under which labels are stable.
         early_stopping_patience
