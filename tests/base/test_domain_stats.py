@@ -224,7 +224,9 @@ def test_the_weighting_stops_once_a_round_repeats_the_calls(scnym, shifted, monk
         with query_statistics(model.module, expected):
             logits = model._forward(registered, indices=sample, return_latent=False).logits
         rows = _domain_stats.balanced_rows(sample, logits.argmax(axis=1), proportions)
-        expected = model._batches(registered, rows, 1024, normalized=True)
+        expected = model._batches(
+            registered, rows, _domain_stats.STATISTICS_BATCH_SIZE, normalized=True
+        )
     try:
         assert len(passes) < _domain_stats.BALANCE_ROUNDS
         for ours, theirs in zip(
