@@ -120,8 +120,9 @@ def test_a_registered_copy_that_holds_the_counts_is_accepted(pair):
 
 
 def test_a_registered_copy_with_its_genes_reordered_is_read_by_gene_name(pair):
-    """A copy or view of the registered AnnData carries its scvi-tools id: it is still a query,
-    its genes matched by name, and its ``uns`` (the id) is left as it was."""
+    """A copy or view of the registered AnnData carries its scvi-tools id; with its genes
+    reordered it is a query, its genes matched by name, and its ``uns`` (the id) is left as
+    it was."""
     ref = pair[0].copy()
     model = _train(ref)
     expected = model.predict(soft=True)

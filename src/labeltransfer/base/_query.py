@@ -37,15 +37,22 @@ def fingerprint(adata: AnnData) -> str:
 
 
 def is_registered(model: BaseModelClass, adata: AnnData) -> bool:
-    """Whether ``adata`` is the very AnnData the model was set up with.
+    """Whether ``adata`` is read as the AnnData the model was set up with.
 
-    A copy or view of it carries the same scvi-tools id, and scvi's lookup would transfer
-    the model's setup to it unchecked (overwriting the id in the user's ``uns``) and read its
-    genes in the order they now have: a copy with its genes reordered was annotated at random
-    (0.12 of a synthetic query right instead of 0.90). Anything but the model's own object is
-    therefore a query, reindexed to the model's genes by name.
+    That AnnData itself, or a copy or view of it with the model's genes in the model's order:
+    they carry its scvi-tools id, and their reference and query cells keep their roles. A
+    copy whose genes were reordered or subset is a query, reindexed by gene name: scvi's
+    lookup by id would transfer the setup to it unchecked and read its genes in their new
+    order (a copy with its genes reversed was called at random: 0.12 of a synthetic query
+    right instead of 0.90).
     """
-    return adata is model.adata
+    registered = model.adata
+    if registered is None:
+        return False
+    if adata is registered:
+        return True
+    same_id = adata.uns.get("_scvi_uuid") == registered.uns.get("_scvi_uuid")
+    return same_id and adata.var_names.equals(registered.var_names)
 
 
 def prepare_query(
@@ -59,12 +66,12 @@ def prepare_query(
 ) -> tuple[AnnData, dict | None]:
     """Return an AnnData registered with ``model`` whose genes are the reference genes.
 
-    The AnnData the model was set up with (the object itself, :func:`is_registered`) is
-    validated, checked to still hold the model's input type, and returned as is. Any other
-    AnnData, copies and views of that one included, is checked (same expression type as the
-    reference), reindexed to the reference genes with zero-filling (overlap under 50% raises,
-    under 90% warns) and wrapped in a light AnnData that shares its matrix; the user's object
-    is never modified. Cells without any count in the model's genes and duplicated cell names
+    The AnnData the model was set up with, or a copy of it with the model's genes in order
+    (:func:`is_registered`), is validated, checked to still hold the model's input type, and
+    returned as is. Any other AnnData is checked (same expression type as the reference),
+    reindexed to the reference genes with zero-filling (overlap under 50% raises, under 90%
+    warns) and wrapped in a light AnnData that shares its matrix; the user's object is never
+    modified. Cells without any count in the model's genes and duplicated cell names
     warn (see :func:`empty_cells`).
 
     ``layer`` names the query's layer holding the expression data; ``None`` reads the layer
