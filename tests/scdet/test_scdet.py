@@ -235,12 +235,13 @@ def test_label_stability_counts_a_few_changed_cells_as_stable(
     """Stable: fewer than ``stop_tol`` (0.5%) of the cells or fewer than 5 cells changed."""
     callback = DistributionEstimation(2, stop_tol=0.005, stop_patience=2)
 
-    def estimate(trainer, pl_module, epoch):
-        callback._n_cells = n_cells
-        return n_changed / n_cells
-
-    monkeypatch.setattr(callback, "_estimate", estimate)
-    trainer = SimpleNamespace(current_epoch=1, max_epochs=20, should_stop=False)
+    monkeypatch.setattr(callback, "_estimate", lambda *_: n_changed / n_cells)
+    splitter = SimpleNamespace(
+        adata_manager=None, ref_train_idx=np.arange(n_cells), query_idx=np.arange(0)
+    )
+    trainer = SimpleNamespace(
+        current_epoch=1, max_epochs=20, should_stop=False, datamodule=splitter
+    )
     for epoch in (1, 3):  # estimations before epochs 2 and 4
         trainer.current_epoch = epoch
         callback.on_train_epoch_end(trainer, None)

@@ -104,7 +104,6 @@ class DistributionEstimation(pl.Callback):
         self.changed: list[float | None] = []
         self.stopped_epoch: int | None = None
         self._previous: np.ndarray | None = None
-        self._n_cells = 1
         self._stable = 0
 
     # ------------------------------------------------------------- hooks
@@ -121,7 +120,8 @@ class DistributionEstimation(pl.Callback):
         changed = self._estimate(trainer, pl_module, upcoming)
         if self.stop_tol is None or changed is None:
             return
-        limit = max(self.stop_tol, self.stop_min_cells / self._n_cells)
+        n_cells = self._training_cells(trainer)[1].size  # the same sets on every process
+        limit = max(self.stop_tol, self.stop_min_cells / n_cells)
         self._stable = self._stable + 1 if changed < limit else 0
         if self._stable >= self.stop_patience and upcoming >= self.stop_min_epochs:
             self.stopped_epoch = upcoming
@@ -189,16 +189,9 @@ class DistributionEstimation(pl.Callback):
                 None if self._previous is None else float((prediction != self._previous).mean())
             )
             self._previous = prediction
-            estimate = (
-                result["distribution"],
-                result["target_distribution"],
-                changed,
-                prediction.size,
-            )
+            estimate = (result["distribution"], result["target_distribution"], changed)
         # identical state on every DDP process (a no-op on one device)
-        distribution, target_distribution, changed, self._n_cells = trainer.strategy.broadcast(
-            estimate, src=0
-        )
+        distribution, target_distribution, changed = trainer.strategy.broadcast(estimate, src=0)
         dtype = module.class_distribution.dtype
         module.class_distribution.copy_(torch.as_tensor(distribution, dtype=dtype))
         module.target_distribution.copy_(torch.as_tensor(target_distribution, dtype=dtype))
