@@ -35,3 +35,7 @@ NOVEL_PREFIX = "novel_"
 #: on an AnnData, so ``load(dir_path)`` builds it on one empty cell per type, which carries
 #: only the registry and is never the model's ``adata``; training refuses it.
 LOADED_WITHOUT_DATA_KEY = "_lt_loaded_without_data"
+
+#: ``uns`` key under which scvi-tools stores the id of an AnnData set up with a model (copied
+#: with the AnnData, so a copy or view of it carries the same id).
+SCVI_UUID_KEY = "_scvi_uuid"

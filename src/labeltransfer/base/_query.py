@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from labeltransfer._constants import REGISTRY_KEYS
+from labeltransfer._constants import REGISTRY_KEYS, SCVI_UUID_KEY
 from labeltransfer.data import harmonize_genes
 from labeltransfer.data._checks import (
     _iter_row_chunks,
@@ -51,7 +51,7 @@ def is_registered(model: BaseModelClass, adata: AnnData) -> bool:
         return False
     if adata is registered:
         return True
-    same_id = adata.uns.get("_scvi_uuid") == registered.uns.get("_scvi_uuid")
+    same_id = adata.uns.get(SCVI_UUID_KEY) == registered.uns.get(SCVI_UUID_KEY)
     return same_id and adata.var_names.equals(registered.var_names)
 
 

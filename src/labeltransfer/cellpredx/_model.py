@@ -15,6 +15,7 @@ from anndata import AnnData
 from scvi import settings
 from scvi.model.base import BaseModelClass
 
+from labeltransfer._constants import SCVI_UUID_KEY
 from labeltransfer.base import AnnotationMixin, read_saved_files, register_anndata
 from labeltransfer.dataloaders import labelled_mask
 from labeltransfer.train._guards import (
@@ -463,7 +464,7 @@ class CellPredX(AnnotationMixin, BaseModelClass):
         MuData is collected, the link and the class's registration go: the AnnData, which no
         user holds, lives only as long as its MuData or a model built on it.
         """
-        uuid = adata.uns["_scvi_uuid"]
+        uuid = adata.uns[SCVI_UUID_KEY]
         cls._mudata_links[uuid] = (adata, record)
         mdata.uns[_MUDATA_LINK] = uuid
         weakref.finalize(mdata, cls._unlink_mudata, uuid)
