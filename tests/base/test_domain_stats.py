@@ -14,8 +14,9 @@ from labeltransfer.base import _domain_stats, _inference
 from labeltransfer.base._domain_stats import (
     STATISTICS_CELLS,
     fit_statistics,
-    query_statistics,
+    norm_states,
     statistics_rows,
+    using_statistics,
 )
 
 FAST = {"accelerator": "cpu", "enable_progress_bar": False}
@@ -60,13 +61,16 @@ def test_fit_statistics_skips_one_cell_batches():
     torch.testing.assert_close(module.norm.running_mean, expected)
 
 
-def test_query_statistics_restores_the_reference_statistics_also_after_an_error():
+def test_using_statistics_restores_the_reference_statistics_also_after_an_error():
     module = _Tiny()
     before = {k: v.clone() for k, v in module.norm.state_dict().items()}
+    with using_statistics(module, norm_states(module)):
+        fit_statistics(module, [{"X": torch.randn(20, 3) + 5}])
+        query = norm_states(module)
     seen = []
 
     def fails() -> None:
-        with query_statistics(module, [{"X": torch.randn(20, 3) + 5}]):
+        with using_statistics(module, query):
             seen.append(module.norm.running_mean.clone())
             raise RuntimeError("boom")
 
@@ -196,43 +200,53 @@ def test_balanced_rows_follow_the_reference_proportions_within_the_cap():
     np.testing.assert_array_equal(np.bincount(called[absent - 100], minlength=3), [48, 48, 0])
 
 
-def _running_means(model, loader) -> list[torch.Tensor]:
-    with query_statistics(model.module, loader):
-        return [norm.running_mean.clone() for norm in _domain_stats.batch_norms(model.module)]
+def _fitted(module, loader) -> list[dict[str, torch.Tensor]]:
+    with using_statistics(module, norm_states(module)):
+        fit_statistics(module, loader)
+        return norm_states(module)
 
 
 def test_the_weighting_stops_once_a_round_repeats_the_calls(scnym, shifted, monkeypatch):
     """A round that calls every cell as the one before ends the rounds, with the statistics
-    every round would have given (the loop written out below, without the stop). The
-    reference's cells as a new query: their calls settle at once."""
+    every round would have given (the loop written out below, without the stop), and keeps
+    the statistics that round fitted instead of fitting them again. The reference's cells as
+    a new query: their calls settle at once. The module's own statistics are left as found."""
     model, _ = scnym
     registered, _ = model._prepare(shifted[0])
     sample = statistics_rows(np.arange(registered.n_obs))
     proportions = np.asarray(model.reference_proportions_, dtype=float)
-    forward = type(model)._forward
-    passes = []
+    before = norm_states(model.module)
+    forward, fit = type(model)._forward, _domain_stats.fit_statistics
+    passes, fits = [], []
 
     def counting_forward(self, adata, **kwargs):
         passes.append(adata.n_obs)
         return forward(self, adata, **kwargs)
 
+    def counting_fit(module, batches):
+        fits.append(1)
+        return fit(module, batches)
+
     monkeypatch.setattr(type(model), "_forward", counting_forward)
-    loader = model._query_statistics_loader(registered, sample)
-    monkeypatch.setattr(type(model), "_forward", forward)
-    expected = model._statistics_loader(registered, sample)
+    monkeypatch.setattr(_domain_stats, "fit_statistics", counting_fit)
+    ours = model._query_statistics(registered, sample)
+    monkeypatch.undo()
+    expected = _fitted(model.module, model._statistics_loader(registered, sample))
     for _ in range(_domain_stats.BALANCE_ROUNDS):
-        with query_statistics(model.module, expected):
+        with using_statistics(model.module, expected):
             logits = model._forward(registered, indices=sample, return_latent=False).logits
         rows = _domain_stats.balanced_rows(sample, logits.argmax(axis=1), proportions)
-        expected = model._batches(
-            registered, rows, _domain_stats.STATISTICS_BATCH_SIZE, normalized=True
+        expected = _fitted(
+            model.module,
+            model._batches(registered, rows, _domain_stats.STATISTICS_BATCH_SIZE, normalized=True),
         )
     try:
         assert len(passes) < _domain_stats.BALANCE_ROUNDS
-        for ours, theirs in zip(
-            _running_means(model, loader), _running_means(model, expected), strict=True
-        ):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        assert len(fits) == len(passes)  # one fit per round: none repeated at the end
+        for state, want in zip(ours, expected, strict=True):
+            torch.testing.assert_close(state, want, rtol=0, atol=0)
+        for state, want in zip(norm_states(model.module), before, strict=True):
+            torch.testing.assert_close(state, want, rtol=0, atol=0)
     finally:
         model._release(registered)
 

@@ -13,7 +13,7 @@ So, as AdaBN (Li et al. 2016) and domain-specific batch normalisation (Chang et 
 - after training, the running statistics are recomputed on the reference cells
   (:func:`fit_statistics`): they are the reference's, saved with the model;
 - the unlabelled (query) cells of every inference call are normalised with statistics
-  computed on those query cells (:func:`query_statistics`, from at most
+  computed on those query cells (``_query_statistics``, from at most
   :data:`STATISTICS_CELLS` of them, evenly spaced), restored afterwards. A query of fewer than
   :data:`MIN_STATISTICS_CELLS` cells keeps the reference's statistics.
 - those query cells are weighted to the reference's type proportions (:func:`balanced_rows`,
@@ -135,21 +135,30 @@ def fit_statistics(module: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
             norm.eval()
 
 
+#: The statistics of every batch norm of a network: each layer's state (means, variances,
+#: batches tracked), in :func:`batch_norms` order.
+Statistics = list[dict[str, torch.Tensor]]
+
+
+def norm_states(module: nn.Module) -> Statistics:
+    """Return a copy of the statistics of ``module``'s batch norms."""
+    return [{k: v.clone() for k, v in norm.state_dict().items()} for norm in batch_norms(module)]
+
+
 @contextmanager
-def query_statistics(
-    module: nn.Module, batches: Iterable[dict[str, torch.Tensor]] | None
-) -> Iterator[None]:
-    """Within the block, ``module``'s batch norms use the statistics of ``batches``.
+def using_statistics(module: nn.Module, statistics: Statistics | None) -> Iterator[None]:
+    """Within the block, ``module``'s batch norms hold ``statistics``.
 
     ``None`` (too few query cells, or a network without batch norm) changes nothing. The
-    reference's statistics are restored on leaving, also after an error.
+    statistics they held are restored on leaving, also after an error.
     """
     norms = batch_norms(module)
-    if batches is None or not norms:
+    if statistics is None or not norms:
         yield
         return
-    saved = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms]
-    fit_statistics(module, batches)
+    saved = norm_states(module)
+    for norm, state in zip(norms, statistics, strict=True):
+        norm.load_state_dict(state)
     try:
         yield
     finally:
@@ -205,43 +214,52 @@ class DomainStatisticsMixin:
             return None
         return self._batches(registered, rows, STATISTICS_BATCH_SIZE, normalized=True)
 
-    def _query_statistics_loader(
-        self, registered: AnnData, rows: np.ndarray
-    ) -> Iterable[dict[str, torch.Tensor]] | None:
-        """Minibatches of query ``rows`` weighted to the reference's type proportions.
+    def _query_statistics(self, registered: AnnData, rows: np.ndarray) -> Statistics | None:
+        """Batch-norm statistics of query ``rows`` weighted to the reference's type proportions.
 
         The types are those the model calls with the rows' plain statistics
         (:func:`balanced_rows`); a model saved without the proportions uses the rows as they
-        are. ``None``: too few rows.
+        are. ``None``: too few rows. The module's own statistics are left as they were.
+
+        A round whose calls repeat the round before's would weight the rows as its own
+        statistics already are: they are kept (on Kang, one pass of the sample fewer than
+        fitting them again).
         """
         sample = statistics_rows(rows)
         loader = self._statistics_loader(registered, sample)
+        if loader is None:
+            return None
         proportions = getattr(self, "reference_proportions_", None)
-        if loader is None or proportions is None:
-            return loader
-        previous = None
-        for _ in range(BALANCE_ROUNDS):
-            with query_statistics(self.module, loader):
+        with using_statistics(self.module, norm_states(self.module)):
+            fit_statistics(self.module, loader)
+            previous = None
+            for _ in range(BALANCE_ROUNDS if proportions is not None else 0):
                 logits = self._forward(registered, indices=sample, return_latent=False).logits
-            called = logits[:, : len(proportions)].argmax(axis=1)
-            if previous is not None and np.array_equal(called, previous):
-                break  # the same weights as the round before: the same statistics
-            previous = called
-            rows = balanced_rows(sample, called, np.asarray(proportions, dtype=float))
-            loader = self._batches(registered, rows, STATISTICS_BATCH_SIZE, normalized=True)
-        return loader
+                called = logits[:, : len(proportions)].argmax(axis=1)
+                if previous is not None and np.array_equal(called, previous):
+                    break  # the same weights as the round before: the same statistics
+                previous = called
+                rows = balanced_rows(sample, called, np.asarray(proportions, dtype=float))
+                fit_statistics(
+                    self.module,
+                    self._batches(registered, rows, STATISTICS_BATCH_SIZE, normalized=True),
+                )
+            return norm_states(self.module)
 
     def _fit_statistics(self, rows: np.ndarray, *, query: bool = False) -> None:
         """Make the batch norms' running statistics those of ``rows`` of the model's data.
 
-        ``query=True``: the rows are query cells, weighted as :meth:`_query_statistics_loader`.
+        ``query=True``: the rows are query cells, weighted as :meth:`_query_statistics`.
         """
-        if query:
-            loader = self._query_statistics_loader(self.adata, rows)
-        else:
+        if not query:
             loader = self._statistics_loader(self.adata, rows)
-        if loader is not None:
-            fit_statistics(self.module, loader)
+            if loader is not None:
+                fit_statistics(self.module, loader)
+            return
+        statistics = self._query_statistics(self.adata, rows)
+        if statistics is not None:
+            for norm, state in zip(batch_norms(self.module), statistics, strict=True):
+                norm.load_state_dict(state)
 
     def _fit_reference_statistics(self) -> None:
         """Make the batch norms' running statistics the reference cells' (after training).
@@ -268,8 +286,8 @@ class DomainStatisticsMixin:
         query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
         if not query.any():
             return self._forward(registered, indices=indices, **forward)
-        loader = self._query_statistics_loader(registered, rows[query])
-        with query_statistics(self.module, loader):
+        statistics = self._query_statistics(registered, rows[query])
+        with using_statistics(self.module, statistics):
             if query.all():
                 return self._forward(registered, indices=indices, **forward)
             query_part = self._forward(registered, indices=rows[query], **forward)
@@ -298,7 +316,7 @@ class DomainStatisticsMixin:
         rows = statistics_rows(positions)
         with ExitStack() as statistics:
             with self._registered_sample(adata, rows, harmonize_kwargs) as registered:
-                loader = self._query_statistics_loader(registered, np.arange(registered.n_obs))
-                statistics.enter_context(query_statistics(self.module, loader))
-                del loader, registered  # the sample's last references
+                fitted = self._query_statistics(registered, np.arange(registered.n_obs))
+                statistics.enter_context(using_statistics(self.module, fitted))
+                del registered  # the sample's last reference
             yield

@@ -58,14 +58,26 @@ class Inference(NamedTuple):
     names: pd.Index
 
 
-def _fill(filled: dict[str, np.ndarray], part: Outputs, start: int, n_cells: int) -> None:
+class Target(NamedTuple):
+    """Where a pass writes its outputs: rows ``start:`` of arrays of ``n_cells`` rows.
+
+    ``filled`` maps an :class:`Outputs` field to its array, allocated by the first batch.
+    """
+
+    filled: dict[str, np.ndarray]
+    start: int
+    n_cells: int
+
+
+def _fill(target: Target, part: Outputs, start: int) -> None:
     """Copy a batch's outputs into preallocated arrays: no list of batches, no concatenation."""
     for field, values in zip(Outputs._fields, part, strict=True):
         if values is None:
             continue
-        if field not in filled:
-            filled[field] = np.empty((n_cells, values.shape[1]), dtype=np.float32)
-        filled[field][start : start + values.shape[0]] = values
+        if field not in target.filled:
+            target.filled[field] = np.empty((target.n_cells, values.shape[1]), dtype=np.float32)
+        row = target.start + start
+        target.filled[field][row : row + values.shape[0]] = values
 
 
 class InferenceMixin(DomainStatisticsMixin):
@@ -192,12 +204,14 @@ class InferenceMixin(DomainStatisticsMixin):
                     registered, overlap = self._prepare(chunk, **harmonize_kwargs)
                 try:
                     empty.append(empty_cells(self, registered))
-                    part = self._forward(registered, **forward)
+                    # straight into the query's arrays: no chunk-sized copy
+                    self._forward(
+                        registered, target=Target(filled, start, positions.size), **forward
+                    )
                 finally:
                     self._release(registered)
-                _fill(filled, part, start, positions.size)
                 names.append(registered.obs_names)
-                del chunk, registered, part  # before the next chunk is read
+                del chunk, registered  # before the next chunk is read
         empty = np.concatenate(empty)
         if empty.any():
             genes = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
@@ -246,11 +260,14 @@ class InferenceMixin(DomainStatisticsMixin):
         return_latent: bool = True,
         return_coords: bool = False,
         residual_axes: np.ndarray | None = None,
+        target: Target | None = None,
     ) -> Outputs:
         """Logits, embeddings and coverage coordinates of ``adata`` (registered), by batch.
 
         ``residual_axes``: the query's own axes appended to the coverage coordinates
         (:meth:`~labeltransfer.base._openset_mixin.OpenSetMixin._query_residual_axes`).
+        ``target``: the arrays to write into (a chunk of a larger query); by default new ones.
+        The returned outputs are the written rows.
         """
         self._check_if_trained(warn=False)
         self.module.eval()
@@ -262,7 +279,7 @@ class InferenceMixin(DomainStatisticsMixin):
             coverage=return_coords,
         )
         n_cells = adata.n_obs if indices is None else len(indices)
-        filled: dict[str, np.ndarray] = {}
+        target = target or Target({}, 0, n_cells)
         start = 0
         for tensors in loader:
             outputs = self.module.inference(
@@ -273,9 +290,12 @@ class InferenceMixin(DomainStatisticsMixin):
                 outputs["z"].float().cpu().numpy() if return_latent else None,
                 self._coords(tensors, residual_axes) if return_coords else None,
             )
-            _fill(filled, part, start, n_cells)
+            _fill(target, part, start)
             start += part.logits.shape[0]
-        return Outputs(*(filled.get(field) for field in Outputs._fields))
+        rows = slice(target.start, target.start + n_cells)
+        return Outputs(
+            *(None if f not in target.filled else target.filled[f][rows] for f in Outputs._fields)
+        )
 
     def _probabilities(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """Softmax of ``logits`` at ``temperature`` (the calibrated one by default)."""

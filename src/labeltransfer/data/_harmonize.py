@@ -37,7 +37,11 @@ N_MISSING_EXAMPLES = 20
 
 
 def _is_ensembl(names: pd.Index | pd.Series) -> np.ndarray:
-    return np.asarray(pd.Series(names, dtype=object).astype(str).str.match(ENSEMBL_PATTERN))
+    """Whether each name is an Ensembl gene id (only names starting with ``ENS`` are matched)."""
+    return np.array(
+        [n.startswith("ENS") and ENSEMBL_PATTERN.match(n) is not None for n in map(str, names)],
+        dtype=bool,
+    )
 
 
 def _detect_id_type(names: Sequence[str] | pd.Index) -> IdType:
