@@ -264,3 +264,31 @@ def test_a_lognormalised_query_with_counts_in_a_layer_uses_layer(trained, pair):
 def test_layer_for_the_registered_data_is_refused(trained):
     with pytest.raises(ValueError, match=r"layer='counts' selects the data of a query.*Leave"):
         trained.predict(layer="counts")
+
+
+def test_the_registered_data_passed_or_copied_are_annotated_as_the_model_own(pair):
+    """A co-trained model's registered AnnData gives the same calls, confidences and novelty
+    whether it is left out, passed itself, or passed as a copy with its genes in order: its
+    reference cells stay reference cells in the coverage test. The copy's ``uns`` keeps its
+    id and the model keeps no manager of it after the call."""
+    reference, query = pair
+    data = lt.data.concat_reference_query(reference.copy(), query.copy(), labels_key="cell_type")
+    scvi.settings.seed = 0
+    lt.SCNYM.setup_anndata(data, labels_key="cell_type")
+    model = lt.SCNYM(data)
+    model.train(max_epochs=3, enable_progress_bar=False, accelerator="cpu")
+    store = type(model)._per_instance_manager_store[model.id]
+    n_managers = len(store)
+    model.annotate(key_added="own")
+    model.annotate(data, key_added="passed")
+    copied = data.copy()
+    uns = copy.deepcopy(dict(copied.uns))
+    model.annotate(copied, key_added="own")
+    columns = ["own", "own_prediction", "own_confidence", "own_rejected", "own_novelty"]
+    pd.testing.assert_frame_equal(copied.obs[columns], data.obs[columns])
+    passed = data.obs[[c.replace("own", "passed") for c in columns]]
+    passed.columns = columns
+    pd.testing.assert_frame_equal(passed, data.obs[columns])
+    assert data.obs["own_rejected"].any()  # the coverage test and the rule ran on something
+    assert copied.uns["_scvi_uuid"] == uns["_scvi_uuid"]
+    assert len(store) == n_managers

@@ -23,6 +23,7 @@ from ._openset import (
     scale_groups,
     uncovered_apart,
 )
+from ._query import is_registered
 from ._reference_space import FIT_VALUES, MIN_FIT, ReferenceSpace, bank_rows, expression_features
 from ._rejection import fit_temperature, per_type_thresholds, query_thresholds
 
@@ -305,19 +306,20 @@ class OpenSetMixin:
     def _coverage_groups(self, adata: AnnData | None, n_cells: int) -> np.ndarray:
         """Return the domain of each annotated cell, each centred on its own mean.
 
-        ``-1`` (not centred) for the registered reference cells, else the cell's batch when
-        the query has the registered batch column, else one domain.
+        ``-1`` (not centred) for the reference cells of the registered AnnData (``None``, the
+        object itself, or a copy or view of it: the same calls either way), else the cell's
+        batch when the data have the registered batch column, else one domain.
         """
-        batch_key = self.adata_manager.registry["setup_args"].get("batch_key")
-        if adata is None:
-            groups = np.zeros(n_cells, dtype=np.int64)
-            if batch_key is not None:
-                groups = pd.factorize(self.adata.obs[batch_key])[0].astype(np.int64)
-            groups[labelled_mask(self.adata_manager)] = -1
-            return groups
-        if batch_key is not None and batch_key in adata.obs:
-            return pd.factorize(adata.obs[batch_key].astype(str))[0].astype(np.int64)
-        return np.zeros(n_cells, dtype=np.int64)
+        setup_args = self.adata_manager.registry["setup_args"]
+        batch_key = setup_args.get("batch_key")
+        source = self.adata if adata is None else adata
+        groups = np.zeros(n_cells, dtype=np.int64)
+        if batch_key is not None and batch_key in source.obs:
+            groups = pd.factorize(source.obs[batch_key].astype(str))[0].astype(np.int64)
+        if adata is None or is_registered(self, adata):
+            unlabeled = str(setup_args["unlabeled_category"])
+            groups[(source.obs[setup_args["labels_key"]].astype(str) != unlabeled).to_numpy()] = -1
+        return groups
 
     def _coverage(
         self, coords: np.ndarray | None, domains: np.ndarray, prediction: np.ndarray

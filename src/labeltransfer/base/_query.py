@@ -96,7 +96,9 @@ def prepare_query(
                 "Leave layer= out."
             )
         check_registered_input_type(adata, layer=model_layer, input_type=input_type)
-        return model._validate_anndata(adata), None
+        if adata is model.adata:
+            return model._validate_anndata(adata), None
+        return _registered_copy(model, adata), None
 
     query_layer = model_layer if layer is None else (None if layer == "X" else layer)
     where = _matrix_label(query_layer)
@@ -149,6 +151,25 @@ def prepare_query(
         )
     register_for_one_call(model, manager)
     return light, overlap
+
+
+def _registered_copy(model: BaseModelClass, adata: AnnData) -> AnnData:
+    """Return a light AnnData over a copy or view of the registered data, for one call.
+
+    It shares the copy's matrix and registered columns (labels, batch), so its reference and
+    query cells keep their roles. scvi's own lookup by id would transfer the setup to the
+    copy itself: it writes a new id into the user's ``uns`` and keeps the copy registered,
+    so in memory, for the model's lifetime.
+    """
+    setup_args = model.adata_manager.registry["setup_args"]
+    columns = [setup_args[k] for k in ("labels_key", "batch_key") if setup_args.get(k)]
+    light = AnnData(
+        X=adata.X, obs=adata.obs[columns].copy(), var=pd.DataFrame(index=adata.var_names.copy())
+    )
+    if setup_args.get("layer") is not None:
+        light.layers[setup_args["layer"]] = adata.layers[setup_args["layer"]]
+    register_for_one_call(model, model.adata_manager.transfer_fields(light))
+    return light
 
 
 def register_for_one_call(model: BaseModelClass, manager: AnnDataManager) -> None:
