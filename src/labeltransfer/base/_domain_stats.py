@@ -145,6 +145,12 @@ def norm_states(module: nn.Module) -> Statistics:
     return [{k: v.clone() for k, v in norm.state_dict().items()} for norm in batch_norms(module)]
 
 
+def load_statistics(module: nn.Module, statistics: Statistics) -> None:
+    """Put ``statistics`` (from :func:`norm_states`) into ``module``'s batch norms."""
+    for norm, state in zip(batch_norms(module), statistics, strict=True):
+        norm.load_state_dict(state)
+
+
 @contextmanager
 def using_statistics(module: nn.Module, statistics: Statistics | None) -> Iterator[None]:
     """Within the block, ``module``'s batch norms hold ``statistics``.
@@ -152,18 +158,15 @@ def using_statistics(module: nn.Module, statistics: Statistics | None) -> Iterat
     ``None`` (too few query cells, or a network without batch norm) changes nothing. The
     statistics they held are restored on leaving, also after an error.
     """
-    norms = batch_norms(module)
-    if statistics is None or not norms:
+    if statistics is None or not batch_norms(module):
         yield
         return
     saved = norm_states(module)
-    for norm, state in zip(norms, statistics, strict=True):
-        norm.load_state_dict(state)
+    load_statistics(module, statistics)
     try:
         yield
     finally:
-        for norm, state in zip(norms, saved, strict=True):
-            norm.load_state_dict(state)
+        load_statistics(module, saved)
 
 
 class DomainStatisticsMixin:
@@ -258,8 +261,7 @@ class DomainStatisticsMixin:
             return
         statistics = self._query_statistics(self.adata, rows)
         if statistics is not None:
-            for norm, state in zip(batch_norms(self.module), statistics, strict=True):
-                norm.load_state_dict(state)
+            load_statistics(self.module, statistics)
 
     def _fit_reference_statistics(self) -> None:
         """Make the batch norms' running statistics the reference cells' (after training).
