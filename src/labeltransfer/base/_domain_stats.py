@@ -233,7 +233,8 @@ class DomainStatisticsMixin:
         if loader is None:
             return None
         proportions = getattr(self, "reference_proportions_", None)
-        with using_statistics(self.module, norm_states(self.module)):
+        saved = norm_states(self.module)
+        try:
             fit_statistics(self.module, loader)
             previous = None
             for _ in range(BALANCE_ROUNDS if proportions is not None else 0):
@@ -248,6 +249,8 @@ class DomainStatisticsMixin:
                     self._batches(registered, rows, STATISTICS_BATCH_SIZE, normalized=True),
                 )
             return norm_states(self.module)
+        finally:
+            load_statistics(self.module, saved)
 
     def _fit_statistics(self, rows: np.ndarray, *, query: bool = False) -> None:
         """Make the batch norms' running statistics those of ``rows`` of the model's data.

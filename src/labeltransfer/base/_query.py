@@ -22,6 +22,8 @@ from labeltransfer.data._checks import (
 from ._setup import _INPUT_TYPE_NAMES, _warn_duplicated_obs_names, check_registered_input_type
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from scvi.data import AnnDataManager
     from scvi.model.base import BaseModelClass
 
@@ -139,36 +141,43 @@ def prepare_query(
             adata.obs[batch_key].astype(str).values if batch_key in adata.obs else "query"
         )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Observation names are not unique")  # above
-        light = AnnData(X=harmonized.X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
-    if model_layer is not None:
-        light.layers[model_layer] = harmonized.X
-    with warnings.catch_warnings():
         # a query has no labels by design: scvi's "Missing labels key" warning is noise here
         warnings.filterwarnings("ignore", message="Missing labels key")
-        manager = model.adata_manager.transfer_fields(
-            light, extend_categories=True, allow_missing_labels=True
+        light = _light_registered(
+            model, harmonized.X, obs, genes, extend_categories=True, allow_missing_labels=True
         )
-    register_for_one_call(model, manager)
     return light, overlap
 
 
 def _registered_copy(model: BaseModelClass, adata: AnnData) -> AnnData:
     """Return a light AnnData over a copy or view of the registered data, for one call.
 
-    It shares the copy's matrix and registered columns (labels, batch), so its reference and
-    query cells keep their roles. scvi's own lookup by id would transfer the setup to the
-    copy itself: it writes a new id into the user's ``uns`` and keeps the copy registered,
-    so in memory, for the model's lifetime.
+    It shares the matrix the model reads and the registered columns (labels, batch), so its
+    reference and query cells keep their roles. scvi's own lookup by id would transfer the
+    setup to the copy itself: it writes a new id into the user's ``uns`` and keeps the copy
+    registered, so in memory, for the model's lifetime.
     """
     setup_args = model.adata_manager.registry["setup_args"]
+    layer = setup_args.get("layer")
     columns = [setup_args[k] for k in ("labels_key", "batch_key") if setup_args.get(k)]
-    light = AnnData(
-        X=adata.X, obs=adata.obs[columns].copy(), var=pd.DataFrame(index=adata.var_names.copy())
-    )
-    if setup_args.get("layer") is not None:
-        light.layers[setup_args["layer"]] = adata.layers[setup_args["layer"]]
-    register_for_one_call(model, model.adata_manager.transfer_fields(light))
+    matrix = adata.X if layer is None else adata.layers[layer]
+    return _light_registered(model, matrix, adata.obs[columns].copy(), adata.var_names)
+
+
+def _light_registered(
+    model: BaseModelClass, matrix: Any, obs: pd.DataFrame, genes: Sequence[str], **transfer
+) -> AnnData:
+    """Return an AnnData of ``matrix`` (where the model reads it), registered for one call.
+
+    ``transfer``: keyword arguments of scvi's ``transfer_fields``.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Observation names are not unique")  # warned
+        light = AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=pd.Index(genes).copy()))
+    layer = model.adata_manager.registry["setup_args"].get("layer")
+    if layer is not None:
+        light.layers[layer] = matrix
+    register_for_one_call(model, model.adata_manager.transfer_fields(light, **transfer))
     return light
 
 
