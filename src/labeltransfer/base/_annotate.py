@@ -154,7 +154,7 @@ class AnnotateMixin:
         tests_coverage = self._resolve_rule(rejection) == "openset"
         self._check_novel(novel)
         inference_kwargs = self._inference_kwargs(target, **inference_options)
-        logits, latent, coords, overlap, _ = self._infer(
+        logits, latent, coords, overlap, _, query = self._infer(
             target if adata is not None else None,
             batch_size=batch_size,
             gene_symbols=gene_symbols,
@@ -166,11 +166,10 @@ class AnnotateMixin:
         probs = self._probabilities(logits)
         prediction = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
-        centred = uncovered = coverage = query = None
+        centred = uncovered = coverage = None
         if tests_coverage:
-            domains = self._coverage_groups(None if adata is None else target, prediction.size)
+            domains = self._coverage_groups(None if adata is None else target, query)
             centred, uncovered, coverage = self._coverage(coords, domains, prediction)
-            query = domains >= 0
         rejected, rule = self._reject(confidence, prediction, rejection, uncovered, query=query)
         if coverage is not None:
             rule = {**rule, "coverage": coverage}

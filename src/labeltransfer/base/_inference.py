@@ -17,6 +17,7 @@ from scipy.special import softmax
 
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.data._checks import _csr_rows, _is_csr
+from labeltransfer.dataloaders import labelled_mask
 
 from ._batches import INFERENCE_BATCH_SIZE
 from ._domain_stats import DomainStatisticsMixin
@@ -49,13 +50,18 @@ class Outputs(NamedTuple):
 
 
 class Inference(NamedTuple):
-    """:class:`Outputs` of a query with its gene-overlap report and cell names."""
+    """:class:`Outputs` of a query with its gene-overlap report and cell names.
+
+    ``query``: which cells are query cells; ``False`` only for the labelled (reference) cells
+    of the registered data, or of a copy of it.
+    """
 
     logits: np.ndarray
     latent: np.ndarray | None
     coords: np.ndarray | None
     overlap: dict | None
     names: pd.Index
+    query: np.ndarray
 
 
 class Target(NamedTuple):
@@ -172,6 +178,8 @@ class InferenceMixin(DomainStatisticsMixin):
         )
         if not by_chunks:
             registered, overlap = self._prepare(adata, **harmonize_kwargs)
+            rows = slice(None) if indices is None else np.asarray(indices)
+            query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
             try:
                 if overlap is not None:  # a query: annotate() rejects its cells without counts
                     empty = empty_cells(self, registered)
@@ -182,7 +190,7 @@ class InferenceMixin(DomainStatisticsMixin):
             finally:  # also on an error or Ctrl+C
                 self._release(registered)
             names = registered.obs_names
-            return Inference(*outputs, overlap, names if indices is None else names[indices])
+            return Inference(*outputs, overlap, names[rows], query)
         positions = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         if positions.size == 0:
             raise ValueError("No cells to annotate: the AnnData or the indices are empty.")
@@ -218,7 +226,8 @@ class InferenceMixin(DomainStatisticsMixin):
             warn_empty_cells(int(empty.sum()), positions.size, len(genes), stacklevel=4)
         overlap = {**(overlap or {}), "empty": empty}
         outputs = Outputs(*(filled.get(field) for field in Outputs._fields))
-        return Inference(*outputs, overlap, names[0].append(names[1:]))
+        query = np.ones(positions.size, dtype=bool)  # a query read by chunks is never registered
+        return Inference(*outputs, overlap, names[0].append(names[1:]), query)
 
     @contextmanager
     def _registered_sample(
@@ -341,7 +350,7 @@ class InferenceMixin(DomainStatisticsMixin):
         calibrates).
         """
         adata, inference_kwargs = self._inference_for(adata, inference_options)
-        logits, _, _, _, names = self._infer(
+        inference = self._infer(
             adata,
             indices=indices,
             batch_size=batch_size,
@@ -349,9 +358,9 @@ class InferenceMixin(DomainStatisticsMixin):
             layer=layer,
             inference_kwargs=inference_kwargs,
         )
-        probs = self._probabilities(logits)
+        probs = self._probabilities(inference.logits)
         if soft:
-            return pd.DataFrame(probs, index=names, columns=self.output_classes)
+            return pd.DataFrame(probs, index=inference.names, columns=self.output_classes)
         return np.asarray(self.output_classes, dtype=object)[probs.argmax(axis=1)]
 
     def get_latent_representation(

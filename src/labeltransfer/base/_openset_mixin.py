@@ -23,7 +23,6 @@ from ._openset import (
     scale_groups,
     uncovered_apart,
 )
-from ._query import is_registered
 from ._reference_space import FIT_VALUES, MIN_FIT, ReferenceSpace, bank_rows, expression_features
 from ._rejection import fit_temperature, per_type_thresholds, query_thresholds
 
@@ -303,22 +302,20 @@ class OpenSetMixin:
         )
         return (seen & (confidence < applied[prediction])) | not_covered, rule
 
-    def _coverage_groups(self, adata: AnnData | None, n_cells: int) -> np.ndarray:
+    def _coverage_groups(self, adata: AnnData | None, query: np.ndarray) -> np.ndarray:
         """Return the domain of each annotated cell, each centred on its own mean.
 
-        ``-1`` (not centred) for the reference cells of the registered AnnData (``None``, the
-        object itself, or a copy or view of it: the same calls either way), else the cell's
-        batch when the data have the registered batch column, else one domain.
+        ``-1`` (not centred) for the cells that are not ``query`` cells (the reference cells
+        of the registered AnnData, ``None``, or of a copy or view of it: the same calls either
+        way), else the cell's batch when the data have the registered batch column, else one
+        domain.
         """
-        setup_args = self.adata_manager.registry["setup_args"]
-        batch_key = setup_args.get("batch_key")
+        batch_key = self.adata_manager.registry["setup_args"].get("batch_key")
         source = self.adata if adata is None else adata
-        groups = np.zeros(n_cells, dtype=np.int64)
+        groups = np.zeros(query.size, dtype=np.int64)
         if batch_key is not None and batch_key in source.obs:
             groups = pd.factorize(source.obs[batch_key].astype(str))[0].astype(np.int64)
-        if adata is None or is_registered(self, adata):
-            unlabeled = str(setup_args["unlabeled_category"])
-            groups[(source.obs[setup_args["labels_key"]].astype(str) != unlabeled).to_numpy()] = -1
+        groups[~query] = -1
         return groups
 
     def _coverage(

@@ -574,10 +574,11 @@ class SCDET(AnnotationMixin, BaseModelClass):
 
     def _novel_class_check(self) -> dict[str, Any]:
         """:func:`~labeltransfer.scdet._novel_check.novel_class_check` on the registered query."""
-        query = np.flatnonzero(~labelled_mask(self.adata_manager))
+        is_query = ~labelled_mask(self.adata_manager)
+        query = np.flatnonzero(is_query)
         out = self._forward(self.adata, indices=query, return_latent=False, return_coords=True)
         novel = out.logits.argmax(axis=1) >= self.module.n_labels
-        domains = self._coverage_groups(None, self.adata.n_obs)[query]
+        domains = self._coverage_groups(None, is_query)[query]
         coords = centre_by_group(out.coords, domains)
         partnered = mutual_partners(self._reference_space, coords)[1].any(axis=1)
         return novel_class_check(partnered, novel)
