@@ -179,8 +179,8 @@ class InferenceMixin(DomainStatisticsMixin):
         if not by_chunks:
             registered, overlap = self._prepare(adata, **harmonize_kwargs)
             rows = slice(None) if indices is None else np.asarray(indices)
-            query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
             try:
+                query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
                 if overlap is not None:  # a query: annotate() rejects its cells without counts
                     empty = empty_cells(self, registered)
                     overlap = {**overlap, "empty": empty if indices is None else empty[indices]}
@@ -195,7 +195,7 @@ class InferenceMixin(DomainStatisticsMixin):
         if positions.size == 0:
             raise ValueError("No cells to annotate: the AnnData or the indices are empty.")
         filled: dict[str, np.ndarray] = {}
-        names, overlap, empty = [], None, []
+        names, overlap, empty, query = [], None, [], []
         step = BACKED_CHUNK_SIZE
         if return_coords:
             forward["residual_axes"] = self._chunked_residual_axes(
@@ -212,6 +212,7 @@ class InferenceMixin(DomainStatisticsMixin):
                     registered, overlap = self._prepare(chunk, **harmonize_kwargs)
                 try:
                     empty.append(empty_cells(self, registered))
+                    query.append(~labelled_mask(self.get_anndata_manager(registered)))
                     # straight into the query's arrays: no chunk-sized copy
                     self._forward(
                         registered, target=Target(filled, start, positions.size), **forward
@@ -226,8 +227,7 @@ class InferenceMixin(DomainStatisticsMixin):
             warn_empty_cells(int(empty.sum()), positions.size, len(genes), stacklevel=4)
         overlap = {**(overlap or {}), "empty": empty}
         outputs = Outputs(*(filled.get(field) for field in Outputs._fields))
-        query = np.ones(positions.size, dtype=bool)  # a query read by chunks is never registered
-        return Inference(*outputs, overlap, names[0].append(names[1:]), query)
+        return Inference(*outputs, overlap, names[0].append(names[1:]), np.concatenate(query))
 
     @contextmanager
     def _registered_sample(
