@@ -282,13 +282,19 @@ class DomainStatisticsMixin:
         self._fit_statistics(labelled)
 
     def _forward_by_domain(
-        self, registered: AnnData, indices: Sequence[int] | None, forward: dict[str, Any]
+        self,
+        registered: AnnData,
+        indices: Sequence[int] | None,
+        query: np.ndarray,
+        forward: dict[str, Any],
     ) -> tuple:
-        """:meth:`_forward`, the query cells normalised with their own statistics."""
+        """:meth:`_forward`, the query cells normalised with their own statistics.
+
+        ``query`` marks the query cells among ``indices`` (all cells if ``None``).
+        """
         if not batch_norms(self.module):
             return self._forward(registered, indices=indices, **forward)
         rows = np.arange(registered.n_obs) if indices is None else np.asarray(indices)
-        query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
         if not query.any():
             return self._forward(registered, indices=indices, **forward)
         statistics = self._query_statistics(registered, rows[query])

@@ -186,7 +186,7 @@ class InferenceMixin(DomainStatisticsMixin):
                     overlap = {**overlap, "empty": empty if indices is None else empty[indices]}
                 if return_coords:  # passed down, not stored: threads may share the model
                     forward["residual_axes"] = self._query_residual_axes(registered, indices)
-                outputs = self._forward_by_domain(registered, indices, forward)
+                outputs = self._forward_by_domain(registered, indices, query, forward)
             finally:  # also on an error or Ctrl+C
                 self._release(registered)
             names = registered.obs_names
