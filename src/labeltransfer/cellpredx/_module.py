@@ -57,9 +57,15 @@ class AttentionNetwork(nn.Module):
         return self.inclusion(e), self.exclusion(e)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Attention weights in ``(0, 1)``, cells x dimensions."""
+        """Attention weights in ``(0, 1)``, cells x dimensions.
+
+        Eq. 10's two-way softmax, ``exp(s_in) / (exp(s_in) + exp(s_ex))``, is the logistic
+        function of ``s_in - s_ex`` (the same values to 1e-7): a softmax over a last axis of
+        two entries took 2.6 ms forward and backward on 512 cells x 64 dimensions (one
+        thread), the logistic 0.12 ms; three calls a step were a tenth of an epoch.
+        """
         s_in, s_ex = self.scores(z)
-        return torch.softmax(torch.stack([s_ex, s_in], dim=-1), dim=-1)[..., 1]
+        return torch.sigmoid(s_in - s_ex)
 
 
 #: Library size of CellPredX's log-normalisation of counts (see ``CellPredXModule.target_sum``).

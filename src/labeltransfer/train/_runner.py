@@ -8,6 +8,8 @@ import pandas as pd
 from scvi.model._utils import parse_device_args, use_distributed_sampler
 from scvi.train import Trainer
 
+from labeltransfer._allocator import reused_memory
+
 from ._guards import check_fit_args, interruptible
 
 if TYPE_CHECKING:
@@ -62,7 +64,10 @@ def fit_stage(
     # Lightning keeps the modules' current mode; a trained model sits in eval mode, which
     # would silently disable dropout in a later fine-tuning stage
     plan.train()
-    with interruptible("This training stage was interrupted; its results were not stored."):
+    with (
+        interruptible("This training stage was interrupted; its results were not stored."),
+        reused_memory(),
+    ):
         trainer.fit(plan, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader)
     model.module.eval()
     model.to_device(device)
