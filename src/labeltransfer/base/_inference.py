@@ -185,7 +185,7 @@ class InferenceMixin(DomainStatisticsMixin):
                 query = ~labelled_mask(self.get_anndata_manager(registered))[rows]
                 if overlap is not None:  # a query: annotate() rejects its cells without counts
                     empty = empty_cells(self, registered)
-                    overlap = {**overlap, "empty": empty if indices is None else empty[indices]}
+                    overlap = {**overlap, "empty": empty[rows]}
                 if return_coords:  # passed down, not stored: threads may share the model
                     forward["residual_axes"] = self._query_residual_axes(registered, indices)
                 outputs = self._forward_by_domain(registered, indices, query, forward)
