@@ -22,10 +22,15 @@ with reused_memory():
 print(_libc() is not None, *counts)
 """
 
-glibc_only = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-    reason="the policy is glibc's",
-)
+
+def _is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # another C library
+        return False
+
+
+glibc_only = pytest.mark.skipif(not _is_glibc(), reason="the policy is glibc's")
 
 
 def _probe(**env: str) -> tuple[bool, list[int]]:
@@ -46,19 +51,20 @@ def _probe(**env: str) -> tuple[bool, list[int]]:
 def test_a_freed_block_is_reused_by_the_next_allocation():
     applied, (first, second, _) = _probe()
     assert applied
-    assert first > 100  # 20 MB of new pages (fewer faults with transparent huge pages)
-    assert second < 20  # the same memory again: no new pages
+    assert first > 0  # 20 MB of new pages (fewer faults with transparent huge pages)
+    assert second <= first // 10  # the same memory again: no new pages
 
 
 @glibc_only
 def test_without_the_policy_the_second_block_faults_in_again():
     applied, (first, second, _) = _probe(LABELTRANSFER_MALLOC="system")
     assert not applied
-    assert second > 100  # glibc unmapped the first block and maps new pages
+    assert second > 0
+    assert second >= first // 4  # glibc unmapped the first block and maps new pages
 
 
 @glibc_only
 def test_tunables_the_user_set_are_left_alone():
     applied, counts = _probe(MALLOC_TOP_PAD_="0")
     assert not applied
-    assert min(counts) > 100  # glibc's fixed threshold: every 20 MB block is mapped anew
+    assert min(counts) >= max(counts) // 4 > 0  # a fixed threshold: every block mapped anew
