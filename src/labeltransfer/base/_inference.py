@@ -15,7 +15,6 @@ import torch
 from anndata import AnnData
 from scipy.special import softmax
 
-from labeltransfer._allocator import reused_memory
 from labeltransfer._constants import REGISTRY_KEYS
 from labeltransfer.data._checks import _csr_rows, _is_csr
 from labeltransfer.dataloaders import labelled_mask
@@ -140,7 +139,6 @@ class InferenceMixin(DomainStatisticsMixin):
         target = self._own_data() if adata is None else adata
         return prepare_query(self, target, **self._query_options(), **harmonize_kwargs)
 
-    @reused_memory()
     def _infer(
         self,
         adata: AnnData | None,

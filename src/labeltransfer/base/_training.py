@@ -22,7 +22,6 @@ from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
 from scvi.train import TrainRunner
 from scvi.utils._docstrings import devices_dsp
 
-from labeltransfer._allocator import reused_memory
 from labeltransfer.dataloaders import RefQueryDataSplitter, labelled_mask
 from labeltransfer.dataloaders._data_splitting import NO_TRAINING_DATA
 from labeltransfer.train import BestStateCallback
@@ -244,7 +243,7 @@ class TrainingMixin:
             **trainer_kwargs,
         )
         try:
-            with interruptible(_INTERRUPTED), self._training_context(), reused_memory():
+            with interruptible(_INTERRUPTED), self._training_context():
                 runner()
         except BaseException:
             self.is_trained_ = False  # never half-trained: annotate() asks for train() again

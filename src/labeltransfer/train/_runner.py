@@ -8,8 +8,6 @@ import pandas as pd
 from scvi.model._utils import parse_device_args, use_distributed_sampler
 from scvi.train import Trainer
 
-from labeltransfer._allocator import reused_memory
-
 from ._guards import check_fit_args, interruptible
 
 if TYPE_CHECKING:
@@ -64,10 +62,7 @@ def fit_stage(
     # Lightning keeps the modules' current mode; a trained model sits in eval mode, which
     # would silently disable dropout in a later fine-tuning stage
     plan.train()
-    with (
-        interruptible("This training stage was interrupted; its results were not stored."),
-        reused_memory(),
-    ):
+    with interruptible("This training stage was interrupted; its results were not stored."):
         trainer.fit(plan, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader)
     model.module.eval()
     model.to_device(device)
