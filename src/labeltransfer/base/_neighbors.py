@@ -3,7 +3,7 @@
 Three regimes by the number of points ``n``; memory holds the points, the index and the
 ``n x k`` neighbour graph, never an ``n x n`` array:
 
-- up to :data:`EXACT_MAX_CELLS` (50,000): exact (scikit-learn, distances in row chunks);
+- up to :data:`EXACT_MAX_CELLS` (20,000): exact (scikit-learn, distances in row chunks);
 - up to :data:`IVF_MAX_CELLS` (100,000): an inverted file (:func:`_inverted_file`,
   mini-batch k-means lists of about 512 points, 8 lists probed per point, as FAISS's
   ``IndexIVFFlat``);
@@ -23,6 +23,12 @@ NN-descent began at 50,000 points, every process searching more did pay it (JIND
 fresh process each). Hence
 the inverted file up to 100,000 points, the largest measured size where it costs no recall,
 and NN-descent beyond, where its recall matters and the compilation is a smaller share.
+
+The exact search grows as ``n**2``: 12.6 s for 50,000 points in 50 dimensions against 1.6 s
+for the inverted file (one thread, 2026-12-08), 11 of the 20 s JIND's default ``annotate``
+took on a 50,000-cell query and 12 of the 29 s CellPredX's one-epoch ``train`` took on as
+many query cells (its query graph). ``benchmarks/results/neighbors.md`` measures both from
+10,000 to 50,000 points: hence exact up to 20,000 points (at most about 2 s).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 __all__ = ["EXACT_MAX_CELLS", "IVF_MAX_CELLS", "knn", "nearest"]
 
 #: Largest number of indexed points searched exactly; above, an approximate search is used.
-EXACT_MAX_CELLS = 50_000
+EXACT_MAX_CELLS = 20_000
 #: Largest number of points searched with the inverted file; above, NN-descent.
 IVF_MAX_CELLS = 100_000
 #: Inverted file: lists probed per point, mean points per list, k-means sample per list.

@@ -62,8 +62,8 @@ def query_knn_graph(
     per cell when they are counts (the model's own normalisation); PCA is computed on the
     sparse matrix with implicit centring (ARPACK), so the matrix is never densified, and
     neighbours are found by Euclidean distance (CellPredX: PCA to 50 components, then kNN; the
-    reference implementation uses 10 neighbours): exactly up to 50,000 query cells, with
-    NN-descent (pynndescent) above (:func:`labeltransfer.base._neighbors.knn`).
+    reference implementation uses 10 neighbours): exactly up to 20,000 query cells, approximately
+    above (:func:`labeltransfer.base._neighbors.knn`).
 
     Parameters
     ----------

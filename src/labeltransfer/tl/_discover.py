@@ -68,8 +68,8 @@ def discover_novel(
     neighbours in the embedding of **all** cells, more than half are confident cells
     (confidence >= ``confidence``) with the same predicted reference type. Boundary cells
     are excluded from the graph and keep their current ``obs[key]`` (reference call or
-    ``"Unassigned"``). Neighbours are exact up to 50,000 cells and approximate (NN-descent,
-    pynndescent) above, so millions of cells fit in memory and time.
+    ``"Unassigned"``). Neighbours are exact up to 20,000 cells and approximate (an inverted
+    file, NN-descent above 100,000 cells) above, so millions of cells fit in memory and time.
 
     The remaining low-confidence cells in communities of at least ``min_cells`` cells are
     relabelled ``obs[key] = "novel_<i>"`` (``i`` by decreasing size, numbered after the
