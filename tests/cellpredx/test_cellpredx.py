@@ -194,6 +194,29 @@ def test_reference_only_rna_model_keeps_the_papers_center_weight(init, plan_kwar
     assert model.loss_config.sc_weight == init.get("sc_weight", 0.01)  # the model's own stays
 
 
+def test_no_query_statistics_for_the_attention_networks_batch_norm(
+    trained_unpaired, unpaired_pair, monkeypatch
+):
+    """Inference skips the attention network, so its batch norm is nobody's domain statistic.
+
+    It keeps what training left in it (not reset by a reference-statistics pass), and
+    annotating a query computes no query statistics: the calls are the network's alone.
+    """
+    model, mdata = trained_unpaired
+    norm = model.module.attention.context[1]
+    assert isinstance(norm, torch.nn.BatchNorm1d)
+    assert model.module.inference_norms() == []
+    assert int(norm.num_batches_tracked) > 0  # the training's running statistics
+    assert not torch.allclose(norm.running_var, torch.ones_like(norm.running_var))
+    expected = model.predict(mdata)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("query statistics computed for CellPredX")
+
+    monkeypatch.setattr(type(model), "_query_statistics", refuse)
+    np.testing.assert_array_equal(model.predict(mdata), expected)
+
+
 def test_query_batches_carry_a_knn_neighbour(trained_unpaired):
     model, _ = trained_unpaired
     seen = []

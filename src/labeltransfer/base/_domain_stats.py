@@ -1,7 +1,9 @@
 """Domain-specific batch normalisation: every domain is normalised with its own statistics.
 
-A network with :class:`~torch.nn.BatchNorm1d` layers (scNym's and scDET's encoders, CellPredX's
-attention context) keeps running means and variances of its hidden units. Used as they come
+A network with :class:`~torch.nn.BatchNorm1d` layers on its inference path (scNym's and scDET's
+encoders; CellPredX's only one sits in its attention network, which inference skips, so
+:meth:`~labeltransfer.base.AnnotationModule.inference_norms` lists none for it) keeps running
+means and variances of its hidden units. Used as they come
 out of training, they normalise a query with the *reference's* statistics (or with a mixture
 of reference and query batches when the model co-trains), so a query whose genes are shifted
 gene by gene (another species, platform or protocol) reaches the classifier far off the
@@ -53,6 +55,7 @@ from ._batches import (
     ExpressionBatches,
     readable,
 )
+from ._module import AnnotationModule
 from ._reference_space import expression_features
 
 #: At most this many query cells, evenly spaced, give the query's statistics. Their passes
@@ -76,7 +79,13 @@ BALANCE_ROUNDS = 3
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """Return the batch-normalisation layers of ``module`` (empty: nothing to adapt)."""
+    """Return the batch norms of ``module`` that inference passes through (empty: none to adapt).
+
+    An annotation module lists them (:meth:`~labeltransfer.base.AnnotationModule.
+    inference_norms`); of any other module, every batch norm.
+    """
+    if isinstance(module, AnnotationModule):
+        return module.inference_norms()
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 

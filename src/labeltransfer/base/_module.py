@@ -65,6 +65,15 @@ class AnnotationModule(BaseModuleClass):
     #: Library size of the log-normalisation of count input (1e6: log(CPM + 1), as scNym).
     target_sum: float = 1e6
 
+    def inference_norms(self) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+        """Return the batch norms :meth:`inference` passes through: all of the module's.
+
+        These are the layers whose statistics each domain replaces with its own
+        (:mod:`labeltransfer.base._domain_stats`); a module whose inference skips some of its
+        batch norms lists only the others.
+        """
+        return [m for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
     def transform(
         self, x: torch.Tensor | sparse.csr_matrix, normalized: bool = False
     ) -> torch.Tensor:

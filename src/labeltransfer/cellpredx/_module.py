@@ -144,6 +144,14 @@ class CellPredXModule(AnnotationModule):
         self.centers = nn.Parameter(torch.empty(n_labels, n_latent))
         nn.init.kaiming_normal_(self.centers.data.T)  # as DACL and the reference code
 
+    def inference_norms(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        """None: the only batch norm is the attention network's, which :meth:`inference` skips.
+
+        So the query's own statistics change no output, and annotation computes none (the
+        passes took 0.3 of the 2.0 s of annotating 200,000 cells).
+        """
+        return []
+
     @auto_move_data
     def inference(self, x: torch.Tensor, normalized: bool = False) -> dict[str, torch.Tensor]:
         """Embedding ``z`` (the feature extractor's output) and class ``logits``.
