@@ -55,7 +55,7 @@ from ._batches import (
     ExpressionBatches,
     readable,
 )
-from ._module import AnnotationModule
+from ._module import AnnotationModule, all_batch_norms
 from ._reference_space import expression_features
 
 #: At most this many query cells, evenly spaced, give the query's statistics. Their passes
@@ -86,7 +86,7 @@ def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """
     if isinstance(module, AnnotationModule):
         return module.inference_norms()
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return all_batch_norms(module)
 
 
 def statistics_rows(rows: np.ndarray) -> np.ndarray:

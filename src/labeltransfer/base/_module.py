@@ -14,6 +14,11 @@ from labeltransfer.nn import labelled_cross_entropy, normalize_input
 from ._batches import NORMALIZED_KEY
 
 
+def all_batch_norms(module: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    """Return every batch-normalisation layer of ``module``, in module order."""
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 class AnnotationModule(BaseModuleClass):
     """A discriminative scvi module: normalised input genes in, ``z`` and ``logits`` out.
 
@@ -72,7 +77,7 @@ class AnnotationModule(BaseModuleClass):
         (:mod:`labeltransfer.base._domain_stats`); a module whose inference skips some of its
         batch norms lists only the others.
         """
-        return [m for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        return all_batch_norms(self)
 
     def transform(
         self, x: torch.Tensor | sparse.csr_matrix, normalized: bool = False
